@@ -1,0 +1,25 @@
+# Two commands matter on a fresh machine: `make train` (the main job) and `make test`.
+# Both install what they need into .venv first: torch from the local CPU wheel, then the package.
+PY      := .venv/bin/python
+STAMP   := .venv/.mtprl-installed
+
+.PHONY: setup test test-slow clean
+
+setup: $(STAMP)
+
+# The stamp makes `setup` a no-op when nothing changed; editing pyproject.toml reinstalls.
+# torch is installed first and pinned, so pip never resolves a CUDA build from the registry.
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install --quiet --disable-pip-version-check torch==2.13.0
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+	touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest -q -m "not slow"
+
+test-slow: setup
+	$(PY) -m pytest -q -m slow
+
+clean:
+	rm -rf .venv runs reports .pytest_cache
