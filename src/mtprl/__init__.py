@@ -1,0 +1,17 @@
+"""mtprl: joint training of Multi-Token-Prediction heads inside RL from verifiable rewards, with OCC
+(arXiv 2605.28184). The OCC formula lives in `mtprl.occ`."""
+
+from .mtp import (
+    LogProbs,
+    MTPHeads,
+    attach_mtp_heads,
+    forward_logprobs,
+    get_mtp_heads,
+    load_mtp_heads,
+    load_pretrained,
+    save_pretrained,
+)
+from .objectives import mtp_ce_loss, policy_loss
+from .occ import OCCStats, exact_occ_coefficient, lambda_from_stats, occ_coefficient, occ_statistics
+
+__version__ = "0.1.0"

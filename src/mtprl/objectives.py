@@ -1,0 +1,95 @@
+"""RL and MTP losses as small pure functions over tensors (verl `core_algos` style).
+
+`policy_loss` is the clipped surrogate exactly as TRL 1.16's `GRPOTrainer._compute_loss` computes it for the
+loss types below, *before* TRL's division by the gradient-accumulation steps (the trainer applies that).
+The MTP policy loss is this same function with the same settings, fed the head's log-probabilities (the
+paper: MTP should use "the same objective formulation" as the main model).
+"""
+
+from __future__ import annotations
+
+import torch
+
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
+
+
+def _check_same_shape(**tensors: torch.Tensor) -> None:
+    shapes = {name: tuple(t.shape) for name, t in tensors.items()}
+    if len(set(shapes.values())) != 1:
+        raise ValueError(f"shape mismatch: {shapes}")
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of `x` over positions where mask is non-zero; 0 for an empty mask. Masked-out values never leak,
+    even if they are NaN or inf."""
+    mask = mask.bool()
+    return torch.where(mask, x, torch.zeros_like(x)).sum() / mask.sum().clamp(min=1)
+
+
+def log_importance_weights(logps, old_logps, mask, level: str = "token") -> torch.Tensor:
+    """log(pi/pi_old): per token ([B, L]) or, for GSPO's sequence level, the masked mean per sequence ([B, 1])."""
+    if level not in IMPORTANCE_SAMPLING_LEVELS:
+        raise ValueError(f"importance_sampling_level must be one of {IMPORTANCE_SAMPLING_LEVELS}, got {level!r}")
+    log_ratio = logps - old_logps
+    if level == "token":
+        return log_ratio
+    mask = mask.to(log_ratio.dtype)
+    return ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+
+
+def policy_loss(logps, old_logps, advantages, mask, *, loss_type: str = "dapo",
+                importance_sampling_level: str = "token", epsilon_low: float = 0.2, epsilon_high: float = 0.28,
+                normalizer=None, max_completion_length: int | None = None, delta: float | None = None
+                ) -> torch.Tensor:
+    """Clipped policy-gradient surrogate `-min(r A, clip(r, 1-eps_low, 1+eps_high) A)` aggregated per loss type.
+
+    logps, old_logps, mask: [B, L]; advantages: [B] or [B, L].
+    - grpo: mean over sequences of the per-sequence masked token mean
+    - bnpo: masked token mean over the batch
+    - dr_grpo: masked sum / (B * max_completion_length), `max_completion_length` defaulting to L
+    - dapo: masked sum / `normalizer` (TRL's token count over the accumulation window), defaulting to this
+      batch's masked-token count
+    `delta`: TRL's optional two-sided clip of the unclipped ratio (`ratio <= delta`).
+    """
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    _check_same_shape(logps=logps, old_logps=old_logps, mask=mask)
+    if logps.dim() != 2:
+        raise ValueError(f"logps must be [batch, completion_len], got shape {tuple(logps.shape)}")
+    if advantages.dim() == 1:
+        if advantages.shape[0] != logps.shape[0]:
+            raise ValueError(f"advantages has {advantages.shape[0]} rows, logps has {logps.shape[0]}")
+        advantages = advantages.unsqueeze(1)
+    elif tuple(advantages.shape) != tuple(logps.shape):
+        raise ValueError(f"advantages must be [B] or [B, L] = {tuple(logps.shape)}, got {tuple(advantages.shape)}")
+
+    coef_1 = torch.exp(log_importance_weights(logps, old_logps, mask, importance_sampling_level))
+    coef_2 = torch.clamp(coef_1, 1 - epsilon_low, 1 + epsilon_high)
+    if delta is not None:
+        coef_1 = torch.clamp(coef_1, max=delta)
+    per_token_loss = -torch.min(coef_1 * advantages, coef_2 * advantages)
+
+    mask = mask.to(per_token_loss.dtype)
+    masked = per_token_loss * mask  # [B, 1] sequence-level losses broadcast over the tokens, as in TRL
+    if loss_type == "grpo":
+        return (masked.sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+    if loss_type == "bnpo":
+        return masked.sum() / mask.sum().clamp(min=1.0)
+    if loss_type == "dr_grpo":
+        length = logps.shape[1] if max_completion_length is None else max_completion_length
+        return masked.sum() / (logps.shape[0] * length)
+    count = mask.sum().clamp(min=1.0) if normalizer is None else normalizer
+    return masked.sum() / count
+
+
+def mtp_ce_loss(mtp_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean negative log-likelihood of the sampled completion tokens over masked positions.
+
+    mtp_logps [B, L] -> scalar; [B, K, L] (all heads) -> [K], one loss per head.
+    """
+    if mtp_logps.dim() == 3:
+        _check_same_shape(mtp_logps=mtp_logps[:, 0], mask=mask)
+        return torch.stack([-masked_mean(mtp_logps[:, k], mask) for k in range(mtp_logps.shape[1])])
+    _check_same_shape(mtp_logps=mtp_logps, mask=mask)
+    return -masked_mean(mtp_logps, mask)

@@ -1,0 +1,102 @@
+"""Optimal Coefficient Calibration (OCC), arXiv 2605.28184 §3.4.
+
+The MTP term changes the per-step RL improvement bound by (Eq. 10)
+
+    Delta_MTP(lambda) = eta (1 - L eta) c lambda - (L eta^2 / 2) v^2 lambda^2,
+    c = <g_RL, g_MTP>,  v^2 = ||g_MTP||^2,
+
+a downward parabola in lambda whose peak is lambda* = (1 - L eta)/(L eta) * c / v^2 (Eq. 11). The smoothness
+prefactor is unknown and constant, so it becomes `lambda_plus`; c and v^2 come from log-probability changes
+since the rollout policy, delta = logp_current - logp_old, instead of full-model gradients (Eq. 12-13):
+
+    lambda_t = lambda_plus * c_hat / (v2_hat + eps),  c_hat = <delta_RL, delta_MTP>,  v2_hat = ||delta_MTP||^2
+
+Sign convention: gradients of *losses* are used throughout; c = <grad L_RL, grad L_MTP> equals the paper's
+<grad J, grad J_MTP> because both signs flip.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+ESTIMATORS = ("batch", "token")
+
+
+class OCCStats(NamedTuple):
+    """Per-micro-batch sums behind lambda. Sums (not means) so data-parallel ranks can all-reduce them and
+    every rank arrives at one lambda."""
+
+    c_hat: torch.Tensor  # batch: sum m d_rl d_mtp      token: sum m d_rl d_mtp / (d_mtp^2 + eps)
+    v2_hat: torch.Tensor  # batch: sum m d_mtp^2        token: number of masked tokens
+
+
+def _check(delta_rl, delta_mtp, mask) -> torch.Tensor:
+    shapes = {"delta_rl": tuple(delta_rl.shape), "delta_mtp": tuple(delta_mtp.shape), "mask": tuple(mask.shape)}
+    if len(set(shapes.values())) != 1:
+        raise ValueError(f"occ_coefficient needs delta_rl, delta_mtp and mask of one shape [B, L], got {shapes}")
+    return mask.bool()
+
+
+def occ_statistics(delta_rl, delta_mtp, mask, *, estimator: str = "batch", eps: float = 1e-8,
+                   clip: bool = False) -> OCCStats:
+    """The sums behind `occ_coefficient` (see `OCCStats`). Masked positions are dropped, not multiplied by 0,
+    so a NaN or inf there cannot reach lambda."""
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    mask = _check(delta_rl, delta_mtp, mask)
+    d_rl, d_mtp = delta_rl.float(), delta_mtp.float()
+    zero = torch.zeros_like(d_rl)
+    if estimator == "batch":
+        return OCCStats(torch.where(mask, d_rl * d_mtp, zero).sum(), torch.where(mask, d_mtp * d_mtp, zero).sum())
+    # Reference code: a per-token ratio, averaged; clip acts on each token's ratio.
+    ratio = d_rl * d_mtp / (d_mtp * d_mtp + eps)
+    if clip:
+        ratio = ratio.clamp(min=0.0)
+    return OCCStats(torch.where(mask, ratio, zero).sum(), mask.sum().to(ratio.dtype))
+
+
+def lambda_from_stats(stats: OCCStats, *, estimator: str = "batch", lambda_plus: float = 1.0, eps: float = 1e-8,
+                      clip: bool = False) -> torch.Tensor:
+    """Eq. 13 from (possibly all-reduced) sums. clip=True is OCC-Clip (App. E): c_hat -> max(c_hat, 0)."""
+    if estimator == "batch":
+        c_hat = stats.c_hat.clamp(min=0.0) if clip else stats.c_hat
+        return lambda_plus * c_hat / (stats.v2_hat + eps)
+    return lambda_plus * stats.c_hat / stats.v2_hat.clamp(min=1.0)
+
+
+def occ_coefficient(delta_rl, delta_mtp, mask, *, estimator: str = "batch", lambda_plus: float = 1.0,
+                    eps: float = 1e-8, clip: bool = False) -> torch.Tensor:
+    """OCC's lambda (0-dim tensor, no gradient) from log-prob changes [B, L] of the main and MTP heads.
+
+    batch (paper Eq. 13): lambda_plus * sum(m d_rl d_mtp) / (sum(m d_mtp^2) + eps)
+    token (released code): lambda_plus * masked_mean(d_rl d_mtp / (d_mtp^2 + eps))
+    All-zero deltas (the first mini-batch after a rollout) give exactly 0.
+    """
+    with torch.no_grad():
+        stats = occ_statistics(delta_rl, delta_mtp, mask, estimator=estimator, eps=eps, clip=clip)
+        return lambda_from_stats(stats, estimator=estimator, lambda_plus=lambda_plus, eps=eps, clip=clip)
+
+
+def exact_occ_coefficient(rl_loss, mtp_loss, params, *, lambda_plus: float = 1.0, eps: float = 1e-8,
+                          clip: bool = False):
+    """Lambda from the true gradient statistics over `params` (the main model's, not MTP-only ones):
+    c = <grad rl_loss, grad mtp_loss>, v2 = ||grad mtp_loss||^2. Two extra backward passes (the paper's
+    5.6x "full model" cost); the graph is retained so the caller can still backward the total loss.
+    Returns (lambda, c, v2) as detached 0-dim tensors."""
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        raise ValueError("exact_occ_coefficient needs at least one parameter that requires grad")
+    g_rl = torch.autograd.grad(rl_loss, params, retain_graph=True, allow_unused=True)
+    g_mtp = torch.autograd.grad(mtp_loss, params, retain_graph=True, allow_unused=True)
+    zero = torch.zeros((), device=params[0].device, dtype=torch.float32)
+    c, v2 = zero.clone(), zero.clone()
+    for a, b in zip(g_rl, g_mtp):
+        if b is None:
+            continue
+        v2 = v2 + (b.float() * b.float()).sum()
+        if a is not None:
+            c = c + (a.float() * b.float()).sum()
+    c_eff = c.clamp(min=0.0) if clip else c
+    return lambda_plus * c_eff / (v2 + eps), c.detach(), v2.detach()
