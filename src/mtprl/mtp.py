@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from transformers.masking_utils import LAYER_PATTERN_TO_MASK_FUNCTION_MAPPING, create_causal_mask
 from transformers.modeling_layers import MtpLayer
+from transformers.utils import ModelOutput
 from trl.kernels import ChunkedLogProbFunction
 
 MTP_CONFIG_NAME = "mtp_config.json"
@@ -38,16 +39,16 @@ _ACCEPT_ROWS = 512
 
 
 @dataclass
-class LogProbs:
+class LogProbs(ModelOutput):
     """Per-token log-probabilities of the completion tokens, batch first.
 
     `main[b, j]` scores completion token j under the main head; `mtp[b, k-1, j]` scores *the same token*
     under MTP head k (predicted from position j-k-1, before it). Positions where the attention mask is 0
-    hold 0, as in TRL.
+    hold 0, as in TRL. A `ModelOutput`, so it can be returned through a DDP-wrapped model's forward.
     """
 
-    main: torch.Tensor  # [B, L]
-    mtp: torch.Tensor  # [B, K, L]
+    main: torch.Tensor | None = None  # [B, L]
+    mtp: torch.Tensor | None = None  # [B, K, L]
     entropy: torch.Tensor | None = None  # [B, L] main-head entropy (compute_entropy=True)
     accept: torch.Tensor | None = None  # [B, K, L] sum_v min(p_main, p_head), no grad (compute_accept=True)
 
@@ -271,43 +272,61 @@ def forward_logprobs(model, input_ids, attention_mask, logits_to_keep, temperatu
 
 # --------------------------------------------------------------------------------------------------- saving
 
-def _mtp_state_dict(model) -> dict[str, torch.Tensor]:
-    return {k: v.detach().contiguous() for k, v in get_mtp_heads(model).state_dict().items()}
+def split_state_dict(state_dict: dict[str, torch.Tensor]):
+    """(main-model entries, MTP-head entries without the `mtp_heads.` prefix)."""
+    main = {k: v for k, v in state_dict.items() if not k.startswith("mtp_heads.")}
+    heads = {k[len("mtp_heads."):]: v for k, v in state_dict.items() if k.startswith("mtp_heads.")}
+    return main, heads
+
+
+def save_mtp_heads(heads: MTPHeads, path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """Write `mtp_heads.safetensors` and `mtp_config.json` into `path`."""
+    from safetensors.torch import save_file
+
+    state = heads.state_dict() if state_dict is None else state_dict
+    os.makedirs(path, exist_ok=True)
+    save_file({k: v.detach().contiguous() for k, v in state.items()}, os.path.join(path, MTP_WEIGHTS_NAME),
+              metadata={"format": "pt"})
+    with open(os.path.join(path, MTP_CONFIG_NAME), "w") as f:
+        json.dump({"num_heads": heads.num_heads, "init": heads.init,
+                   "decoder_layer_class": type(heads.layers[0].mtp_block).__name__,
+                   "layout": "transformers.modeling_layers.MtpLayer"}, f, indent=2)
 
 
 def save_pretrained(model, path, tokenizer=None, **kwargs) -> None:
     """Write one complete checkpoint directory: the main model exactly as `model.save_pretrained` would
     (so plain `AutoModelForCausalLM.from_pretrained(path)` loads it), plus `mtp_heads.safetensors` and
     `mtp_config.json`, plus the tokenizer when given."""
-    from safetensors.torch import save_file
-
     heads = get_mtp_heads(model)
+    main_state, head_state = split_state_dict(model.state_dict())
     os.makedirs(path, exist_ok=True)
-    main_state = {k: v for k, v in model.state_dict().items() if not k.startswith("mtp_heads.")}
     model.save_pretrained(path, state_dict=main_state, **kwargs)
-    save_file(_mtp_state_dict(model), os.path.join(path, MTP_WEIGHTS_NAME), metadata={"format": "pt"})
-    with open(os.path.join(path, MTP_CONFIG_NAME), "w") as f:
-        json.dump({"num_heads": heads.num_heads, "init": heads.init,
-                   "decoder_layer_class": type(heads.layers[0].mtp_block).__name__,
-                   "layout": "transformers.modeling_layers.MtpLayer"}, f, indent=2)
+    save_mtp_heads(heads, path, head_state)
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
 
 
+def _require_files(path, names, what) -> None:
+    for name in names:
+        if not os.path.isfile(os.path.join(path, name)):
+            raise FileNotFoundError(f"checkpoint {str(path)!r} is missing {name} ({what})")
+
+
+def has_mtp_checkpoint(path) -> bool:
+    return os.path.isfile(os.path.join(path, MTP_CONFIG_NAME))
+
+
 def load_mtp_heads(model, path) -> MTPHeads:
-    """Attach the heads stored in checkpoint directory `path` to an already loaded main model."""
+    """Attach the heads stored in checkpoint directory `path` to `model` (replacing any it has)."""
     from safetensors.torch import load_file
 
+    _require_files(path, (MTP_CONFIG_NAME, MTP_WEIGHTS_NAME), "the MTP heads, written by mtprl.save_pretrained")
     cfg_file, weights_file = os.path.join(path, MTP_CONFIG_NAME), os.path.join(path, MTP_WEIGHTS_NAME)
-    for f in (cfg_file, weights_file):
-        if not os.path.isfile(f):
-            raise FileNotFoundError(f"checkpoint {path!r} is missing {os.path.basename(f)} (the MTP heads); "
-                                    "it was not written by mtprl.save_pretrained")
     with open(cfg_file) as f:
         mtp_cfg = json.load(f)
-    if "num_heads" not in mtp_cfg:
-        raise ValueError(f"{cfg_file} has no 'num_heads' field")
-    heads = attach_mtp_heads(model, num_heads=int(mtp_cfg["num_heads"]), init="random")
+    if not isinstance(mtp_cfg.get("num_heads"), int):
+        raise ValueError(f"{cfg_file} has no integer 'num_heads' field")
+    heads = attach_mtp_heads(model, num_heads=mtp_cfg["num_heads"], init="random")
     heads.init = mtp_cfg.get("init", "copy_last_layer")
     state = load_file(weights_file, device=str(next(heads.parameters()).device))
     missing, unexpected = heads.load_state_dict(state, strict=False)
@@ -319,20 +338,18 @@ def load_mtp_heads(model, path) -> MTPHeads:
 
 def load_pretrained(path, **from_pretrained_kwargs):
     """Load a checkpoint directory written by `save_pretrained`: returns `(model, tokenizer)` with the MTP
-    heads attached (`tokenizer` is None when the directory holds none)."""
+    heads attached (`tokenizer` is None when the directory holds none). Every file is checked before any
+    weights are read."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    path = str(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint directory {path!r} does not exist")
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise FileNotFoundError(f"checkpoint {path!r} is missing config.json (the main model's config)")
+    _require_files(path, ("config.json",), "the main model's config")
     weight_files = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
     if not any(os.path.isfile(os.path.join(path, f)) for f in weight_files):
-        raise FileNotFoundError(f"checkpoint {path!r} has no main-model weights (looked for {', '.join(weight_files)})")
-    for name in (MTP_CONFIG_NAME, MTP_WEIGHTS_NAME):
-        if not os.path.isfile(os.path.join(path, name)):
-            raise FileNotFoundError(f"checkpoint {path!r} is missing {name} (the MTP heads); "
-                                    "it was not written by mtprl.save_pretrained")
+        raise FileNotFoundError(f"checkpoint {path!r} is missing the main-model weights ({' or '.join(weight_files)})")
+    _require_files(path, (MTP_CONFIG_NAME, MTP_WEIGHTS_NAME), "the MTP heads, written by mtprl.save_pretrained")
     model = AutoModelForCausalLM.from_pretrained(path, **from_pretrained_kwargs)
     load_mtp_heads(model, path)
     has_tokenizer = any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json"))
