@@ -306,7 +306,7 @@ def save_pretrained(model, path, tokenizer=None, **kwargs) -> None:
         tokenizer.save_pretrained(path)
 
 
-def _require_files(path, names, what) -> None:
+def require_files(path, names, what) -> None:
     for name in names:
         if not os.path.isfile(os.path.join(path, name)):
             raise FileNotFoundError(f"checkpoint {str(path)!r} is missing {name} ({what})")
@@ -320,7 +320,7 @@ def load_mtp_heads(model, path) -> MTPHeads:
     """Attach the heads stored in checkpoint directory `path` to `model` (replacing any it has)."""
     from safetensors.torch import load_file
 
-    _require_files(path, (MTP_CONFIG_NAME, MTP_WEIGHTS_NAME), "the MTP heads, written by mtprl.save_pretrained")
+    require_files(path, (MTP_CONFIG_NAME, MTP_WEIGHTS_NAME), "the MTP heads, written by mtprl.save_pretrained")
     cfg_file, weights_file = os.path.join(path, MTP_CONFIG_NAME), os.path.join(path, MTP_WEIGHTS_NAME)
     with open(cfg_file) as f:
         mtp_cfg = json.load(f)
@@ -340,18 +340,20 @@ def load_pretrained(path, **from_pretrained_kwargs):
     """Load a checkpoint directory written by `save_pretrained`: returns `(model, tokenizer)` with the MTP
     heads attached (`tokenizer` is None when the directory holds none). Every file is checked before any
     weights are read."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
+
+    from .models import load_tokenizer
 
     path = str(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint directory {path!r} does not exist")
-    _require_files(path, ("config.json",), "the main model's config")
+    require_files(path, ("config.json",), "the main model's config")
     weight_files = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
     if not any(os.path.isfile(os.path.join(path, f)) for f in weight_files):
         raise FileNotFoundError(f"checkpoint {path!r} is missing the main-model weights ({' or '.join(weight_files)})")
-    _require_files(path, (MTP_CONFIG_NAME, MTP_WEIGHTS_NAME), "the MTP heads, written by mtprl.save_pretrained")
+    require_files(path, (MTP_CONFIG_NAME, MTP_WEIGHTS_NAME), "the MTP heads, written by mtprl.save_pretrained")
     model = AutoModelForCausalLM.from_pretrained(path, **from_pretrained_kwargs)
     load_mtp_heads(model, path)
     has_tokenizer = any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json"))
-    tokenizer = AutoTokenizer.from_pretrained(path) if has_tokenizer else None
+    tokenizer = load_tokenizer(path) if has_tokenizer else None
     return model, tokenizer
