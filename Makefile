@@ -3,7 +3,7 @@
 PY      := .venv/bin/python
 STAMP   := .venv/.mtprl-installed
 
-.PHONY: setup test test-slow clean
+.PHONY: setup test test-slow train clean
 
 setup: $(STAMP)
 
@@ -14,6 +14,12 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check torch==2.13.0
 	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[dev]"
 	touch $(STAMP)
+
+# The main job on the embedded default: SFT warm start of the tiny preset (skipped when runs/tiny-sft holds
+# a model), then RL with OCC, evaluating before and after.
+train: setup
+	$(PY) -m mtprl.cli sft --config configs/tiny_sft.yaml
+	$(PY) -m mtprl.cli train --config configs/tiny.yaml
 
 test: setup
 	$(PY) -m pytest -q -m "not slow"

@@ -11,6 +11,7 @@ or runs past its time limit gives 0 for that sample, is counted in `rewards/fail
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -220,3 +221,37 @@ class TaskReward:
         if log_metric is not None:
             log_metric("rewards/failures", float(failed))
         return rewards
+
+
+def safe_reward(func):
+    """Wrap a TRL reward function so that an exception never stops training: if the batch call raises, each
+    sample is scored alone and the ones that still raise get 0. Failures are logged as `rewards/failures`."""
+    if isinstance(func, TaskReward) or getattr(func, "_mtprl_safe", False):
+        return func
+
+    @functools.wraps(func)
+    def wrapper(*args, log_metric=None, **kwargs):
+        try:
+            rewards = func(*args, log_metric=log_metric, **kwargs)
+            if log_metric is not None:
+                log_metric("rewards/failures", 0.0)
+            return rewards
+        except Exception as batch_error:  # noqa: BLE001
+            prompts, completions = kwargs["prompts"], kwargs["completions"]
+            rewards, failed = [], 0
+            for i in range(len(completions)):
+                one = {k: (v[i:i + 1] if isinstance(v, list) and len(v) == len(completions) else v)
+                       for k, v in kwargs.items()}
+                try:
+                    rewards.append(func(log_metric=None, **one)[0])
+                except Exception:  # noqa: BLE001
+                    failed += 1
+                    rewards.append(0.0)
+            warnings.warn(f"reward function {getattr(func, '__name__', func)!r} raised "
+                          f"({type(batch_error).__name__}: {batch_error}); {failed}/{len(prompts)} samples scored 0")
+            if log_metric is not None:
+                log_metric("rewards/failures", float(failed))
+            return rewards
+
+    wrapper._mtprl_safe = True
+    return wrapper

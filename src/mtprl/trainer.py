@@ -35,6 +35,7 @@ from .mtp import (
     split_state_dict,
 )
 from .objectives import LOSS_TYPES, masked_mean, mtp_ce_loss, policy_loss
+from .tasks import safe_reward
 from .occ import OCCStats, exact_occ_coefficient, lambda_from_stats, occ_statistics
 
 REGIMES = ("none", "detach", "ce", "policy", "occ")
@@ -83,9 +84,9 @@ class MTPGRPOConfig(GRPOConfig):
             raise ValueError(f"occ_eps must be > 0, got {self.occ_eps!r}")
         if not isinstance(self.occ_fidelity_every, int) or self.occ_fidelity_every < 0:
             raise ValueError(f"occ_fidelity_every must be an integer >= 0, got {self.occ_fidelity_every!r}")
-        super().__post_init__()
         if self.mtp_regime != "none":
             _check_choice("loss_type", self.loss_type, LOSS_TYPES, why=" with MTP heads")
+        super().__post_init__()
 
     @property
     def needs_mtp(self) -> bool:
@@ -162,6 +163,9 @@ class MTPGRPOTrainer(MTPCheckpointMixin, GRPOTrainer):
             args = MTPGRPOConfig("mtprl-output")
         if not isinstance(args, MTPGRPOConfig):
             raise TypeError(f"args must be an MTPGRPOConfig, got {type(args).__name__}")
+        # A reward function that raises scores 0 for the samples it fails on, instead of stopping the run.
+        funcs = reward_funcs if isinstance(reward_funcs, list) else [reward_funcs]
+        reward_funcs = [safe_reward(f) if callable(f) and not isinstance(f, torch.nn.Module) else f for f in funcs]
         super().__init__(model=model, reward_funcs=reward_funcs, args=args, **kwargs)
         self.add_callback(MetricsJsonlCallback(args.output_dir))
         self._last_logprobs = None

@@ -1,0 +1,163 @@
+"""`mtprl sft | train | eval`: YAML configs parsed with TRL's TrlParser; any field can be overridden on the
+command line (`mtprl train --config configs/tiny.yaml --mtp_regime ce --max_steps 10`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+from trl import TrlParser
+
+USAGE = """usage: mtprl <command> [--config FILE.yaml] [--field value ...]
+
+commands:
+  sft      warm start: main CE + MTP CE on every head (MTP pretraining), then evaluate
+  train    RL (GRPO/DAPO/GSPO via TRL) with MTP heads under --mtp_regime none|detach|ce|policy|occ
+  eval     avg@k and pass@k (temperature 1.0, top-p 0.7) of --model_name_or_path, JSON out
+
+`mtprl <command> --help` lists every field."""
+
+
+@dataclass
+class TaskArguments:
+    """What to train on and how to evaluate; shared by every command."""
+
+    model_name_or_path: str = field(default="tiny", metadata={
+        "help": "'tiny' (the project's preset, fresh weights), an mtprl checkpoint, or any local HF causal LM."})
+    task: str = field(default="reasoning_gym:chain_sum", metadata={
+        "help": "reasoning_gym:<name> or jsonl:<path with question/answer rows>."})
+    task_config: str = field(default='{"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2}',
+                             metadata={"help": "JSON object of reasoning-gym task options."})
+    train_size: int = field(default=4000, metadata={"help": "Training questions."})
+    eval_size: int = field(default=200, metadata={"help": "Held-out questions (never in the training split)."})
+    task_seed: int = field(default=0, metadata={"help": "Seed of the question pool and of the split."})
+    eval_k: int = field(default=4, metadata={"help": "Samples per question for avg@k / pass@k."})
+    eval_max_new_tokens: int = field(default=8, metadata={"help": "Generation budget at evaluation."})
+    eval_before: bool = field(default=False, metadata={"help": "train: evaluate the starting model too."})
+    eval_after: bool = field(default=True, metadata={"help": "sft/train: evaluate the final model."})
+    eval_output: str | None = field(default=None, metadata={"help": "eval: where to write the JSON "
+                                                                     "(default <model>/eval.json)."})
+    overwrite: bool = field(default=False, metadata={"help": "sft: train again even if output_dir holds a model."})
+
+    def task_options(self) -> dict:
+        if isinstance(self.task_config, dict):
+            return self.task_config
+        try:
+            options = json.loads(self.task_config or "{}")
+        except json.JSONDecodeError as e:
+            raise ValueError(f"task_config must be a JSON object, got {self.task_config!r} ({e.msg})") from e
+        if not isinstance(options, dict):
+            raise ValueError(f"task_config must be a JSON object, got {self.task_config!r}")
+        return options
+
+
+def phase(message: str) -> None:
+    print(f"[mtprl {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def _splits(task_args: TaskArguments):
+    from .tasks import load_task_splits
+
+    phase(f"loading task {task_args.task} ({task_args.train_size} train / {task_args.eval_size} eval questions)")
+    return load_task_splits(task_args.task, task_args.train_size, task_args.eval_size, task_args.task_seed,
+                            **task_args.task_options())
+
+
+def _evaluate(model, tokenizer, eval_ds, task_args, path, label):
+    from .evaluation import evaluate, write_eval
+
+    phase(f"evaluating {label}: {len(eval_ds)} questions x {task_args.eval_k} samples")
+    result = evaluate(model, tokenizer, eval_ds, k=task_args.eval_k, max_new_tokens=task_args.eval_max_new_tokens)
+    write_eval(result, path)
+    k = task_args.eval_k
+    accept = " ".join(f"{key}={v:.3f}" for key, v in result.items() if key.startswith("mtp/accept"))
+    phase(f"{label}: avg@{k}={result[f'avg@{k}']:.3f} pass@{k}={result[f'pass@{k}']:.3f} {accept} -> {path}")
+    return result
+
+
+def _model_done(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "model.safetensors")) and os.path.isfile(
+        os.path.join(path, "mtp_heads.safetensors"))
+
+
+def cmd_sft(argv) -> dict | None:
+    from .models import load_model
+    from .trainer import MTPSFTConfig, MTPSFTTrainer
+
+    task_args, cfg = TrlParser((TaskArguments, MTPSFTConfig)).parse_args_and_config(argv)
+    if _model_done(cfg.output_dir) and not task_args.overwrite:
+        phase(f"sft: {cfg.output_dir} already holds a model; skipping (pass --overwrite true to train again)")
+        return None
+    train_ds, eval_ds = _splits(task_args)
+    train_ds = train_ds.map(lambda r: {"completion": r["answer"]}).select_columns(["prompt", "completion"])
+    model, tokenizer = load_model(task_args.model_name_or_path, cfg.mtp_num_heads, cfg.mtp_init, seed=cfg.seed)
+    phase(f"sft: {cfg.max_steps} steps, {cfg.mtp_num_heads} MTP head(s), output {cfg.output_dir}")
+    trainer = MTPSFTTrainer(model=model, args=cfg, train_dataset=train_ds, processing_class=tokenizer)
+    trainer.train(resume_from_checkpoint=cfg.resume_from_checkpoint)
+    trainer.save_model(cfg.output_dir)
+    if task_args.eval_after:
+        return _evaluate(model, tokenizer, eval_ds, task_args, os.path.join(cfg.output_dir, "eval.json"), "sft model")
+    return None
+
+
+def cmd_train(argv) -> dict | None:
+    from .models import load_model
+    from .tasks import TaskReward
+    from .trainer import MTPGRPOConfig, MTPGRPOTrainer
+
+    task_args, cfg = TrlParser((TaskArguments, MTPGRPOConfig)).parse_args_and_config(argv)
+    train_ds, eval_ds = _splits(task_args)
+    model, tokenizer = load_model(task_args.model_name_or_path, cfg.mtp_num_heads, cfg.mtp_init, seed=cfg.seed)
+    if task_args.eval_before:
+        _evaluate(model, tokenizer, eval_ds, task_args, os.path.join(cfg.output_dir, "eval_before.json"),
+                  "starting model")
+    phase(f"train: regime={cfg.mtp_regime} variant={cfg.occ_variant} loss={cfg.loss_type} "
+          f"steps={cfg.max_steps} output={cfg.output_dir}")
+    trainer = MTPGRPOTrainer(model=model, reward_funcs=[TaskReward()], args=cfg, train_dataset=train_ds,
+                             processing_class=tokenizer)
+    trainer.train(resume_from_checkpoint=cfg.resume_from_checkpoint)
+    trainer.save_model(cfg.output_dir)
+    phase(f"train: done, metrics in {os.path.join(cfg.output_dir, 'metrics.jsonl')}")
+    if task_args.eval_after:
+        return _evaluate(model, tokenizer, eval_ds, task_args, os.path.join(cfg.output_dir, "eval.json"),
+                         "trained model")
+    return None
+
+
+def cmd_eval(argv) -> dict:
+    from .models import load_model
+
+    (task_args,) = TrlParser((TaskArguments,)).parse_args_and_config(argv)
+    _, eval_ds = _splits(task_args)
+    model, tokenizer = load_model(task_args.model_name_or_path)
+    default = os.path.join(task_args.model_name_or_path, "eval.json") if os.path.isdir(
+        task_args.model_name_or_path) else "eval.json"
+    return _evaluate(model, tokenizer, eval_ds, task_args, task_args.eval_output or default,
+                     task_args.model_name_or_path)
+
+
+COMMANDS = {"sft": cmd_sft, "train": cmd_train, "eval": cmd_eval}
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"mtprl: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+        return 2
+    try:
+        COMMANDS[command](rest)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"mtprl {command}: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""avg@k and pass@k with the paper's sampling (temperature 1.0, top-p 0.7; App. D).
+
+avg@k: the fraction of all k samples per question that are correct (the paper's avg@32).
+pass@k: the fraction of questions with at least one correct sample among its k.
+A sample is correct when the task's scorer gives full credit (reasoning-gym's partial credit is not a pass).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from .mtp import forward_logprobs
+from .tasks import TaskReward
+
+
+def _sample_acceptance(model, sequences, prompt_mask, eos_token_id):
+    """Per-head sums of sum_v min(p_main, p_head) over the generated tokens (up to and including EOS)."""
+    gen = sequences[:, prompt_mask.shape[1]:]
+    is_eos = (gen == eos_token_id).int()
+    after_eos = (is_eos.cumsum(1) - is_eos) > 0  # tokens after the first EOS are padding
+    mask = torch.cat([prompt_mask, (~after_eos).to(prompt_mask.dtype)], dim=1)
+    out = forward_logprobs(model, sequences, mask, gen.shape[1], compute_accept=True)
+    keep = mask[:, -gen.shape[1]:].unsqueeze(1).float()
+    return (out.accept * keep).sum(dim=(0, 2)), keep.sum()
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, dataset, *, k: int = 4, temperature: float = 1.0, top_p: float = 0.7,
+             max_new_tokens: int = 16, batch_size: int = 64, seed: int = 0, num_examples: int = 5,
+             reward: TaskReward | None = None) -> dict:
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    for column in ("prompt", "answer"):
+        if column not in dataset.column_names:
+            raise ValueError(f"eval dataset has no {column!r} column (columns: {dataset.column_names})")
+    reward = reward or TaskReward()
+    was_training = model.training
+    model.eval()
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    device = next(model.parameters()).device
+    correct, rewards, examples = [], [], []
+    has_heads = getattr(model, "mtp_heads", None) is not None
+    accept_sum, accept_count = None, 0.0
+    n = len(dataset)
+    for start in range(0, n, batch_size):
+        rows = dataset[start:start + batch_size]
+        enc = tokenizer(rows["prompt"], return_tensors="pt", padding=True, padding_side="left",
+                        add_special_tokens=False).to(device)
+        out = model.generate(**enc, do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
+                             max_new_tokens=max_new_tokens, num_return_sequences=k,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        if has_heads and out.shape[1] > enc["input_ids"].shape[1]:
+            sums, count = _sample_acceptance(model, out, enc["attention_mask"].repeat_interleave(k, dim=0),
+                                             tokenizer.eos_token_id)
+            accept_sum = sums if accept_sum is None else accept_sum + sums
+            accept_count += float(count)
+        for i in range(len(rows["prompt"])):
+            task = rows["task"][i] if "task" in rows else "jsonl:"
+            meta = rows["metadata"][i] if "metadata" in rows else "{}"
+            scores = []
+            for completion in texts[i * k:(i + 1) * k]:
+                try:
+                    scores.append(reward.score(completion, rows["answer"][i], task, meta))
+                except Exception:  # noqa: BLE001 - a failing scorer is a wrong answer, counted below
+                    reward.failures += 1
+                    scores.append(0.0)
+            rewards.append(scores)
+            correct.append([s >= 1.0 for s in scores])
+            if len(examples) < num_examples:
+                examples.append({"prompt": rows["prompt"][i], "answer": rows["answer"][i],
+                                 "completions": texts[i * k:(i + 1) * k], "scores": scores})
+    torch.random.set_rng_state(generator_state)
+    model.train(was_training)
+    total = max(len(correct) * k, 1)
+    acceptance = {} if accept_sum is None else {
+        f"mtp/accept/{i + 1}": float(v) / max(accept_count, 1.0) for i, v in enumerate(accept_sum)}
+    return {**acceptance,
+        f"avg@{k}": sum(map(sum, correct)) / total,
+        f"pass@{k}": sum(any(c) for c in correct) / max(len(correct), 1),
+        "mean_reward": sum(map(sum, rewards)) / total,
+        "k": k, "num_questions": len(correct), "temperature": temperature, "top_p": top_p,
+        "max_new_tokens": max_new_tokens, "reward_failures": reward.failures, "examples": examples,
+    }
+
+
+def write_eval(result: dict, path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)

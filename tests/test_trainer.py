@@ -1,0 +1,276 @@
+"""MTPGRPOTrainer on the tiny preset with real TRL: parity with stock GRPOTrainer, regimes, OCC, resume."""
+
+import copy
+import json
+import math
+import warnings
+
+import pytest
+import torch
+from datasets import Dataset
+from trl import GRPOConfig, GRPOTrainer
+
+import mtprl
+from mtprl.models import char_tokenizer, tiny_model
+from mtprl.trainer import MTPGRPOConfig, MTPGRPOTrainer
+
+PROMPTS = ["12+3=", "7-4=", "20+22=", "9+9=", "31-5=", "8+14=", "40-1=", "6+6="]
+
+
+def digit_reward(completions, **kwargs):
+    """A real, deterministic reward with spread: the fraction of digits in the completion."""
+    return [sum(c.isdigit() for c in text) / max(len(text), 1) for text in completions]
+
+
+def _dataset():
+    return Dataset.from_list([{"prompt": p} for p in PROMPTS * 4])
+
+
+def _small_model(seed=0):
+    tok = char_tokenizer()
+    model = tiny_model(tok, seed=seed, hidden_size=32, intermediate_size=64, num_hidden_layers=2)
+    return model, tok
+
+
+COMMON = dict(per_device_train_batch_size=8, num_generations=4, max_completion_length=6, learning_rate=1e-3,
+              logging_steps=1, report_to=[], use_cpu=True, save_strategy="no", beta=0.0, seed=0,
+              lr_scheduler_type="constant", bf16=False)
+
+
+def _mtp_trainer(tmp_path, name="run", model=None, **overrides):
+    model, tok = model if model is not None else _small_model()
+    kw = dict(COMMON, output_dir=str(tmp_path / name), mtp_num_heads=2)
+    kw.update(overrides)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return MTPGRPOTrainer(model=model, reward_funcs=[digit_reward], args=MTPGRPOConfig(**kw),
+                              train_dataset=_dataset(), processing_class=tok)
+
+
+def _crafted_inputs(seed=0, batch=8, prompt_len=6, comp_len=5, vocab=99, heads=2, drift=0.0):
+    g = torch.Generator().manual_seed(seed)
+    prompt_ids = torch.randint(3, vocab, (batch, prompt_len), generator=g)
+    prompt_mask = torch.ones_like(prompt_ids)
+    prompt_mask[0, :2] = 0
+    completion_ids = torch.randint(3, vocab, (batch, comp_len), generator=g)
+    completion_mask = torch.ones_like(completion_ids)
+    completion_mask[1, -2:] = 0
+    inputs = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": completion_ids,
+              "completion_mask": completion_mask, "advantages": torch.randn(batch, generator=g),
+              "num_items_in_batch": completion_mask.sum()}
+    return inputs
+
+
+def _with_old_logprobs(trainer, inputs, drift=0.3, seed=1):
+    """Old log-probs as if the policy had moved since the rollout: current ones minus a random drift."""
+    model = trainer.model
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+    mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        out = mtprl.forward_logprobs(model, ids, mask, inputs["completion_ids"].shape[1])
+    inputs = dict(inputs)
+    inputs["old_per_token_logps"] = out.main - drift * torch.rand(out.main.shape, generator=g)
+    inputs["old_mtp_logps"] = out.mtp - drift * torch.rand(out.mtp.shape, generator=g)
+    return inputs
+
+
+def _loss_and_grads(trainer, inputs):
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = trainer.args.gradient_accumulation_steps  # set by the train loop
+    trainer.model.zero_grad(set_to_none=True)
+    loss = trainer.compute_loss(trainer.model, inputs)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads
+
+
+@pytest.mark.parametrize("loss_type,level", [("grpo", "token"), ("dapo", "token"), ("dr_grpo", "token"),
+                                             ("grpo", "sequence"), ("dapo", "sequence"), ("dr_grpo", "sequence")])
+def test_parity_with_stock_grpo_trainer(tmp_path, loss_type, level):
+    """regime none, and regime policy with mtp_coef=0 (main log-probs through our one-forward path), give
+    TRL's own loss and gradients on the same batch."""
+    model, tok = _small_model()
+    stock_model = copy.deepcopy(model)
+    stock_args = GRPOConfig(output_dir=str(tmp_path / "stock"), loss_type=loss_type, importance_sampling_level=level,
+                            **COMMON)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        stock = GRPOTrainer(model=stock_model, reward_funcs=[digit_reward], args=stock_args,
+                            train_dataset=_dataset(), processing_class=tok)
+    inputs = _crafted_inputs()
+    inputs["old_per_token_logps"] = -torch.rand(8, 5) * 4  # off-policy: ratios move, some clip
+    ref_loss, ref_grads = _loss_and_grads(stock, inputs)
+
+    for regime in ("none", "policy"):
+        trainer = _mtp_trainer(tmp_path, regime, model=(copy.deepcopy(model), tok), mtp_regime=regime,
+                               mtp_coef=0.0, loss_type=loss_type, importance_sampling_level=level)
+        inp = dict(inputs, old_mtp_logps=-torch.rand(8, 2, 5))
+        loss, grads = _loss_and_grads(trainer, inp)
+        torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-5)
+        for name, g in ref_grads.items():
+            torch.testing.assert_close(grads[name], g, atol=1e-6, rtol=1e-4, msg=f"{regime}: {name}")
+
+
+def _trunk_grad_diff(tmp_path, regime, **overrides):
+    """Max |grad(total) - grad(TRL loss alone)| over trunk parameters, and the head gradient norm."""
+    model, tok = _small_model()
+    base = _mtp_trainer(tmp_path, "none", model=(copy.deepcopy(model), tok), mtp_regime="none")
+    trainer = _mtp_trainer(tmp_path, regime, model=(model, tok), mtp_regime=regime, mtp_coef=0.5, **overrides)
+    inputs = _with_old_logprobs(trainer, _crafted_inputs())
+    _, g_none = _loss_and_grads(base, inputs)
+    _, g = _loss_and_grads(trainer, inputs)
+    trunk = max((g[n] - g_none[n]).abs().max().item() for n in g_none)
+    heads = sum(v.norm().item() for n, v in g.items() if n.startswith("mtp_heads."))
+    return trunk, heads, trainer
+
+
+def test_detach_mtp_term_reaches_heads_only(tmp_path):
+    trunk, heads, _ = _trunk_grad_diff(tmp_path, "detach")
+    assert trunk == 0.0 and heads > 0
+
+
+@pytest.mark.parametrize("regime", ["ce", "policy", "occ"])
+def test_joint_regimes_change_the_trunk_gradient(tmp_path, regime):
+    trunk, heads, trainer = _trunk_grad_diff(tmp_path, regime)
+    assert trunk > 1e-6 and heads > 0
+    lam = trainer._metrics["train"]["mtp/lambda/1"][-1]
+    assert math.isfinite(lam) and lam != 0.0
+
+
+def test_occ_paper_lambda_is_the_batch_estimator_on_the_batch(tmp_path):
+    trainer = _mtp_trainer(tmp_path, mtp_regime="occ", occ_lambda_plus=0.7)
+    inputs = _with_old_logprobs(trainer, _crafted_inputs())
+    _loss_and_grads(trainer, inputs)
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+    mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+    with torch.no_grad():
+        out = mtprl.forward_logprobs(trainer.model, ids, mask, 5)
+    for k in range(2):
+        expected = mtprl.occ_coefficient(out.main - inputs["old_per_token_logps"],
+                                         out.mtp[:, k] - inputs["old_mtp_logps"][:, k], inputs["completion_mask"],
+                                         lambda_plus=0.7)
+        assert trainer._metrics["train"][f"mtp/lambda/{k + 1}"][-1] == pytest.approx(expected.item(), rel=1e-4)
+
+
+def test_occ_exact_lambda_equals_exact_occ_coefficient(tmp_path):
+    trainer = _mtp_trainer(tmp_path, mtp_regime="occ", occ_variant="exact", mtp_num_heads=1, loss_type="dapo")
+    inputs = _with_old_logprobs(trainer, _crafted_inputs())
+    inputs["old_mtp_logps"] = inputs["old_mtp_logps"][:, :1]
+    _loss_and_grads(trainer, inputs)
+    got = trainer._metrics["train"]["mtp/lambda/1"][-1]
+    # Independently: TRL's stock loss on the same batch and the head's DAPO loss with TRL's normaliser.
+    model = trainer.model
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+    mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+    out = mtprl.forward_logprobs(model, ids, mask, 5)
+    m = inputs["completion_mask"]
+    rl = mtprl.policy_loss(out.main, inputs["old_per_token_logps"], inputs["advantages"], m, loss_type="dapo",
+                           epsilon_low=0.2, epsilon_high=0.2, normalizer=m.sum().float())
+    head = mtprl.policy_loss(out.mtp[:, 0], inputs["old_mtp_logps"][:, 0], inputs["advantages"], m,
+                             loss_type="dapo", epsilon_low=0.2, epsilon_high=0.2, normalizer=m.sum().float())
+    main_params = [p for n, p in model.named_parameters() if not n.startswith("mtp_heads.")]
+    lam, c, v2 = mtprl.exact_occ_coefficient(rl, head, main_params)
+    assert got == pytest.approx(lam.item(), rel=1e-4)
+    assert trainer._metrics["train"]["mtp/c_exact/1"][-1] == pytest.approx(c.item(), rel=1e-4)
+
+
+def _metrics(path):
+    with open(path / "metrics.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.mark.parametrize("regime", ["detach", "ce", "policy", "occ"])
+def test_each_regime_trains_two_real_steps(tmp_path, regime):
+    trainer = _mtp_trainer(tmp_path, mtp_regime=regime, max_steps=2, steps_per_generation=2)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    rows = [r for r in _metrics(tmp_path / "run") if "mtp/lambda/1" in r]
+    assert len(rows) == 2
+    for row in rows:
+        for k in (1, 2):
+            assert math.isfinite(row[f"mtp/lambda/{k}"]) and 0 <= row[f"mtp/accept/{k}"] <= 1
+        assert "step_time" in row and "reward" in rows[0]
+    changed = {n for n, p in trainer.model.named_parameters() if not torch.equal(p, before[n])}
+    assert any(n.startswith("mtp_heads.") for n in changed)
+    assert any(n.startswith("model.layers.") for n in changed)
+
+
+def test_occ_lambda_is_zero_on_first_minibatch_of_a_rollout_and_not_after(tmp_path):
+    trainer = _mtp_trainer(tmp_path, mtp_regime="occ", max_steps=4, steps_per_generation=2)
+    trainer.train()
+    lam = [r["mtp/lambda/1"] for r in _metrics(tmp_path / "run") if "mtp/lambda/1" in r]
+    c_hat = [r["mtp/c_hat/1"] for r in _metrics(tmp_path / "run") if "mtp/c_hat/1" in r]
+    assert len(lam) == 4
+    assert abs(lam[0]) < 1e-3 and abs(lam[2]) < 1e-3  # policy == old policy: delta_rl = 0
+    assert abs(lam[1]) > 1e-3 and abs(lam[3]) > 1e-3
+    assert abs(c_hat[1]) > 1e3 * abs(c_hat[0])
+
+
+def test_occ_warns_when_it_cannot_see_policy_change(tmp_path):
+    model, tok = _small_model()
+    with pytest.warns(UserWarning, match="OCC cannot see any policy change"):
+        MTPGRPOTrainer(model=model, reward_funcs=[digit_reward], processing_class=tok, train_dataset=_dataset(),
+                       args=MTPGRPOConfig(output_dir=str(tmp_path), mtp_regime="occ", **COMMON))
+
+
+def test_resume_gives_the_same_losses_and_lambdas(tmp_path):
+    kw = dict(mtp_regime="occ", max_steps=4, steps_per_generation=2, save_strategy="steps", save_steps=2)
+    straight = _mtp_trainer(tmp_path, "straight", **kw)
+    straight.train()
+    first = _mtp_trainer(tmp_path, "resumed", model=_small_model(), **kw)
+    first.args.max_steps = 2
+    first.train()
+    second = _mtp_trainer(tmp_path, "resumed", model=_small_model(seed=5), **kw)  # other init: the checkpoint wins
+    second.train(resume_from_checkpoint=str(tmp_path / "resumed" / "checkpoint-2"))
+    a = {r["step"]: r for r in _metrics(tmp_path / "straight") if "loss" in r}
+    b = {r["step"]: r for r in _metrics(tmp_path / "resumed") if "loss" in r}
+    for step in (3, 4):
+        for key in ("loss", "mtp/lambda/1", "mtp/lambda/2", "mtp/loss/1"):
+            assert b[step][key] == pytest.approx(a[step][key], abs=1e-5), (step, key)
+    ckpt = tmp_path / "resumed" / "checkpoint-2"
+    assert (ckpt / "mtp_heads.safetensors").is_file() and (ckpt / "optimizer.pt").is_file()
+
+
+def test_checkpoint_loads_with_heads(tmp_path):
+    trainer = _mtp_trainer(tmp_path, mtp_regime="ce", max_steps=1)
+    trainer.train()
+    trainer.save_model(str(tmp_path / "final"))
+    model, tok = mtprl.load_pretrained(str(tmp_path / "final"))
+    trained = dict(trainer.model.named_parameters())
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p, trained[name])
+    assert tok is not None and tok.decode(tok("7+8=")["input_ids"]) == "7+8="
+
+
+def test_bad_config_values_name_the_field(tmp_path):
+    for field, value, match in [("mtp_regime", "joint", "mtp_regime"), ("occ_variant", "fast", "occ_variant"),
+                                ("mtp_coef", float("nan"), "mtp_coef"), ("occ_lambda_plus", float("inf"),
+                                                                          "occ_lambda_plus"),
+                                ("mtp_num_heads", 0, "mtp_num_heads"), ("occ_fidelity_every", -1,
+                                                                        "occ_fidelity_every")]:
+        with pytest.raises(ValueError, match=match):
+            MTPGRPOConfig(output_dir=str(tmp_path), **{field: value})
+    with pytest.raises(ValueError, match="loss_type"):
+        MTPGRPOConfig(output_dir=str(tmp_path), loss_type="cispo")
+
+
+def test_a_reward_function_that_raises_scores_zero_and_training_goes_on(tmp_path):
+    def flaky(prompts, completions, **kwargs):
+        if "7-4=" in prompts:
+            raise RuntimeError("scorer crashed")
+        return [1.0] * len(completions)
+
+    model, tok = _small_model()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = MTPGRPOTrainer(model=model, reward_funcs=[flaky], processing_class=tok, train_dataset=_dataset(),
+                                 args=MTPGRPOConfig(output_dir=str(tmp_path / "run"), mtp_regime="ce", max_steps=2,
+                                                    **COMMON))
+        trainer.train()
+    rows = [r for r in _metrics(tmp_path / "run") if "rewards/failures" in r]
+    assert len(rows) == 2 and all(math.isfinite(r["loss"]) for r in rows)
+    # Each rollout holds 2 prompts x 4 samples; the "7-4=" prompt's samples score 0, the others 1.
+    for r in rows:
+        assert r["rewards/flaky/mean"] == pytest.approx(1.0 - r["rewards/failures"] / 8)
+    assert sum(r["rewards/failures"] for r in rows) > 0
