@@ -12,6 +12,8 @@ from .mtp import (
     save_pretrained,
 )
 from .objectives import mtp_ce_loss, policy_loss
+from .tasks import load_task, load_task_splits
+from .trainer import MTPGRPOConfig, MTPGRPOTrainer, MTPSFTConfig, MTPSFTTrainer
 from .occ import OCCStats, exact_occ_coefficient, lambda_from_stats, occ_coefficient, occ_statistics
 
 __version__ = "0.1.0"

@@ -65,13 +65,14 @@ def tiny_model(tokenizer=None, seed: int = 0, **overrides) -> Qwen2ForCausalLM:
     return model
 
 
-def load_model(name_or_path: str, num_heads: int = 1, init: str = "copy_last_layer", seed: int = 0):
+def load_model(name_or_path: str, num_heads: int | None = None, init: str = "copy_last_layer", seed: int = 0):
     """(model with MTP heads, tokenizer) from `tiny` (fresh), an mtprl checkpoint (its trained heads), or any
-    HF causal LM directory (fresh heads attached)."""
+    HF causal LM directory (fresh heads attached). `num_heads=None` takes the checkpoint's count (1 if fresh);
+    a number that differs from the checkpoint's is an error."""
     if name_or_path == "tiny":
         tokenizer = char_tokenizer()
         model = tiny_model(tokenizer, seed=seed)
-        attach_mtp_heads(model, num_heads, init=init)
+        attach_mtp_heads(model, num_heads or 1, init=init)
         return model, tokenizer
     if not os.path.exists(name_or_path):
         raise FileNotFoundError(f"model {name_or_path!r}: no such directory (use 'tiny' or a local checkpoint; "
@@ -80,10 +81,10 @@ def load_model(name_or_path: str, num_heads: int = 1, init: str = "copy_last_lay
     tokenizer = load_tokenizer(name_or_path)
     if has_mtp_checkpoint(name_or_path):
         heads = load_mtp_heads(model, name_or_path)
-        if heads.num_heads != num_heads:
+        if num_heads is not None and heads.num_heads != num_heads:
             raise ValueError(f"{name_or_path} carries {heads.num_heads} MTP head(s) but {num_heads} were asked for")
     else:
-        attach_mtp_heads(model, num_heads, init=init)
+        attach_mtp_heads(model, num_heads or 1, init=init)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer

@@ -281,33 +281,33 @@ class MTPGRPOTrainer(MTPCheckpointMixin, GRPOTrainer):
 
         total, metrics = rl_loss.new_zeros(()), {}
         for k in range(num_heads):
-            head = str(k + 1)
-            logq = mtp[:, k]
-            # Proxies of c and v2 from log-prob changes (Eq. 12), summed across data-parallel ranks.
+            head, logq = str(k + 1), mtp[:, k]
             old_q = old_main if reference else old_mtp[:, k]
-            estimator = "token" if reference else "batch"
-            stats = occ_statistics(delta_rl, (logq - old_q).detach(), mask, estimator=estimator,
+            # Proxies of c and v2 from log-prob changes (Eq. 12), summed across data-parallel ranks so that
+            # every rank computes the same lambda. Logged for every regime: it is how the regimes differ.
+            stats = occ_statistics(delta_rl, (logq - old_q).detach(), mask, estimator="token" if reference else "batch",
                                    eps=args.occ_eps, clip=args.occ_clip)
             stats = OCCStats(*self.accelerator.reduce(torch.stack(list(stats)), reduction="sum"))
 
             if args.mtp_regime in ("detach", "ce"):
+                coef = torch.tensor(args.mtp_coef)
                 term = mtp_ce_loss(logq, mask)
                 if self.model.training:
                     term = term / self.current_gradient_accumulation_steps
-                coef = torch.tensor(args.mtp_coef)
             elif args.mtp_regime == "policy":
-                term = self._policy_loss(logq, old_mtp[:, k], advantages, mask, inputs)
                 coef = torch.tensor(args.mtp_coef)
+                term = self._policy_loss(logq, old_q, advantages, mask, inputs)
             elif reference:
-                # Released code: lambda multiplies the head's advantages, its ratio is against the main old policy.
+                # Released code: lambda multiplies the head's advantages, lambda_plus is shared by the K heads.
                 coef = lambda_from_stats(stats, estimator="token", lambda_plus=args.occ_lambda_plus / num_heads,
                                          eps=args.occ_eps, clip=args.occ_clip)
                 coef = self._finite_or_zero(coef, head, stats)
-                term = self._policy_loss(logq, old_main, advantages * coef, mask, inputs)
-            else:
-                term = self._policy_loss(logq, old_mtp[:, k], advantages, mask, inputs)
+                term = self._policy_loss(logq, old_q, advantages * coef, mask, inputs)
+            else:  # occ, paper or exact: lambda scales the head's policy loss
                 coef = lambda_from_stats(stats, estimator="batch", lambda_plus=args.occ_lambda_plus,
                                          eps=args.occ_eps, clip=args.occ_clip)
+                term = self._policy_loss(logq, old_q, advantages, mask, inputs)
+
             if fidelity:
                 lam_exact, c_exact, v2_exact = exact_occ_coefficient(
                     rl_loss, term, self._main_params, lambda_plus=args.occ_lambda_plus, eps=args.occ_eps,
@@ -318,11 +318,8 @@ class MTPGRPOTrainer(MTPCheckpointMixin, GRPOTrainer):
                     coef = lam_exact
             if args.mtp_regime == "occ" and not reference:
                 coef = self._finite_or_zero(coef, head, stats)
-                total = total + coef.to(term.dtype) * term
-            elif reference:
-                total = total + term
-            else:
-                total = total + coef.to(term.dtype) * term
+            weight = 1.0 if reference else coef.to(term.dtype)  # reference: lambda is already in the advantages
+            total = total + weight * term
 
             metrics[f"mtp/lambda/{head}"] = float(coef)
             metrics[f"mtp/c_hat/{head}"] = stats.c_hat.item()

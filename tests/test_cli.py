@@ -1,0 +1,79 @@
+"""The command line end to end: `mtprl sft`, `mtprl train` (and resume), `mtprl eval`, bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from mtprl.cli import main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TASK = ["--task", "reasoning_gym:chain_sum", "--task_config",
+        '{"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}', "--train_size", "64",
+        "--eval_size", "8", "--eval_k", "2", "--eval_max_new_tokens", "4"]
+TINY = ["--use_cpu", "true", "--bf16", "false", "--report_to", "none", "--logging_steps", "1"]
+
+
+def _rows(path):
+    with open(os.path.join(path, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_sft_train_eval_round_trip(tmp_path, capsys):
+    sft = str(tmp_path / "sft")
+    assert main(["sft", "--config", os.path.join(ROOT, "configs", "tiny_sft.yaml"), *TASK, *TINY,
+                 "--output_dir", sft, "--max_steps", "3", "--per_device_train_batch_size", "8"]) == 0
+    assert os.path.isfile(os.path.join(sft, "mtp_heads.safetensors"))
+    sft_eval = json.load(open(os.path.join(sft, "eval.json")))
+    assert {"avg@2", "pass@2", "mtp/accept/1", "mtp/accept/2"} <= set(sft_eval)
+    # A second sft call with the model in place trains nothing.
+    assert main(["sft", "--config", os.path.join(ROOT, "configs", "tiny_sft.yaml"), *TASK, *TINY,
+                 "--output_dir", sft, "--max_steps", "3"]) == 0
+    assert "skipping" in capsys.readouterr().out
+
+    run = str(tmp_path / "occ")
+    common = ["--config", os.path.join(ROOT, "configs", "tiny.yaml"), *TASK, *TINY, "--model_name_or_path", sft,
+              "--output_dir", run, "--per_device_train_batch_size", "8", "--num_generations", "4",
+              "--steps_per_generation", "2", "--save_steps", "2"]
+    assert main(["train", *common, "--max_steps", "2"]) == 0
+    assert os.path.isfile(os.path.join(run, "checkpoint-2", "mtp_heads.safetensors"))
+    assert main(["train", *common, "--max_steps", "4", "--eval_before", "false",
+                 "--resume_from_checkpoint", os.path.join(run, "checkpoint-2")]) == 0
+    steps = [r["step"] for r in _rows(run) if "mtp/lambda/1" in r]
+    assert steps == [1, 2, 3, 4]
+    for name in ("eval_before.json", "eval.json"):
+        assert "avg@2" in json.load(open(os.path.join(run, name)))
+    out = str(tmp_path / "again.json")
+    assert main(["eval", *TASK, "--model_name_or_path", run, "--eval_output", out]) == 0
+    assert json.load(open(out))["num_questions"] == 8
+
+
+def test_bad_input_is_a_clear_error(tmp_path, capsys):
+    assert main(["train", *TASK, *TINY, "--output_dir", str(tmp_path), "--mtp_regime", "joint"]) == 1
+    assert "mtp_regime" in capsys.readouterr().err
+    assert main(["train", *TINY, "--output_dir", str(tmp_path), "--task", f"jsonl:{tmp_path}/missing.jsonl"]) == 1
+    assert "missing.jsonl" in capsys.readouterr().err
+    assert main(["eval", *TASK, "--model_name_or_path", str(tmp_path / "nowhere")]) == 1
+    assert "nowhere" in capsys.readouterr().err
+    assert main(["bogus"]) == 2
+
+
+def test_console_script_help():
+    exe = os.path.join(os.path.dirname(sys.executable), "mtprl")
+    out = subprocess.run([exe, "--help"], capture_output=True, text=True, check=True).stdout
+    assert "sft" in out and "train" in out and "eval" in out
+
+
+@pytest.mark.slow
+def test_make_train_flow(tmp_path):
+    """The README's main job at full size (about 10 minutes): SFT, then OCC training, eval before/after."""
+    sft, run = str(tmp_path / "sft"), str(tmp_path / "occ")
+    assert main(["sft", "--config", os.path.join(ROOT, "configs", "tiny_sft.yaml"), "--output_dir", sft]) == 0
+    acc = json.load(open(os.path.join(sft, "eval.json")))["avg@8"]
+    assert 0.15 <= acc <= 0.85
+    assert main(["train", "--config", os.path.join(ROOT, "configs", "tiny.yaml"), "--model_name_or_path", sft,
+                 "--output_dir", run]) == 0
+    lambdas = [r["mtp/lambda/1"] for r in _rows(run) if "mtp/lambda/1" in r]
+    assert any(abs(x) > 0 for x in lambdas)
