@@ -3,7 +3,7 @@
 PY      := .venv/bin/python
 STAMP   := .venv/.mtprl-installed
 
-.PHONY: setup test test-slow train clean
+.PHONY: setup test test-slow train demo bench clean
 
 setup: $(STAMP)
 
@@ -20,6 +20,14 @@ $(STAMP): pyproject.toml
 train: setup
 	$(PY) -m mtprl.cli sft --config configs/tiny_sft.yaml
 	$(PY) -m mtprl.cli train --config configs/tiny.yaml
+
+# Side by side: detach, CE, policy loss and OCC from the same warm start; writes reports/demo/report.md + PNGs.
+demo: setup
+	$(PY) -m mtprl.cli sft --config configs/tiny_sft.yaml
+	$(PY) -m mtprl.cli compare --config configs/demo.yaml --regimes detach,ce,policy,occ --seeds 0 --report_dir reports/demo
+
+bench: setup
+	$(PY) benchmarks/step_time.py
 
 test: setup
 	$(PY) -m pytest -q -m "not slow"

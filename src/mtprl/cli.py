@@ -17,6 +17,9 @@ commands:
   sft      warm start: main CE + MTP CE on every head (MTP pretraining), then evaluate
   train    RL (GRPO/DAPO/GSPO via TRL) with MTP heads under --mtp_regime none|detach|ce|policy|occ
   eval     avg@k and pass@k (temperature 1.0, top-p 0.7) of --model_name_or_path, JSON out
+  compare  --regimes detach,ce,policy,occ --seeds 0,1 --report_dir DIR [train fields]: every regime x seed from
+           the same warm start (resumable), then DIR/report.md with the table and figures
+  report   RUN_DIR... [--report_dir DIR]: rebuild the report from existing runs, no training
 
 `mtprl <command> --help` lists every field."""
 
@@ -118,6 +121,11 @@ def cmd_train(argv) -> dict | None:
           f"steps={cfg.max_steps} output={cfg.output_dir}")
     trainer = MTPGRPOTrainer(model=model, reward_funcs=[TaskReward()], args=cfg, train_dataset=train_ds,
                              processing_class=tokenizer)
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    with open(os.path.join(cfg.output_dir, "run_info.json"), "w") as f:
+        json.dump({"mtp_regime": cfg.mtp_regime, "occ_variant": cfg.occ_variant, "seed": cfg.seed,
+                   "label": cfg.mtp_regime, "model": task_args.model_name_or_path, "task": task_args.task,
+                   "max_steps": cfg.max_steps, "loss_type": cfg.loss_type}, f, indent=2)
     trainer.train(resume_from_checkpoint=cfg.resume_from_checkpoint)
     trainer.save_model(cfg.output_dir)
     phase(f"train: done, metrics in {os.path.join(cfg.output_dir, 'metrics.jsonl')}")
@@ -139,7 +147,84 @@ def cmd_eval(argv) -> dict:
                      task_args.model_name_or_path)
 
 
-COMMANDS = {"sft": cmd_sft, "train": cmd_train, "eval": cmd_eval}
+def _pop_option(argv, name, default=None):
+    if name in argv:
+        i = argv.index(name)
+        if i + 1 >= len(argv):
+            raise ValueError(f"{name} needs a value")
+        value = argv[i + 1]
+        del argv[i:i + 2]
+        return value
+    return default
+
+
+def _latest_checkpoint(run_dir):
+    steps = [int(d.split("-")[1]) for d in os.listdir(run_dir) if d.startswith("checkpoint-") and
+             os.path.isfile(os.path.join(run_dir, d, "trainer_state.json"))] if os.path.isdir(run_dir) else []
+    return (os.path.join(run_dir, f"checkpoint-{max(steps)}"), max(steps)) if steps else (None, 0)
+
+
+def _truncate_metrics(run_dir, step):
+    """Drop metric rows logged after `step` (a resumed run logs them again)."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+    with open(path, "w") as f:
+        f.writelines(kept)
+
+
+def cmd_compare(argv) -> str:
+    from .report import build_report
+
+    argv = list(argv)
+    regimes = _pop_option(argv, "--regimes", "detach,ce,policy,occ").split(",")
+    seeds = [int(s) for s in _pop_option(argv, "--seeds", "0").split(",")]
+    report_dir = _pop_option(argv, "--report_dir", "reports/compare")
+    from .trainer import REGIMES
+
+    for regime in regimes:
+        if regime not in REGIMES:
+            raise ValueError(f"--regimes: unknown regime {regime!r} (choose from {', '.join(REGIMES)})")
+    run_dirs = []
+    for regime in regimes:
+        for seed in seeds:
+            run_dir = os.path.join(report_dir, "runs", f"{regime}-s{seed}")
+            run_dirs.append(run_dir)
+            if os.path.isfile(os.path.join(run_dir, "eval.json")):
+                phase(f"compare: {run_dir} is finished; not running it again")
+                continue
+            extra = ["--mtp_regime", regime, "--seed", str(seed), "--output_dir", run_dir, "--eval_before", "false"]
+            checkpoint, step = _latest_checkpoint(run_dir)
+            if checkpoint:
+                phase(f"compare: resuming {run_dir} from {checkpoint}")
+                _truncate_metrics(run_dir, step)
+                extra += ["--resume_from_checkpoint", checkpoint]
+            elif os.path.isfile(os.path.join(run_dir, "metrics.jsonl")):
+                os.remove(os.path.join(run_dir, "metrics.jsonl"))  # an interrupted run without a checkpoint
+            phase(f"compare: running {regime} seed {seed}")
+            cmd_train(argv + extra)
+    command = "mtprl compare " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else None
+    report = build_report(run_dirs, report_dir, command=command)
+    phase(f"compare: report written to {report}")
+    return report
+
+
+def cmd_report(argv) -> str:
+    from .report import build_report
+
+    argv = list(argv)
+    report_dir = _pop_option(argv, "--report_dir", None)
+    if not argv:
+        raise ValueError("report needs at least one run directory")
+    report_dir = report_dir or os.path.dirname(os.path.abspath(argv[0]))
+    report = build_report(argv, report_dir)
+    phase(f"report written to {report}")
+    return report
+
+
+COMMANDS = {"sft": cmd_sft, "train": cmd_train, "eval": cmd_eval, "compare": cmd_compare, "report": cmd_report}
 
 
 def main(argv=None) -> int:

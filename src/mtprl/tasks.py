@@ -72,7 +72,7 @@ def load_task_splits(spec: str, train_size: int, eval_size: int, seed: int = 0, 
         raise ValueError(f"task must be 'reasoning_gym:<name>' or 'jsonl:<path>', got {spec!r}")
     if kind == "reasoning_gym":
         # Procedural tasks repeat questions; draw a larger pool so both splits fill up after deduplication.
-        rows = _reasoning_gym_rows(name, 4 * (train_size + eval_size) + 64, seed, task_config)
+        rows = _reasoning_gym_rows(name, 10 * (train_size + eval_size) + 100, seed, task_config)
     else:
         import random
 

@@ -1,0 +1,172 @@
+"""Optimizer-step time and memory per MTP regime, on one model and one batch, in one process.
+
+    python benchmarks/step_time.py [--model tiny|PATH] [--batch 32] [--completion 32] [--repeats 20]
+
+Training step = TRL's loss (+ the regime's MTP term) forward, backward, AdamW step, on the same rollout batch
+for every regime; regimes are interleaved inside every repeat so that machine noise hits them alike, and the
+median over repeats is reported with its ratio to `detach`. Memory: bytes of tensors saved for backward in the
+forward (CPU and GPU), plus peak allocated memory on a GPU. Whole step (rollout included): wall time per
+optimizer step of `trainer.train` over a few steps, each regime in turn, repeated in alternating order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+import warnings
+
+import torch
+from datasets import Dataset
+
+import mtprl
+from mtprl.models import load_model
+from mtprl.tasks import TaskReward, load_task_splits
+from mtprl.trainer import MTPGRPOConfig, MTPGRPOTrainer
+
+REGIMES = [("none", {}), ("detach", {}), ("ce", {}), ("policy", {}),
+           ("occ", {"occ_variant": "paper"}), ("occ-exact", {"occ_variant": "exact"})]
+
+
+def _trainer(model, tok, dataset, regime, extra, args, output_dir, **overrides):
+    kw = dict(output_dir=output_dir, mtp_regime=regime.split("-")[0], mtp_num_heads=model.mtp_heads.num_heads,
+              per_device_train_batch_size=args.batch, num_generations=8, max_completion_length=args.completion,
+              steps_per_generation=2, learning_rate=1e-5, report_to=[], save_strategy="no", logging_steps=1,
+              use_cpu=not torch.cuda.is_available(), bf16=False, beta=0.0, mtp_log_acceptance=False, seed=0)
+    kw.update(extra)
+    kw.update(overrides)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return MTPGRPOTrainer(model=model, reward_funcs=[TaskReward()], args=MTPGRPOConfig(**kw),
+                              train_dataset=dataset, processing_class=tok)
+
+
+def _rollout_batch(model, tok, dataset, args, device):
+    """One fixed batch: real prompts, completions sampled from the model, old log-probs a small step away."""
+    prompts = dataset["prompt"][: args.batch]
+    enc = tok(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False).to(device)
+    with torch.no_grad():
+        out = model.generate(**enc, do_sample=True, max_new_tokens=args.completion, min_new_tokens=args.completion,
+                             pad_token_id=tok.pad_token_id)
+    completion = out[:, enc["input_ids"].shape[1]:]
+    mask = torch.ones_like(completion)
+    ids = torch.cat([enc["input_ids"], completion], 1)
+    with torch.no_grad():
+        lp = mtprl.forward_logprobs(model, ids, torch.cat([enc["attention_mask"], mask], 1), completion.shape[1])
+    g = torch.Generator(device="cpu").manual_seed(0)
+    noise = lambda t: (0.05 * torch.rand(t.shape, generator=g)).to(device)  # noqa: E731
+    return {"prompt_ids": enc["input_ids"], "prompt_mask": enc["attention_mask"], "completion_ids": completion,
+            "completion_mask": mask, "advantages": torch.randn(args.batch, generator=g).to(device),
+            "num_items_in_batch": mask.sum(), "old_per_token_logps": lp.main - noise(lp.main),
+            "old_mtp_logps": lp.mtp - noise(lp.mtp)}
+
+
+class SavedBytes:
+    """Bytes of the tensors autograd saves for backward (activations kept alive until backward)."""
+
+    def __init__(self):
+        self.total = 0
+
+    def __enter__(self):
+        def pack(t):
+            self.total += t.numel() * t.element_size()
+            return t
+
+        self._ctx = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+        self._ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._ctx.__exit__(*exc)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="tiny")
+    p.add_argument("--heads", type=int, default=2)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--completion", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--whole_steps", type=int, default=4, help="optimizer steps per regime for the whole-step time")
+    args = p.parse_args()
+    torch.manual_seed(0)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    base, tok = load_model(args.model, num_heads=args.heads)
+    base.to(device)
+    train, _ = load_task_splits("reasoning_gym:chain_sum", 256, 8, 0, min_terms=2, max_terms=3, min_digits=1,
+                                max_digits=1)
+    batch = _rollout_batch(base, tok, train, args, device)
+    print(f"device={device} model={args.model} params={sum(p.numel() for p in base.parameters()) / 1e6:.2f}M "
+          f"heads={args.heads} batch={args.batch} completion={args.completion} "
+          f"prompt={batch['prompt_ids'].shape[1]} layers={base.config.num_hidden_layers}", flush=True)
+
+    setups = {}
+    for name, extra in REGIMES:
+        model = copy.deepcopy(base)
+        trainer = _trainer(model, tok, train, name, extra, args, f"/tmp/mtprl-bench/{name}")
+        trainer.create_optimizer()
+        trainer.model.train()
+        trainer.current_gradient_accumulation_steps = 1
+        setups[name] = trainer
+
+    def step(trainer, measure=None):
+        if measure is not None:
+            with measure:
+                loss = trainer.compute_loss(trainer.model, batch)
+        else:
+            loss = trainer.compute_loss(trainer.model, batch)
+        loss.backward()
+        trainer.optimizer.step()
+        trainer.optimizer.zero_grad(set_to_none=True)
+
+    times = {name: [] for name in setups}
+    saved, peak = {}, {}
+    for name, trainer in setups.items():  # warm-up, and memory
+        step(trainer)
+        meter = SavedBytes()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        step(trainer, meter)
+        saved[name] = meter.total
+        peak[name] = torch.cuda.max_memory_allocated() if device.type == "cuda" else float("nan")
+    for _ in range(args.repeats):
+        for name, trainer in setups.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            step(trainer)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - t0)
+
+    # Whole optimizer step, rollout included: trainer.train over a few steps, regimes in alternating order.
+    whole = {name: [] for name in setups}
+    order = list(setups)
+    for rnd in range(2):
+        for name in order if rnd == 0 else order[::-1]:
+            extra = dict(REGIMES)[name]
+            trainer = _trainer(copy.deepcopy(base), tok, train, name, extra, args, f"/tmp/mtprl-bench/w-{name}",
+                               max_steps=args.whole_steps, disable_tqdm=True)
+            t0 = time.perf_counter()
+            trainer.train()
+            whole[name].append((time.perf_counter() - t0) / args.whole_steps)
+
+    med = {n: statistics.median(t) for n, t in times.items()}
+    wmed = {n: statistics.median(t) for n, t in whole.items()}
+    print(f"\n| regime | training step (ms, median of {args.repeats}) | / detach | whole step incl. rollout (ms) "
+          f"| / detach | saved for backward (MB) | peak GPU memory (MB) |")
+    print("|---|---|---|---|---|---|---|")
+    for name in setups:
+        gpu = "–" if peak[name] != peak[name] else f"{peak[name] / 2**20:.0f}"
+        print(f"| {name} | {1000 * med[name]:.1f} | {med[name] / med['detach']:.3f} | {1000 * wmed[name]:.0f} | "
+              f"{wmed[name] / wmed['detach']:.3f} | {saved[name] / 2**20:.1f} | {gpu} |")
+    layers = base.config.num_hidden_layers
+    print(f"\njoint MTP / none (training step): policy {med['policy'] / med['none']:.3f}, occ "
+          f"{med['occ'] / med['none']:.3f}; one extra decoder layer per head over {layers} trunk layers would be "
+          f"about {1 + args.heads / layers:.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""The report: statistics against numpy, the table against the runs' own files, bad runs skipped by name."""
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+from mtprl.report import build_report, fidelity_points, load_runs, mean_std, pearson_r, table_rows
+
+
+def test_pearson_r_and_mean_std_match_numpy():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=40)
+    y = 0.6 * x + rng.normal(size=40)
+    assert pearson_r(list(x), list(y)) == pytest.approx(np.corrcoef(x, y)[0, 1], rel=1e-12)
+    assert math.isnan(pearson_r([1.0, 1.0, 1.0], [1.0, 2.0, 3.0])) and math.isnan(pearson_r([1.0], [2.0]))
+    vals = [0.31, 0.42, 0.27]
+    mean, std = mean_std(vals)
+    assert mean == pytest.approx(np.mean(vals)) and std == pytest.approx(np.std(vals, ddof=1))
+    assert mean_std([0.5]) == (0.5, 0.0)
+
+
+def _fake_run(root, regime, seed, rewards, avg, passk, lam=None, exact=None):
+    """A run directory in the format `mtprl train` writes (metrics.jsonl, eval.json, run_info.json)."""
+    path = os.path.join(root, f"{regime}-s{seed}")
+    os.makedirs(path)
+    with open(os.path.join(path, "metrics.jsonl"), "w") as f:
+        for step, r in enumerate(rewards, start=1):
+            row = {"step": step, "reward": r, "step_time": 0.1 * (2 if regime == "occ" else 1) + 0.001 * step,
+                   "mtp/lambda/1": 0.1 if lam is None else lam[step - 1], "mtp/c_hat/1": 0.01 * step,
+                   "mtp/v2_hat/1": 0.02 * step, "mtp/accept/1": 0.8}
+            if exact:
+                row["mtp/c_exact/1"], row["mtp/v2_exact/1"] = exact[step - 1]
+            f.write(json.dumps(row) + "\n")
+    with open(os.path.join(path, "eval.json"), "w") as f:
+        json.dump({"avg@4": avg, "pass@4": passk, "k": 4}, f)
+    with open(os.path.join(path, "run_info.json"), "w") as f:
+        json.dump({"mtp_regime": regime, "seed": seed, "label": regime}, f)
+    return path
+
+
+def test_table_matches_the_runs_files(tmp_path):
+    dirs = [
+        _fake_run(tmp_path, "detach", 0, [0.1, 0.2, 0.3, 0.4, 0.5, 0.6], 0.30, 0.60),
+        _fake_run(tmp_path, "detach", 1, [0.2, 0.2, 0.2, 0.2, 0.2, 0.2], 0.40, 0.70),
+        _fake_run(tmp_path, "occ", 0, [0.5] * 6, 0.50, 0.80, exact=[(0.02 * s, 0.05 * s) for s in range(1, 7)]),
+    ]
+    rows = {r["label"]: r for r in table_rows(load_runs(dirs)[0])}
+    assert rows["detach"]["avg"] == pytest.approx((np.mean([0.3, 0.4]), np.std([0.3, 0.4], ddof=1)))
+    assert rows["detach"]["pass"][0] == pytest.approx(0.65)
+    # final reward = mean of the last 5 logged rewards, then mean over seeds
+    assert rows["detach"]["reward"][0] == pytest.approx(np.mean([np.mean([0.2, 0.3, 0.4, 0.5, 0.6]), 0.2]))
+    assert rows["occ"]["step_time"] == pytest.approx(np.median([0.2 + 0.001 * s for s in range(1, 7)]))
+    report = build_report(dirs, str(tmp_path / "report"))
+    text = open(report).read()
+    assert "**50.0 ± 0.0**" in text  # OCC's avg@4 is the best: bold
+    assert "35.0 ± 7.1" in text  # detach: mean ± sample std over the two seeds, in percent
+    ratio = np.median([0.2 + 0.001 * s for s in range(1, 7)]) / np.median([0.1 + 0.001 * s for s in range(1, 7)])
+    assert f"{ratio:.2f}x" in text
+    for png in ("reward.png", "acceptance.png", "occ_lambda_c_v2.png", "proxy_vs_exact.png"):
+        assert os.path.getsize(tmp_path / "report" / png) > 1000
+    pts = fidelity_points(load_runs(dirs)[0])
+    c_hat, c_exact = [p[0] for p in pts], [p[1] for p in pts]
+    assert f"c: {np.corrcoef(c_hat, c_exact)[0, 1]:.3f}" in text
+
+
+def test_report_skips_corrupt_or_missing_metrics_and_names_the_file(tmp_path):
+    good = _fake_run(tmp_path, "detach", 0, [0.1] * 3, 0.3, 0.6)
+    corrupt = _fake_run(tmp_path, "ce", 0, [0.1] * 3, 0.2, 0.5)
+    with open(os.path.join(corrupt, "metrics.jsonl"), "a") as f:
+        f.write("{truncated\n")
+    missing = _fake_run(tmp_path, "policy", 0, [0.1] * 3, 0.2, 0.5)
+    os.remove(os.path.join(missing, "metrics.jsonl"))
+    with pytest.warns(UserWarning, match="skipping"):
+        report = build_report([good, corrupt, missing], str(tmp_path / "report"))
+    text = open(report).read()
+    assert os.path.join(corrupt, "metrics.jsonl") + ", line 4" in text
+    assert os.path.join(missing, "metrics.jsonl") + " is missing" in text
+    assert "| Detach |" in text and "| CE loss |" not in text
