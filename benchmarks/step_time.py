@@ -85,6 +85,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="tiny")
     p.add_argument("--heads", type=int, default=2)
+    p.add_argument("--hidden", type=int, default=None, help="tiny preset: override hidden_size (x3 intermediate)")
+    p.add_argument("--layers", type=int, default=None, help="tiny preset: override num_hidden_layers")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--completion", type=int, default=32)
     p.add_argument("--repeats", type=int, default=20)
@@ -92,7 +94,17 @@ def main():
     args = p.parse_args()
     torch.manual_seed(0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    base, tok = load_model(args.model, num_heads=args.heads)
+    if args.model == "tiny" and (args.hidden or args.layers):
+        from mtprl.models import TINY_CONFIG, char_tokenizer, tiny_model
+
+        tok = char_tokenizer()
+        sizes = {"hidden_size": args.hidden or TINY_CONFIG["hidden_size"],
+                 "num_hidden_layers": args.layers or TINY_CONFIG["num_hidden_layers"]}
+        sizes["intermediate_size"] = 3 * sizes["hidden_size"]
+        base = tiny_model(tok, **sizes)
+        mtprl.attach_mtp_heads(base, args.heads)
+    else:
+        base, tok = load_model(args.model, num_heads=args.heads)
     base.to(device)
     train, _ = load_task_splits("reasoning_gym:chain_sum", 256, 8, 0, min_terms=2, max_terms=3, min_digits=1,
                                 max_digits=1)

@@ -77,3 +77,20 @@ def test_make_train_flow(tmp_path):
                  "--output_dir", run]) == 0
     lambdas = [r["mtp/lambda/1"] for r in _rows(run) if "mtp/lambda/1" in r]
     assert any(abs(x) > 0 for x in lambdas)
+
+
+def test_any_hf_causal_lm_directory_gets_fresh_heads(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from mtprl.models import char_tokenizer, load_model
+
+    tok = char_tokenizer()
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+    llama.save_pretrained(tmp_path / "llama")
+    tok.save_pretrained(tmp_path / "llama")
+    model, loaded_tok = load_model(str(tmp_path / "llama"), num_heads=3)
+    assert model.mtp_heads.num_heads == 3 and type(model.mtp_heads.layers[0].mtp_block).__name__ == "LlamaDecoderLayer"
+    assert loaded_tok.decode(loaded_tok("1 + 2 =")["input_ids"]) == "1 + 2 ="
+    with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
+        load_model("Qwen/Qwen2.5-0.5B")
