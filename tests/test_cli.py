@@ -94,3 +94,50 @@ def test_any_hf_causal_lm_directory_gets_fresh_heads(tmp_path):
     assert loaded_tok.decode(loaded_tok("1 + 2 =")["input_ids"]) == "1 + 2 ="
     with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
         load_model("Qwen/Qwen2.5-0.5B")
+
+
+def test_compare_runs_each_regime_and_seed_once_and_reports(tmp_path, capsys):
+    sft = str(tmp_path / "sft")
+    assert main(["sft", "--config", os.path.join(ROOT, "configs", "tiny_sft.yaml"), *TASK, *TINY,
+                 "--output_dir", sft, "--max_steps", "2", "--per_device_train_batch_size", "8",
+                 "--eval_after", "false"]) == 0
+    report_dir = str(tmp_path / "cmp")
+    args = ["compare", "--config", os.path.join(ROOT, "configs", "demo.yaml"), *TASK, *TINY,
+            "--model_name_or_path", sft, "--regimes", "detach,occ", "--seeds", "0,1", "--report_dir", report_dir,
+            "--max_steps", "2", "--per_device_train_batch_size", "8", "--num_generations", "4",
+            "--steps_per_generation", "2", "--occ_fidelity_every", "1", "--save_steps", "1"]
+    assert main(args) == 0
+    runs = {name: os.path.join(report_dir, "runs", name) for name in ("detach-s0", "detach-s1", "occ-s0", "occ-s1")}
+    text = open(os.path.join(report_dir, "report.md")).read()
+    from mtprl.report import mean_std
+
+    for regime, label in (("detach", "Detach"), ("occ", "OCC")):
+        evals = [json.load(open(os.path.join(runs[f"{regime}-s{s}"], "eval.json"))) for s in (0, 1)]
+        mean, std = mean_std([e["avg@2"] for e in evals])
+        row = next(line for line in text.splitlines() if line.startswith(f"| {label} |"))
+        assert f"{100 * mean:.1f} ± {100 * std:.1f}" in row
+        rewards = [[r["reward"] for r in _rows(runs[f"{regime}-s{s}"]) if "reward" in r] for s in (0, 1)]
+        rmean, rstd = mean_std([sum(r[-5:]) / len(r[-5:]) for r in rewards])
+        assert f"{100 * rmean:.1f} ± {100 * rstd:.1f}" in row
+    assert os.path.isfile(os.path.join(report_dir, "proxy_vs_exact.png"))
+    capsys.readouterr()
+    # Again: every run is finished, nothing is trained.
+    mtimes = {n: os.path.getmtime(os.path.join(p, "eval.json")) for n, p in runs.items()}
+    assert main(args) == 0
+    assert capsys.readouterr().out.count("not running it again") == 4
+    # A deleted run is run again; an interrupted one (checkpoint, no eval.json) resumes from its checkpoint.
+    import shutil
+
+    shutil.rmtree(runs["occ-s1"])
+    os.remove(os.path.join(runs["detach-s1"], "eval.json"))  # killed during its evaluation
+    for name in ("model.safetensors", "mtp_heads.safetensors", "eval.json"):  # killed after step 1
+        os.remove(os.path.join(runs["occ-s0"], name))
+    shutil.rmtree(os.path.join(runs["occ-s0"], "checkpoint-2"))
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "running occ seed 1" in out and "resuming" in out and "finished training; evaluating" in out
+    assert out.count("not running it again") == 1
+    assert os.path.getmtime(os.path.join(runs["detach-s0"], "eval.json")) == mtimes["detach-s0"]
+    assert [r["step"] for r in _rows(runs["detach-s1"]) if "mtp/lambda/1" in r] == [1, 2]
+    assert [r["step"] for r in _rows(runs["occ-s0"]) if "mtp/lambda/1" in r] == [1, 2]
+    assert all(os.path.isfile(os.path.join(p, "eval.json")) for p in runs.values())

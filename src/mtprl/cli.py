@@ -175,15 +175,26 @@ def _truncate_metrics(run_dir, step):
         f.writelines(kept)
 
 
+def _finish_run(run_dir, checkpoint, task_args):
+    from .models import load_model
+    from .mtp import save_pretrained
+
+    if checkpoint:  # the last checkpoint is the final model
+        model, tokenizer = load_model(checkpoint)
+        save_pretrained(model, run_dir, tokenizer=tokenizer)
+    model, tokenizer = load_model(run_dir)
+    _, eval_ds = _splits(task_args)
+    _evaluate(model, tokenizer, eval_ds, task_args, os.path.join(run_dir, "eval.json"), run_dir)
+
+
 def cmd_compare(argv) -> str:
     from .report import build_report
+    from .trainer import REGIMES, MTPGRPOConfig
 
     argv = list(argv)
     regimes = _pop_option(argv, "--regimes", "detach,ce,policy,occ").split(",")
     seeds = [int(s) for s in _pop_option(argv, "--seeds", "0").split(",")]
     report_dir = _pop_option(argv, "--report_dir", "reports/compare")
-    from .trainer import REGIMES
-
     for regime in regimes:
         if regime not in REGIMES:
             raise ValueError(f"--regimes: unknown regime {regime!r} (choose from {', '.join(REGIMES)})")
@@ -197,6 +208,12 @@ def cmd_compare(argv) -> str:
                 continue
             extra = ["--mtp_regime", regime, "--seed", str(seed), "--output_dir", run_dir, "--eval_before", "false"]
             checkpoint, step = _latest_checkpoint(run_dir)
+            (task_args, cfg) = TrlParser((TaskArguments, MTPGRPOConfig)).parse_args_and_config(argv + extra)
+            if _model_done(run_dir) or (checkpoint and step >= cfg.max_steps):
+                # Training finished; only the evaluation is missing (interrupted during eval).
+                phase(f"compare: {run_dir} finished training; evaluating it")
+                _finish_run(run_dir, checkpoint if not _model_done(run_dir) else None, task_args)
+                continue
             if checkpoint:
                 phase(f"compare: resuming {run_dir} from {checkpoint}")
                 _truncate_metrics(run_dir, step)
