@@ -76,6 +76,6 @@ def test_report_skips_corrupt_or_missing_metrics_and_names_the_file(tmp_path):
     with pytest.warns(UserWarning, match="skipping"):
         report = build_report([good, corrupt, missing], str(tmp_path / "report"))
     text = open(report).read()
-    assert os.path.join(corrupt, "metrics.jsonl") + ", line 4" in text
-    assert os.path.join(missing, "metrics.jsonl") + " is missing" in text
+    assert os.path.join(corrupt, "metrics.jsonl") + ", row 4" in text
+    assert os.path.join(missing, "metrics.jsonl") + "' does not exist" in text
     assert "| Detach |" in text and "| CE loss |" not in text

@@ -19,6 +19,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from .tasks import read_jsonl  # noqa: E402
+
 REGIME_ORDER = ("none", "detach", "ce", "policy", "occ")
 LABELS = {"none": "GRPO (no MTP)", "detach": "Detach", "ce": "CE loss", "policy": "Policy loss", "occ": "OCC"}
 
@@ -54,20 +56,7 @@ class Run:
         self.path = path
         info_file = os.path.join(path, "run_info.json")
         metrics_file = os.path.join(path, "metrics.jsonl")
-        if not os.path.isfile(metrics_file):
-            raise FileNotFoundError(f"{metrics_file} is missing")
-        self.rows = []
-        with open(metrics_file) as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{metrics_file}, line {lineno}: not valid JSON ({e.msg})") from e
-                if not isinstance(row, dict):
-                    raise ValueError(f"{metrics_file}, line {lineno}: not a JSON object")
-                self.rows.append(row)
+        self.rows = [row for _, row in read_jsonl(metrics_file, "metrics file")]
         info = {}
         if os.path.isfile(info_file):
             with open(info_file) as f:

@@ -44,9 +44,11 @@ def _reasoning_gym_rows(name: str, pool: int, seed: int, config: dict):
                "metadata": json.dumps(entry.get("metadata", {}), default=str)}
 
 
-def _jsonl_rows(path: str):
+def read_jsonl(path: str, what: str = "jsonl file"):
+    """(line number, object) for every non-empty line; a missing file, bad JSON or a non-object line is an
+    error that names the file and the line."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"jsonl task file {path!r} does not exist")
+        raise FileNotFoundError(f"{what} {path!r} does not exist")
     with open(path) as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
@@ -56,12 +58,17 @@ def _jsonl_rows(path: str):
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}, row {lineno}: not valid JSON ({e.msg})") from e
             if not isinstance(row, dict):
-                raise ValueError(f"{path}, row {lineno}: expected an object with 'question' and 'answer'")
-            for fieldname in ("question", "answer"):
-                value = row.get(fieldname)
-                if value is None or (isinstance(value, str) and not value.strip()):
-                    raise ValueError(f"{path}, row {lineno}: missing or empty field {fieldname!r}")
-            yield {"question": str(row["question"]), "answer": str(row["answer"]), "metadata": "{}"}
+                raise ValueError(f"{path}, row {lineno}: not a JSON object")
+            yield lineno, row
+
+
+def _jsonl_rows(path: str):
+    for lineno, row in read_jsonl(path, "jsonl task file"):
+        for fieldname in ("question", "answer"):
+            value = row.get(fieldname)
+            if value is None or (isinstance(value, str) and not value.strip()):
+                raise ValueError(f"{path}, row {lineno}: missing or empty field {fieldname!r}")
+        yield {"question": str(row["question"]), "answer": str(row["answer"]), "metadata": "{}"}
 
 
 def load_task_splits(spec: str, train_size: int, eval_size: int, seed: int = 0, **task_config):
