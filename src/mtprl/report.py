@@ -132,14 +132,18 @@ def _fmt(ms, best=False, scale=100.0):
 
 def markdown_table(rows) -> str:
     k = next((r["k"] for r in rows if r["k"]), "k")
-    best = {key: max((r[key][0] for r in rows if not math.isnan(r[key][0])), default=None)
+
+    def shown(ms):  # what the table prints; equal printed values are equally best
+        return round(ms[0] * 100, 1)
+
+    best = {key: max((shown(r[key]) for r in rows if not math.isnan(r[key][0])), default=None)
             for key in ("avg", "pass", "reward")}
     lines = [f"| regime | seeds | avg@{k} (%) | pass@{k} (%) | final train reward (x100) |",
              "|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {LABELS.get(r['label'], r['label'])} | {len(r['seeds'])} | "
-                     f"{_fmt(r['avg'], r['avg'][0] == best['avg'])} | {_fmt(r['pass'], r['pass'][0] == best['pass'])} "
-                     f"| {_fmt(r['reward'], r['reward'][0] == best['reward'])} |")
+        cells = [_fmt(r[key], not math.isnan(r[key][0]) and shown(r[key]) == best[key])
+                 for key in ("avg", "pass", "reward")]
+        lines.append(f"| {LABELS.get(r['label'], r['label'])} | {len(r['seeds'])} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
