@@ -318,22 +318,30 @@ def has_mtp_checkpoint(path) -> bool:
 
 def load_mtp_heads(model, path) -> MTPHeads:
     """Attach the heads stored in checkpoint directory `path` to `model` (replacing any it has)."""
-    from safetensors.torch import load_file
-
     require_files(path, (MTP_CONFIG_NAME, MTP_WEIGHTS_NAME), "the MTP heads, written by mtprl.save_pretrained")
-    cfg_file, weights_file = os.path.join(path, MTP_CONFIG_NAME), os.path.join(path, MTP_WEIGHTS_NAME)
+    cfg_file = os.path.join(path, MTP_CONFIG_NAME)
     with open(cfg_file) as f:
         mtp_cfg = json.load(f)
     if not isinstance(mtp_cfg.get("num_heads"), int):
         raise ValueError(f"{cfg_file} has no integer 'num_heads' field")
     heads = attach_mtp_heads(model, num_heads=mtp_cfg["num_heads"], init="random")
     heads.init = mtp_cfg.get("init", "copy_last_layer")
+    load_mtp_weights(heads, path)
+    return heads
+
+
+def load_mtp_weights(heads: MTPHeads, path) -> None:
+    """Load `path/mtp_heads.safetensors` into existing heads in place (so an optimizer's references to their
+    parameters stay valid, as on resume). A mismatch names the file and the keys."""
+    from safetensors.torch import load_file
+
+    require_files(path, (MTP_WEIGHTS_NAME,), "the MTP heads, written by mtprl.save_pretrained")
+    weights_file = os.path.join(path, MTP_WEIGHTS_NAME)
     state = load_file(weights_file, device=str(next(heads.parameters()).device))
     missing, unexpected = heads.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise ValueError(f"{weights_file} does not match {mtp_cfg['num_heads']} MTP head(s) of "
-                         f"{type(model).__name__}: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
-    return heads
+        raise ValueError(f"{weights_file} does not match {heads.num_heads} MTP head(s): "
+                         f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
 
 
 def load_pretrained(path, **from_pretrained_kwargs):

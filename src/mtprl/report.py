@@ -168,11 +168,11 @@ def _smooth(ys, window=5):
 def _plot_per_label(runs, key, path, title, ylabel, smooth=5):
     fig, ax = plt.subplots(figsize=(7, 4))
     drawn = False
-    for label, group in _by_label(runs).items():
+    for color, (label, group) in enumerate(_by_label(runs).items()):
         for i, run in enumerate(group):
             xs, ys = run.series(key)
             if xs:
-                ax.plot(xs, _smooth(ys, smooth), color=f"C{list(_by_label(runs)).index(label)}", alpha=0.9,
+                ax.plot(xs, _smooth(ys, smooth), color=f"C{color}", alpha=0.9,
                         label=LABELS.get(label, label) if i == 0 else None)
                 drawn = True
     ax.set_title(title)

@@ -20,23 +20,21 @@ import warnings
 from dataclasses import dataclass, field
 
 import torch
-from safetensors.torch import load_file
 from transformers import TrainerCallback
 from trl import GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer
 
 from .mtp import (
-    MTP_WEIGHTS_NAME,
-    require_files,
     attach_mtp_heads,
     forward_logprobs,
     has_mtp_checkpoint,
     load_mtp_heads,
+    load_mtp_weights,
     save_mtp_heads,
     split_state_dict,
 )
 from .objectives import LOSS_TYPES, masked_mean, mtp_ce_loss, policy_loss
-from .tasks import safe_reward
 from .occ import OCCStats, exact_occ_coefficient, lambda_from_stats, occ_statistics
+from .tasks import safe_reward
 
 REGIMES = ("none", "detach", "ce", "policy", "occ")
 OCC_VARIANTS = ("paper", "reference", "exact")
@@ -150,9 +148,7 @@ class MTPCheckpointMixin:
         super()._load_from_checkpoint(resume_from_checkpoint, model=model)
         unwrapped = self.accelerator.unwrap_model(model if model is not None else self.model)
         if getattr(unwrapped, "mtp_heads", None) is not None:
-            require_files(resume_from_checkpoint, (MTP_WEIGHTS_NAME,), "the MTP heads")
-            state = load_file(os.path.join(resume_from_checkpoint, MTP_WEIGHTS_NAME))
-            unwrapped.mtp_heads.load_state_dict(state, strict=True)
+            load_mtp_weights(unwrapped.mtp_heads, resume_from_checkpoint)
 
 
 class MTPGRPOTrainer(MTPCheckpointMixin, GRPOTrainer):
@@ -354,6 +350,8 @@ class MTPSFTConfig(SFTConfig):
     mtp_num_heads: int = field(default=1, metadata={"help": "Number of MTP depths K."})
     mtp_coef: float = field(default=1.0, metadata={"help": "Weight of the mean MTP CE against the main CE."})
     mtp_init: str = field(default="copy_last_layer", metadata={"help": "copy_last_layer | random"})
+    mtp_log_acceptance: bool = field(default=True, metadata={
+        "help": "Log mtp/accept/k (no gradient; one extra full-vocabulary LM-head pass per head)."})
 
     def __post_init__(self):
         _check_choice("mtp_init", self.mtp_init, ("copy_last_layer", "random"))
@@ -380,7 +378,7 @@ class MTPSFTTrainer(MTPCheckpointMixin, SFTTrainer):
         num_heads = self.accelerator.unwrap_model(model).mtp_heads.num_heads
         keep = input_ids.shape[1] - num_heads - 1  # every token that every head can score
         out = model(input_ids=input_ids, attention_mask=attention_mask,
-                    mtp_logprobs={"logits_to_keep": keep, "compute_accept": True})
+                    mtp_logprobs={"logits_to_keep": keep, "compute_accept": self.args.mtp_log_acceptance})
         mask = (labels[:, -keep:] != -100) & (attention_mask[:, -keep:] == 1)
         main_ce = -masked_mean(out.main, mask)
         head_ce = mtp_ce_loss(out.mtp, mask)
@@ -389,5 +387,6 @@ class MTPSFTTrainer(MTPCheckpointMixin, SFTTrainer):
         self._metrics[mode]["main_ce"].append(main_ce.item())
         for k in range(num_heads):
             self._metrics[mode][f"mtp/loss/{k + 1}"].append(head_ce[k].item())
-            self._metrics[mode][f"mtp/accept/{k + 1}"].append(masked_mean(out.accept[:, k], mask).item())
+            if out.accept is not None:
+                self._metrics[mode][f"mtp/accept/{k + 1}"].append(masked_mean(out.accept[:, k], mask).item())
         return (loss, out) if return_outputs else loss
