@@ -9,7 +9,7 @@ from conftest import VOCAB, tiny_causal_lm
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 import mtprl
-from mtprl.mtp import MTP_CONFIG_NAME, MTP_WEIGHTS_NAME
+from mtprl.checkpoints import MTP_CONFIG_NAME, MTP_WEIGHTS_NAME
 
 PROMPT, KEEP = 7, 6  # full length T = 13
 

@@ -1,19 +1,12 @@
 """mtprl: joint training of Multi-Token-Prediction heads inside RL from verifiable rewards, with OCC
-(arXiv 2605.28184). The OCC formula lives in `mtprl.occ`."""
+(arXiv 2605.28184). The OCC formula lives in `mtprl.occ`; the regimes in `mtprl.regimes`."""
 
-from .mtp import (
-    LogProbs,
-    MTPHeads,
-    attach_mtp_heads,
-    forward_logprobs,
-    get_mtp_heads,
-    load_mtp_heads,
-    load_pretrained,
-    save_pretrained,
-)
+from .checkpoints import attach_or_load_heads, load_mtp_heads, load_pretrained, save_pretrained
+from .logprobs import LogProbs, forward_logprobs
+from .mtp import MTPHeads, attach_mtp_heads, get_mtp_heads
 from .objectives import mtp_ce_loss, policy_loss
+from .occ import OCCStats, exact_occ_coefficient, lambda_from_stats, occ_coefficient, occ_statistics
 from .tasks import load_task, load_task_splits
 from .trainer import MTPGRPOConfig, MTPGRPOTrainer, MTPSFTConfig, MTPSFTTrainer
-from .occ import OCCStats, exact_occ_coefficient, lambda_from_stats, occ_coefficient, occ_statistics
 
 __version__ = "0.1.0"

@@ -1,5 +1,27 @@
-"""`mtprl sft | train | eval`: YAML configs parsed with TRL's TrlParser; any field can be overridden on the
-command line (`mtprl train --config configs/tiny.yaml --mtp_regime ce --max_steps 10`)."""
+"""The `mtprl` command line. YAML configs parsed with TRL's TrlParser; any field can be overridden on the
+command line (`mtprl train --config configs/tiny.yaml --mtp_regime ce --max_steps 10`).
+
+Commands (each a `cmd_*` function below):
+  sft      `MTPSFTTrainer`: warm start, main CE + MTP CE on every head (MTP pretraining), then evaluate
+  train    `MTPGRPOTrainer` (GRPO/DAPO/GSPO via TRL) with the heads under `--mtp_regime`; `run_training`
+  eval     avg@k / pass@k with the paper's sampling (`mtprl.evaluation`)
+  compare  every regime x seed from one starting model, resumable (`run_state`), then the report
+  report   the report (`mtprl.report`) from existing run directories, no training
+
+The package, module by module:
+  mtp          the MTP heads (transformers' MtpLayer per depth) and `attach_mtp_heads`
+  logprobs     `forward_logprobs`: main + MTP log-probs (entropy, expected acceptance) from one trunk forward
+  checkpoints  checkpoint files, `save_pretrained` / `load_pretrained`, `attach_or_load_heads`, trainer mixin
+  models       the `tiny` preset (character tokenizer, Qwen2) and `load_model` for any HF causal LM
+  objectives   `policy_loss` (TRL's clipped surrogate) and `mtp_ce_loss`, pure functions
+  occ          the OCC formula: proxies, lambda, exact lambda from true gradients
+  regimes      the regime vocabulary and table: one function per regime returns its term and coefficient
+  trainer      `MTPGRPOConfig` / `MTPGRPOTrainer`, `MTPSFTConfig` / `MTPSFTTrainer`
+  tasks        tasks (reasoning-gym, jsonl), answer extraction, rewards that never crash a run
+  evaluation   avg@k / pass@k
+  report       the comparison report (table, figures) from run directories
+  jsonl        reading and appending JSON Lines files
+"""
 
 from __future__ import annotations
 
@@ -81,17 +103,13 @@ def _evaluate(model, tokenizer, eval_ds, task_args, path, label):
     return result
 
 
-def _model_done(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, "model.safetensors")) and os.path.isfile(
-        os.path.join(path, "mtp_heads.safetensors"))
-
-
 def cmd_sft(argv) -> dict | None:
+    from .checkpoints import is_complete_checkpoint
     from .models import load_model
     from .trainer import MTPSFTConfig, MTPSFTTrainer
 
     task_args, cfg = TrlParser((TaskArguments, MTPSFTConfig)).parse_args_and_config(argv)
-    if _model_done(cfg.output_dir) and not task_args.overwrite:
+    if is_complete_checkpoint(cfg.output_dir) and not task_args.overwrite:
         phase(f"sft: {cfg.output_dir} already holds a model; skipping (pass --overwrite true to train again)")
         return None
     train_ds, eval_ds = _splits(task_args)
@@ -106,12 +124,12 @@ def cmd_sft(argv) -> dict | None:
     return None
 
 
-def cmd_train(argv) -> dict | None:
+def run_training(task_args: TaskArguments, cfg) -> dict | None:
+    """One RL run: load the model (with heads), train under `cfg.mtp_regime`, save, evaluate."""
     from .models import load_model
     from .tasks import TaskReward
-    from .trainer import MTPGRPOConfig, MTPGRPOTrainer
+    from .trainer import MTPGRPOTrainer
 
-    task_args, cfg = TrlParser((TaskArguments, MTPGRPOConfig)).parse_args_and_config(argv)
     train_ds, eval_ds = _splits(task_args)
     model, tokenizer = load_model(task_args.model_name_or_path, cfg.mtp_num_heads, cfg.mtp_init, seed=cfg.seed)
     if task_args.eval_before:
@@ -135,6 +153,13 @@ def cmd_train(argv) -> dict | None:
     return None
 
 
+def cmd_train(argv) -> dict | None:
+    from .trainer import MTPGRPOConfig
+
+    task_args, cfg = TrlParser((TaskArguments, MTPGRPOConfig)).parse_args_and_config(argv)
+    return run_training(task_args, cfg)
+
+
 def cmd_eval(argv) -> dict:
     from .models import load_model
 
@@ -145,17 +170,6 @@ def cmd_eval(argv) -> dict:
         task_args.model_name_or_path) else "eval.json"
     return _evaluate(model, tokenizer, eval_ds, task_args, task_args.eval_output or default,
                      task_args.model_name_or_path)
-
-
-def _pop_option(argv, name, default=None):
-    if name in argv:
-        i = argv.index(name)
-        if i + 1 >= len(argv):
-            raise ValueError(f"{name} needs a value")
-        value = argv[i + 1]
-        del argv[i:i + 2]
-        return value
-    return default
 
 
 def _latest_checkpoint(run_dir):
@@ -175,9 +189,33 @@ def _truncate_metrics(run_dir, step):
         f.writelines(kept)
 
 
+@dataclass
+class RunState:
+    """Where one compare run stands on disk, and so what compare does with it."""
+
+    kind: str  # "finished" (eval.json written) | "evaluate" (trained, not evaluated) | "resume" | "fresh"
+    checkpoint: str | None = None  # resume from / evaluate this checkpoint (None: the model is in the run dir)
+    step: int = 0  # the checkpoint's step
+
+
+def run_state(run_dir: str, max_steps: int) -> RunState:
+    from .checkpoints import is_complete_checkpoint
+
+    if os.path.isfile(os.path.join(run_dir, "eval.json")):
+        return RunState("finished")
+    if is_complete_checkpoint(run_dir):  # killed during the final evaluation
+        return RunState("evaluate")
+    checkpoint, step = _latest_checkpoint(run_dir)
+    if checkpoint and step >= max_steps:  # killed between the last checkpoint and the final save
+        return RunState("evaluate", checkpoint, step)
+    if checkpoint:
+        return RunState("resume", checkpoint, step)
+    return RunState("fresh")
+
+
 def _finish_run(run_dir, checkpoint, task_args):
+    from .checkpoints import save_pretrained
     from .models import load_model
-    from .mtp import save_pretrained
 
     if checkpoint:  # the last checkpoint is the final model
         model, tokenizer = load_model(checkpoint)
@@ -187,56 +225,82 @@ def _finish_run(run_dir, checkpoint, task_args):
     _evaluate(model, tokenizer, eval_ds, task_args, os.path.join(run_dir, "eval.json"), run_dir)
 
 
+@dataclass
+class CompareArguments:
+    """`mtprl compare`: which regimes and seeds, and where the runs and the report go."""
+
+    regimes: str = field(default="detach,ce,policy,occ", metadata={
+        "help": "Comma-separated regimes, each trained once per seed from the same starting model."})
+    seeds: str = field(default="0", metadata={"help": "Comma-separated seeds, e.g. 0,1,2."})
+    report_dir: str = field(default="reports/compare", metadata={
+        "help": "Runs go to <report_dir>/runs/<regime>-s<seed>; the report to <report_dir>/report.md."})
+
+    def regime_list(self) -> list[str]:
+        from .regimes import REGIMES
+
+        regimes = [r.strip() for r in self.regimes.split(",") if r.strip()]
+        for regime in regimes:
+            if regime not in REGIMES:
+                raise ValueError(f"--regimes: unknown regime {regime!r} (choose from {', '.join(REGIMES)})")
+        return regimes
+
+    def seed_list(self) -> list[int]:
+        try:
+            return [int(s) for s in str(self.seeds).split(",") if s.strip()]
+        except ValueError as e:
+            raise ValueError(f"--seeds must be comma-separated integers, got {self.seeds!r}") from e
+
+
 def cmd_compare(argv) -> str:
     from .report import build_report
-    from .trainer import REGIMES, MTPGRPOConfig
+    from .trainer import MTPGRPOConfig
 
-    argv = list(argv)
-    regimes = _pop_option(argv, "--regimes", "detach,ce,policy,occ").split(",")
-    seeds = [int(s) for s in _pop_option(argv, "--seeds", "0").split(",")]
-    report_dir = _pop_option(argv, "--report_dir", "reports/compare")
-    for regime in regimes:
-        if regime not in REGIMES:
-            raise ValueError(f"--regimes: unknown regime {regime!r} (choose from {', '.join(REGIMES)})")
+    parser = TrlParser((CompareArguments, TaskArguments, MTPGRPOConfig))
+    compare_args, _, _ = parser.parse_args_and_config(list(argv))
+    regimes, seeds = compare_args.regime_list(), compare_args.seed_list()
     run_dirs = []
     for regime in regimes:
         for seed in seeds:
-            run_dir = os.path.join(report_dir, "runs", f"{regime}-s{seed}")
+            run_dir = os.path.join(compare_args.report_dir, "runs", f"{regime}-s{seed}")
             run_dirs.append(run_dir)
-            if os.path.isfile(os.path.join(run_dir, "eval.json")):
+            extra = ["--mtp_regime", regime, "--seed", str(seed), "--output_dir", run_dir, "--eval_before", "false"]
+            _, task_args, cfg = parser.parse_args_and_config(list(argv) + extra)
+            state = run_state(run_dir, cfg.max_steps)
+            if state.kind == "finished":
                 phase(f"compare: {run_dir} is finished; not running it again")
                 continue
-            extra = ["--mtp_regime", regime, "--seed", str(seed), "--output_dir", run_dir, "--eval_before", "false"]
-            checkpoint, step = _latest_checkpoint(run_dir)
-            (task_args, cfg) = TrlParser((TaskArguments, MTPGRPOConfig)).parse_args_and_config(argv + extra)
-            if _model_done(run_dir) or (checkpoint and step >= cfg.max_steps):
-                # Training finished; only the evaluation is missing (interrupted during eval).
+            if state.kind == "evaluate":
                 phase(f"compare: {run_dir} finished training; evaluating it")
-                _finish_run(run_dir, checkpoint if not _model_done(run_dir) else None, task_args)
+                _finish_run(run_dir, state.checkpoint, task_args)
                 continue
-            if checkpoint:
-                phase(f"compare: resuming {run_dir} from {checkpoint}")
-                _truncate_metrics(run_dir, step)
-                extra += ["--resume_from_checkpoint", checkpoint]
+            if state.kind == "resume":
+                phase(f"compare: resuming {run_dir} from {state.checkpoint}")
+                _truncate_metrics(run_dir, state.step)
+                _, task_args, cfg = parser.parse_args_and_config(
+                    list(argv) + extra + ["--resume_from_checkpoint", state.checkpoint])
             elif os.path.isfile(os.path.join(run_dir, "metrics.jsonl")):
                 os.remove(os.path.join(run_dir, "metrics.jsonl"))  # an interrupted run without a checkpoint
             phase(f"compare: running {regime} seed {seed}")
-            cmd_train(argv + extra)
-    command = "mtprl compare " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else None
-    report = build_report(run_dirs, report_dir, command=command)
+            run_training(task_args, cfg)
+    report = build_report(run_dirs, compare_args.report_dir, command="mtprl compare " + " ".join(argv))
     phase(f"compare: report written to {report}")
     return report
+
+
+@dataclass
+class ReportArguments:
+    report_dir: str | None = field(default=None, metadata={
+        "help": "Where report.md and the figures go (default: the parent of the first run directory)."})
 
 
 def cmd_report(argv) -> str:
     from .report import build_report
 
-    argv = list(argv)
-    report_dir = _pop_option(argv, "--report_dir", None)
-    if not argv:
+    report_args, run_dirs = TrlParser((ReportArguments,)).parse_args_and_config(list(argv),
+                                                                                  return_remaining_strings=True)
+    if not run_dirs:
         raise ValueError("report needs at least one run directory")
-    report_dir = report_dir or os.path.dirname(os.path.abspath(argv[0]))
-    report = build_report(argv, report_dir)
+    report = build_report(run_dirs, report_args.report_dir or os.path.dirname(os.path.abspath(run_dirs[0])))
     phase(f"report written to {report}")
     return report
 

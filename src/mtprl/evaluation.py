@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from .mtp import forward_logprobs
+from .logprobs import forward_logprobs
 from .tasks import TaskReward
 
 

@@ -11,9 +11,9 @@ import os
 import string
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-from .mtp import attach_mtp_heads, has_mtp_checkpoint, load_mtp_heads
+from .checkpoints import attach_or_load_heads, load_tokenizer
 
 PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
 CHARACTERS = [c for c in string.printable if c not in "\t\r\x0b\x0c"]  # printable ASCII + space + newline
@@ -32,22 +32,6 @@ def char_tokenizer() -> PreTrainedTokenizerFast:
     tok.decoder = decoders.Fuse()
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, eos_token=EOS, unk_token=UNK,
                                    padding_side="left", model_max_length=TINY_CONFIG["max_position_embeddings"])
-
-
-def load_tokenizer(path: str):
-    """AutoTokenizer, except for tokenizers saved as a plain `TokenizersBackend` (the char tokenizer): for
-    model types such as qwen2 AutoTokenizer substitutes the model family's own tokenizer class, which would
-    rebuild a byte-level pipeline around our character vocabulary."""
-    import json
-
-    from transformers import TokenizersBackend
-
-    cfg_file = os.path.join(path, "tokenizer_config.json")
-    if os.path.isfile(cfg_file):
-        with open(cfg_file) as f:
-            if json.load(f).get("tokenizer_class") in ("TokenizersBackend", "PreTrainedTokenizerFast"):
-                return TokenizersBackend.from_pretrained(path)
-    return AutoTokenizer.from_pretrained(path)
 
 
 def tiny_model(tokenizer=None, seed: int = 0, **overrides) -> Qwen2ForCausalLM:
@@ -72,19 +56,13 @@ def load_model(name_or_path: str, num_heads: int | None = None, init: str = "cop
     if name_or_path == "tiny":
         tokenizer = char_tokenizer()
         model = tiny_model(tokenizer, seed=seed)
-        attach_mtp_heads(model, num_heads or 1, init=init)
-        return model, tokenizer
-    if not os.path.exists(name_or_path):
-        raise FileNotFoundError(f"model {name_or_path!r}: no such directory (use 'tiny' or a local checkpoint; "
-                                "nothing is downloaded from a hub here)")
-    model = AutoModelForCausalLM.from_pretrained(name_or_path)
-    tokenizer = load_tokenizer(name_or_path)
-    if has_mtp_checkpoint(name_or_path):
-        heads = load_mtp_heads(model, name_or_path)
-        if num_heads is not None and heads.num_heads != num_heads:
-            raise ValueError(f"{name_or_path} carries {heads.num_heads} MTP head(s) but {num_heads} were asked for")
     else:
-        attach_mtp_heads(model, num_heads or 1, init=init)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+        if not os.path.exists(name_or_path):
+            raise FileNotFoundError(f"model {name_or_path!r}: no such directory (use 'tiny' or a local checkpoint; "
+                                    "nothing is downloaded from a hub here)")
+        model = AutoModelForCausalLM.from_pretrained(name_or_path)
+        tokenizer = load_tokenizer(name_or_path)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+    attach_or_load_heads(model, num_heads, init=init, source=None if name_or_path == "tiny" else name_or_path)
     return model, tokenizer

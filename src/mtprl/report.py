@@ -19,10 +19,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .tasks import read_jsonl  # noqa: E402
-
-REGIME_ORDER = ("none", "detach", "ce", "policy", "occ")
-LABELS = {"none": "GRPO (no MTP)", "detach": "Detach", "ce": "CE loss", "policy": "Policy loss", "occ": "OCC"}
+from .jsonl import read_jsonl  # noqa: E402
+from .regimes import REGIME_LABELS, REGIMES  # noqa: E402
 
 
 def pearson_r(xs, ys) -> float:
@@ -102,7 +100,7 @@ def _by_label(runs):
     groups = defaultdict(list)
     for run in runs:
         groups[run.label].append(run)
-    order = {r: i for i, r in enumerate(REGIME_ORDER)}
+    order = {r: i for i, r in enumerate(REGIMES)}
     return dict(sorted(groups.items(), key=lambda kv: (order.get(kv[1][0].regime, 99), kv[0])))
 
 
@@ -143,7 +141,7 @@ def markdown_table(rows) -> str:
     for r in rows:
         cells = [_fmt(r[key], not math.isnan(r[key][0]) and shown(r[key]) == best[key])
                  for key in ("avg", "pass", "reward")]
-        lines.append(f"| {LABELS.get(r['label'], r['label'])} | {len(r['seeds'])} | " + " | ".join(cells) + " |")
+        lines.append(f"| {REGIME_LABELS.get(r['label'], r['label'])} | {len(r['seeds'])} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -152,7 +150,7 @@ def step_time_table(rows) -> str:
     lines = ["| regime | median step time (s) | / detach |", "|---|---|---|"]
     for r in rows:
         ratio = r["step_time"] / base if base and not math.isnan(base) else float("nan")
-        lines.append(f"| {LABELS.get(r['label'], r['label'])} | {r['step_time']:.3f} | "
+        lines.append(f"| {REGIME_LABELS.get(r['label'], r['label'])} | {r['step_time']:.3f} | "
                      f"{'–' if math.isnan(ratio) else f'{ratio:.2f}x'} |")
     return "\n".join(lines)
 
@@ -173,7 +171,7 @@ def _plot_per_label(runs, key, path, title, ylabel, smooth=5):
             xs, ys = run.series(key)
             if xs:
                 ax.plot(xs, _smooth(ys, smooth), color=f"C{color}", alpha=0.9,
-                        label=LABELS.get(label, label) if i == 0 else None)
+                        label=REGIME_LABELS.get(label, label) if i == 0 else None)
                 drawn = True
     ax.set_title(title)
     ax.set_xlabel("optimizer step")

@@ -22,6 +22,8 @@ from contextlib import contextmanager
 
 from datasets import Dataset
 
+from .jsonl import read_jsonl
+
 ANSWER_CUE = "\nAnswer: "
 SPLITS = ("train", "eval")
 
@@ -42,24 +44,6 @@ def _reasoning_gym_rows(name: str, pool: int, seed: int, config: dict):
     for entry in data:
         yield {"question": entry["question"], "answer": str(entry["answer"]),
                "metadata": json.dumps(entry.get("metadata", {}), default=str)}
-
-
-def read_jsonl(path: str, what: str = "jsonl file"):
-    """(line number, object) for every non-empty line; a missing file, bad JSON or a non-object line is an
-    error that names the file and the line."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{what} {path!r} does not exist")
-    with open(path) as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}, row {lineno}: not valid JSON ({e.msg})") from e
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}, row {lineno}: not a JSON object")
-            yield lineno, row
 
 
 def _jsonl_rows(path: str):

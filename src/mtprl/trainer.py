@@ -2,42 +2,43 @@
 
 What changes against stock GRPOTrainer, and nothing else:
 - one trunk forward per micro-batch gives main *and* MTP log-probs (`_get_per_token_logps_and_entropies`);
-- at rollout time the old MTP log-probs come out of the same forward as TRL's old main log-probs and travel
-  in the batch (`old_mtp_logps`) through TRL's shuffle and split;
-- `_compute_loss` adds the MTP term of the chosen regime to TRL's own loss, which stays untouched;
-- checkpoints keep the heads in their own files (`_save`, `_load_from_checkpoint`);
+- at rollout time the old MTP log-probs come out of the very forward that gave TRL its old main log-probs
+  (`_generate_and_score_completions`) and travel in the batch (`old_mtp_logps`) through TRL's shuffle and split;
+- `_compute_loss` adds the MTP term of the chosen regime (`mtprl.regimes`) to TRL's own loss, untouched;
+- checkpoints keep the heads in their own files (`mtprl.checkpoints.MTPCheckpointMixin`);
 - every log line also goes to `<output_dir>/metrics.jsonl`.
+
+How a micro-batch's log-probs reach the loss: TRL calls `_get_per_token_logps_and_entropies` from inside its
+own methods and only hands back the main log-probs. Each of our two entry points (`_generate_and_score_completions`,
+`_compute_loss`) therefore opens a `ForwardLedger` around TRL's call; every MTP forward run inside it is written
+there, and after TRL returns the entry point takes the forward it needs: at rollout, the one whose main log-probs
+TRL kept as `old_per_token_logps` (found by identity, so a reference-model forward through the same PEFT model
+cannot be mistaken for it); in the loss, the one forward TRL ran. A missing forward is an error, never a silent
+fall-back to plain GRPO.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import math
 import os
 import types
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 from transformers import TrainerCallback
 from trl import GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer
 
-from .mtp import (
-    attach_mtp_heads,
-    forward_logprobs,
-    has_mtp_checkpoint,
-    load_mtp_heads,
-    load_mtp_weights,
-    save_mtp_heads,
-    split_state_dict,
-)
+from .checkpoints import MTPCheckpointMixin, attach_or_load_heads
+from .jsonl import append_jsonl
+from .logprobs import LogProbs, forward_logprobs
+from .mtp import INIT_CHOICES
 from .objectives import LOSS_TYPES, masked_mean, mtp_ce_loss, policy_loss
 from .occ import OCCStats, exact_occ_coefficient, lambda_from_stats, occ_statistics
+from .regimes import OCC_VARIANTS, REGIMES, HeadBatch, regime_for
 from .tasks import safe_reward
-
-REGIMES = ("none", "detach", "ce", "policy", "occ")
-OCC_VARIANTS = ("paper", "reference", "exact")
 
 
 @dataclass
@@ -71,7 +72,7 @@ class MTPGRPOConfig(GRPOConfig):
     def __post_init__(self):
         _check_choice("mtp_regime", self.mtp_regime, REGIMES)
         _check_choice("occ_variant", self.occ_variant, OCC_VARIANTS)
-        _check_choice("mtp_init", self.mtp_init, ("copy_last_layer", "random"))
+        _check_choice("mtp_init", self.mtp_init, INIT_CHOICES)
         if isinstance(self.mtp_num_heads, bool) or not isinstance(self.mtp_num_heads, int) or self.mtp_num_heads < 1:
             raise ValueError(f"mtp_num_heads must be an integer >= 1, got {self.mtp_num_heads!r}")
         for name in ("mtp_coef", "occ_lambda_plus", "occ_eps"):
@@ -105,10 +106,7 @@ class MetricsJsonlCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
             return
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        row = {"step": state.global_step, "epoch": state.epoch, **logs}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row, default=float) + "\n")
+        append_jsonl(self.path, {"step": state.global_step, "epoch": state.epoch, **logs})
 
 
 def _add_mtp_forward(model, temperature: float) -> None:
@@ -128,27 +126,25 @@ def _add_mtp_forward(model, temperature: float) -> None:
     model.forward = types.MethodType(forward, model)
 
 
-class MTPCheckpointMixin:
-    """Checkpoints keep the heads in their own files, so `<checkpoint>/model.safetensors` is a plain HF model
-    and `mtprl.load_pretrained(<checkpoint>)` restores everything; resuming restores the heads too."""
+class ForwardLedger:
+    """The MTP forwards run inside one TRL call, so the caller can take the one TRL used (see module doc)."""
 
-    def _save(self, output_dir=None, state_dict=None):
-        output_dir = output_dir if output_dir is not None else self.args.output_dir
-        unwrapped = self.accelerator.unwrap_model(self.model)
-        heads = getattr(unwrapped, "mtp_heads", None)
-        if heads is None:
-            return super()._save(output_dir, state_dict=state_dict)
-        state_dict = unwrapped.state_dict() if state_dict is None else state_dict
-        main_state, head_state = split_state_dict(state_dict)
-        super()._save(output_dir, state_dict=main_state)  # plain AutoModelForCausalLM.from_pretrained loads this
-        if self.args.should_save:
-            save_mtp_heads(heads, output_dir, head_state)
+    def __init__(self):
+        self.forwards: list[LogProbs] = []
 
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        super()._load_from_checkpoint(resume_from_checkpoint, model=model)
-        unwrapped = self.accelerator.unwrap_model(model if model is not None else self.model)
-        if getattr(unwrapped, "mtp_heads", None) is not None:
-            load_mtp_weights(unwrapped.mtp_heads, resume_from_checkpoint)
+    def whose_main_is(self, main: torch.Tensor) -> LogProbs | None:
+        """The forward whose main log-probs are this very tensor (identity, not equal values)."""
+        return next((lp for lp in self.forwards if lp.main is main), None)
+
+    def only(self, where: str, regime: str) -> LogProbs:
+        if len(self.forwards) != 1:
+            raise RuntimeError(
+                f"mtp_regime={regime!r}: {where} ran {len(self.forwards)} forwards through the model's MTP heads "
+                "where exactly one was expected, so the head log-probs for the MTP loss are "
+                f"{'missing' if not self.forwards else 'ambiguous'}. TRL's GRPOTrainer no longer computes the "
+                "policy log-probs through `_get_per_token_logps_and_entropies` as trl==1.16 does; without them "
+                "the run would silently train as plain GRPO.")
+        return self.forwards[0]
 
 
 class MTPGRPOTrainer(MTPCheckpointMixin, GRPOTrainer):
@@ -164,19 +160,12 @@ class MTPGRPOTrainer(MTPCheckpointMixin, GRPOTrainer):
         reward_funcs = [safe_reward(f) if callable(f) and not isinstance(f, torch.nn.Module) else f for f in funcs]
         super().__init__(model=model, reward_funcs=reward_funcs, args=args, **kwargs)
         self.add_callback(MetricsJsonlCallback(args.output_dir))
-        self._last_logprobs = None
-        if not args.needs_mtp:
+        self.regime = regime_for(args.mtp_regime, args.occ_variant)  # None: plain GRPO
+        self._ledger: ForwardLedger | None = None
+        if self.regime is None:
             return
         unwrapped = self.accelerator.unwrap_model(self.model)
-        if getattr(unwrapped, "mtp_heads", None) is None:
-            source = unwrapped.config._name_or_path
-            if source and os.path.isdir(source) and has_mtp_checkpoint(source):
-                load_mtp_heads(unwrapped, source)  # an mtprl checkpoint: keep its trained heads
-            else:
-                attach_mtp_heads(unwrapped, args.mtp_num_heads, init=args.mtp_init)
-        if unwrapped.mtp_heads.num_heads != args.mtp_num_heads:
-            raise ValueError(f"mtp_num_heads={args.mtp_num_heads} but the model carries "
-                             f"{unwrapped.mtp_heads.num_heads} MTP head(s)")
+        attach_or_load_heads(unwrapped, args.mtp_num_heads, init=args.mtp_init, source=unwrapped.config._name_or_path)
         _add_mtp_forward(unwrapped, self.temperature)
         self._main_params = [p for n, p in unwrapped.named_parameters()
                              if p.requires_grad and not n.startswith("mtp_heads.")]
@@ -190,17 +179,26 @@ class MTPGRPOTrainer(MTPCheckpointMixin, GRPOTrainer):
                 "or num_iterations > 1.", stacklevel=2)
 
     # ------------------------------------------------------------------------------------------ forward
+    @contextmanager
+    def _recording_forwards(self):
+        """Open a ledger for the MTP forwards run inside one TRL call (see `ForwardLedger`)."""
+        outer, self._ledger = self._ledger, ForwardLedger()
+        try:
+            yield self._ledger
+        finally:
+            self._ledger = outer
+
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
                                            compute_entropy=False, compute_aux_loss=False, **kwargs):
         unwrapped = self.accelerator.unwrap_model(model)
-        if not self.args.needs_mtp or getattr(unwrapped, "mtp_heads", None) is None:  # plain GRPO, ref model
+        if self.regime is None or getattr(unwrapped, "mtp_heads", None) is None:  # plain GRPO, ref model
             return super()._get_per_token_logps_and_entropies(
                 model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size,
                 compute_entropy=compute_entropy, compute_aux_loss=compute_aux_loss, **kwargs)
         if compute_aux_loss or any(v is not None for v in kwargs.values()):
             raise NotImplementedError("MTP heads support text-only, non-MoE models")
         request = {"logits_to_keep": logits_to_keep, "compute_entropy": compute_entropy,
-                   "mtp_grad": "detach" if self.args.mtp_regime == "detach" else "joint",
+                   "mtp_grad": self.regime.mtp_grad,
                    "compute_accept": self.args.mtp_log_acceptance and torch.is_grad_enabled()}
         batch_size = batch_size or input_ids.size(0)
         chunks = []
@@ -209,21 +207,24 @@ class MTPGRPOTrainer(MTPCheckpointMixin, GRPOTrainer):
             with self.accelerator.autocast():
                 chunks.append(model(input_ids=input_ids[rows], attention_mask=attention_mask[rows],
                                     mtp_logprobs=request))
-
-        def cat(name):
-            parts = [getattr(c, name) for c in chunks]
-            return None if parts[0] is None else torch.cat(parts, dim=0)
-
-        self._last_logprobs = {name: cat(name) for name in ("main", "mtp", "entropy", "accept")}
-        return self._last_logprobs["main"], self._last_logprobs["entropy"], None
+        logprobs = LogProbs(**{name: None if getattr(chunks[0], name) is None else
+                               torch.cat([getattr(c, name) for c in chunks], dim=0)
+                               for name in ("main", "mtp", "entropy", "accept")})
+        if self._ledger is not None:
+            self._ledger.forwards.append(logprobs)
+        return logprobs.main, logprobs.entropy, None
 
     def _generate_and_score_completions(self, inputs):
-        self._last_logprobs = None
-        output = super()._generate_and_score_completions(inputs)
-        if self._last_logprobs is not None and output.get("old_per_token_logps") is not None:
-            # The rollout-time forward that gave TRL its old main log-probs gave the old MTP ones too.
-            output["old_mtp_logps"] = self._last_logprobs["mtp"]
-        self._last_logprobs = None
+        with self._recording_forwards() as ledger:
+            output = super()._generate_and_score_completions(inputs)
+        old_main = output.get("old_per_token_logps")
+        if self.regime is not None and old_main is not None:
+            rollout = ledger.whose_main_is(old_main)
+            if rollout is None:
+                raise RuntimeError(
+                    f"mtp_regime={self.args.mtp_regime!r}: TRL's old_per_token_logps did not come from a forward "
+                    "through the MTP heads, so the heads have no rollout-time log-probs for their ratio and for OCC")
+            output["old_mtp_logps"] = rollout.mtp  # same forward as TRL's old main log-probs
         return output
 
     # ------------------------------------------------------------------------------------------ loss
@@ -243,13 +244,18 @@ class MTPGRPOTrainer(MTPCheckpointMixin, GRPOTrainer):
             loss = loss / self.current_gradient_accumulation_steps
         return loss
 
+    def _ce_loss(self, logq, mask):
+        """mtp_ce_loss scaled for gradient accumulation like TRL's per-micro-batch means."""
+        loss = mtp_ce_loss(logq, mask)
+        return loss / self.current_gradient_accumulation_steps if self.model.training else loss
+
     def _compute_loss(self, model, inputs):
-        self._last_logprobs = None
-        rl_loss = super()._compute_loss(model, inputs)  # TRL's own loss, untouched
-        if not self.args.needs_mtp or self._last_logprobs is None:
+        with self._recording_forwards() as ledger:
+            rl_loss = super()._compute_loss(model, inputs)  # TRL's own loss, untouched
+        if self.regime is None:
             return rl_loss
-        out, self._last_logprobs = self._last_logprobs, None
-        mtp_loss, metrics = self._mtp_term(rl_loss, out, inputs)
+        logprobs = ledger.only("TRL's _compute_loss", self.args.mtp_regime)
+        mtp_loss, metrics = self._mtp_term(rl_loss, logprobs, inputs)
         mode = "train" if self.model.training else "eval"
         for name, value in metrics.items():
             self._metrics[mode][name].append(value)
@@ -257,85 +263,81 @@ class MTPGRPOTrainer(MTPCheckpointMixin, GRPOTrainer):
 
     def _fidelity_step(self) -> bool:
         every = self.args.occ_fidelity_every
-        return self.args.occ_variant == "exact" or (every > 0 and self.model.training
-                                                      and self.state.global_step % every == 0)
+        return every > 0 and self.model.training and self.state.global_step % every == 0
 
-    def _mtp_term(self, rl_loss, out, inputs):
-        """The regime's MTP term for this micro-batch, and its metrics."""
-        args = self.args
+    def _reduced_stats(self, delta_rl, delta_mtp, mask, estimator) -> OCCStats:
+        """Proxies of c and v2 from log-prob changes (Eq. 12), summed across data-parallel ranks so that every
+        rank computes the same lambda."""
+        stats = occ_statistics(delta_rl, delta_mtp, mask, estimator=estimator, eps=self.args.occ_eps,
+                               clip=self.args.occ_clip)
+        return OCCStats(*self.accelerator.reduce(torch.stack(list(stats)), reduction="sum"))
+
+    def _mtp_term(self, rl_loss, logprobs: LogProbs, inputs):
+        """The regime's MTP term for this micro-batch (summed over heads), and its metrics."""
+        args, regime = self.args, self.regime
         mask = inputs["completion_mask"] if "tool_mask" not in inputs else inputs["completion_mask"] * inputs["tool_mask"]
-        advantages = inputs["advantages"]
-        main, mtp = out["main"], out["mtp"]
+        main, mtp = logprobs.main, logprobs.mtp
         old_main = inputs.get("old_per_token_logps")
         old_main = main.detach() if old_main is None else old_main
         old_mtp = inputs.get("old_mtp_logps")
         old_mtp = mtp.detach() if old_mtp is None else old_mtp
         delta_rl = (main - old_main).detach()
         num_heads = mtp.shape[1]
-        reference = args.mtp_regime == "occ" and args.occ_variant == "reference"
-        fidelity = args.mtp_regime == "occ" and self._fidelity_step()
+        fidelity = regime.uses_lambda and self._fidelity_step()
 
         total, metrics = rl_loss.new_zeros(()), {}
         for k in range(num_heads):
-            head, logq = str(k + 1), mtp[:, k]
-            old_q = old_main if reference else old_mtp[:, k]
-            # Proxies of c and v2 from log-prob changes (Eq. 12), summed across data-parallel ranks so that
-            # every rank computes the same lambda. Logged for every regime: it is how the regimes differ.
-            stats = occ_statistics(delta_rl, (logq - old_q).detach(), mask, estimator="token" if reference else "batch",
-                                   eps=args.occ_eps, clip=args.occ_clip)
-            stats = OCCStats(*self.accelerator.reduce(torch.stack(list(stats)), reduction="sum"))
+            depth, logq = k + 1, mtp[:, k]
+            old_logq = old_main if regime.ratio_against == "main" else old_mtp[:, k]
+            # Logged for every regime: the proxies are how the regimes differ.
+            stats = self._reduced_stats(delta_rl, (logq - old_logq).detach(), mask, regime.estimator)
+            exact = {}  # lambda, c, v2 from true gradients: computed at most once per head
 
-            if args.mtp_regime in ("detach", "ce"):
-                coef = torch.tensor(args.mtp_coef)
-                term = mtp_ce_loss(logq, mask)
-                if self.model.training:
-                    term = term / self.current_gradient_accumulation_steps
-            elif args.mtp_regime == "policy":
-                coef = torch.tensor(args.mtp_coef)
-                term = self._policy_loss(logq, old_q, advantages, mask, inputs)
-            elif reference:
-                # Released code: lambda multiplies the head's advantages, lambda_plus is shared by the K heads.
-                coef = lambda_from_stats(stats, estimator="token", lambda_plus=args.occ_lambda_plus / num_heads,
-                                         eps=args.occ_eps, clip=args.occ_clip)
-                coef = self._finite_or_zero(coef, head, stats)
-                term = self._policy_loss(logq, old_q, advantages * coef, mask, inputs)
-            else:  # occ, paper or exact: lambda scales the head's policy loss
-                coef = lambda_from_stats(stats, estimator="batch", lambda_plus=args.occ_lambda_plus,
-                                         eps=args.occ_eps, clip=args.occ_clip)
-                term = self._policy_loss(logq, old_q, advantages, mask, inputs)
+            def proxy_lambda(lambda_plus_scale=1.0, stats=stats, depth=depth):
+                lam = lambda_from_stats(stats, estimator=regime.estimator,
+                                        lambda_plus=args.occ_lambda_plus * lambda_plus_scale, eps=args.occ_eps,
+                                        clip=args.occ_clip)
+                return self._finite_or_zero(lam, depth, stats)
 
+            def exact_lambda(head_loss, exact=exact, stats=stats, depth=depth):
+                if not exact:
+                    exact["lam"], exact["c"], exact["v2"] = exact_occ_coefficient(
+                        rl_loss, head_loss, self._main_params, lambda_plus=args.occ_lambda_plus, eps=args.occ_eps,
+                        clip=args.occ_clip)
+                return self._finite_or_zero(exact["lam"], depth, stats)
+
+            head = HeadBatch(depth=depth, num_heads=num_heads, logq=logq, old_logq=old_logq,
+                             advantages=inputs["advantages"], mask=mask, mtp_coef=args.mtp_coef,
+                             policy_loss=functools.partial(self._policy_loss, mask=mask, inputs=inputs),
+                             ce_loss=functools.partial(self._ce_loss, mask=mask),
+                             proxy_lambda=proxy_lambda, exact_lambda=exact_lambda)
+            term = regime.term(head)
             if fidelity:
-                lam_exact, c_exact, v2_exact = exact_occ_coefficient(
-                    rl_loss, term, self._main_params, lambda_plus=args.occ_lambda_plus, eps=args.occ_eps,
-                    clip=args.occ_clip)
-                metrics[f"mtp/c_exact/{head}"] = c_exact.item()
-                metrics[f"mtp/v2_exact/{head}"] = v2_exact.item()
-                if args.occ_variant == "exact":
-                    coef = lam_exact
-            if args.mtp_regime == "occ" and not reference:
-                coef = self._finite_or_zero(coef, head, stats)
-            weight = 1.0 if reference else coef.to(term.dtype)  # reference: lambda is already in the advantages
-            total = total + weight * term
+                exact_lambda(term.loss)
+            total = total + (term.loss if term.coef_in_loss else term.coef.to(term.loss.dtype) * term.loss)
 
-            metrics[f"mtp/lambda/{head}"] = float(coef)
-            metrics[f"mtp/c_hat/{head}"] = stats.c_hat.item()
-            metrics[f"mtp/v2_hat/{head}"] = stats.v2_hat.item()
-            metrics[f"mtp/loss/{head}"] = term.item()
-            if out["accept"] is not None:
-                acc = out["accept"][:, k]
+            metrics[f"mtp/lambda/{depth}"] = float(term.coef)
+            metrics[f"mtp/c_hat/{depth}"] = stats.c_hat.item()
+            metrics[f"mtp/v2_hat/{depth}"] = stats.v2_hat.item()
+            metrics[f"mtp/loss/{depth}"] = term.loss.item()
+            if exact:
+                metrics[f"mtp/c_exact/{depth}"] = exact["c"].item()
+                metrics[f"mtp/v2_exact/{depth}"] = exact["v2"].item()
+            if logprobs.accept is not None:
+                acc = logprobs.accept[:, k]
                 sums = self.accelerator.reduce(torch.stack([(acc * mask).sum(), mask.sum().float()]), reduction="sum")
-                metrics[f"mtp/accept/{head}"] = (sums[0] / sums[1].clamp(min=1.0)).item()
+                metrics[f"mtp/accept/{depth}"] = (sums[0] / sums[1].clamp(min=1.0)).item()
         return total, metrics
 
-    def _finite_or_zero(self, coef, head, stats):
+    def _finite_or_zero(self, coef, depth, stats):
         """A NaN/inf lambda (NaN log-probs upstream) must not poison the weights: use 0 for this micro-batch,
         count it, and say why."""
         if torch.isfinite(coef):
             return coef
-        warnings.warn(f"OCC lambda for head {head} is {coef.item()} (c_hat={stats.c_hat.item()}, "
+        warnings.warn(f"OCC lambda for head {depth} is {coef.item()} (c_hat={stats.c_hat.item()}, "
                       f"v2_hat={stats.v2_hat.item()}) at step {self.state.global_step}; using 0 for this micro-batch")
         mode = "train" if self.model.training else "eval"
-        self._metrics[mode][f"mtp/lambda_nonfinite/{head}"].append(1.0)
+        self._metrics[mode][f"mtp/lambda_nonfinite/{depth}"].append(1.0)
         return torch.zeros_like(coef)
 
 
@@ -354,7 +356,7 @@ class MTPSFTConfig(SFTConfig):
         "help": "Log mtp/accept/k (no gradient; one extra full-vocabulary LM-head pass per head)."})
 
     def __post_init__(self):
-        _check_choice("mtp_init", self.mtp_init, ("copy_last_layer", "random"))
+        _check_choice("mtp_init", self.mtp_init, INIT_CHOICES)
         if isinstance(self.mtp_num_heads, bool) or not isinstance(self.mtp_num_heads, int) or self.mtp_num_heads < 1:
             raise ValueError(f"mtp_num_heads must be an integer >= 1, got {self.mtp_num_heads!r}")
         if not math.isfinite(self.mtp_coef):
@@ -369,8 +371,7 @@ class MTPSFTTrainer(MTPCheckpointMixin, SFTTrainer):
         super().__init__(model=model, args=args, **kwargs)
         self.add_callback(MetricsJsonlCallback(args.output_dir))
         unwrapped = self.accelerator.unwrap_model(self.model)
-        if getattr(unwrapped, "mtp_heads", None) is None:
-            attach_mtp_heads(unwrapped, args.mtp_num_heads, init=args.mtp_init)
+        attach_or_load_heads(unwrapped, args.mtp_num_heads, init=args.mtp_init, source=unwrapped.config._name_or_path)
         _add_mtp_forward(unwrapped, temperature=1.0)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

@@ -1,0 +1,148 @@
+"""Main-head and MTP-head log-probabilities of the completion tokens from one trunk forward.
+
+`forward_logprobs` is the one place a batch goes through the trunk and the heads. Log-probabilities go through
+TRL's chunked LM-head kernel (the one GRPOTrainer itself uses), so neither the main head nor the MTP heads ever
+materialise `[B, L, V]` logits with gradient; the expected speculative acceptance (full distributions, no
+gradient) is tiled over rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers.utils import ModelOutput
+from trl.kernels import ChunkedLogProbFunction
+
+from .mtp import decoder_of, get_mtp_heads
+
+MTP_GRAD_CHOICES = ("joint", "detach")
+# Vocabulary tile of the chunked LM head (TRL's default); tokens are tiled by the kernel itself.
+_VOCAB_CHUNK = 32768
+# Token rows per tile when we do need full distributions (expected acceptance, no gradient).
+_ACCEPT_ROWS = 512
+
+
+@dataclass
+class LogProbs(ModelOutput):
+    """Per-token log-probabilities of the completion tokens, batch first.
+
+    `main[b, j]` scores completion token j under the main head; `mtp[b, k-1, j]` scores *the same token*
+    under MTP head k (predicted from position j-k-1, before it). Positions where the attention mask is 0
+    hold 0, as in TRL. A `ModelOutput`, so it can be returned through a DDP-wrapped model's forward.
+    """
+
+    main: torch.Tensor | None = None  # [B, L]
+    mtp: torch.Tensor | None = None  # [B, K, L]
+    entropy: torch.Tensor | None = None  # [B, L] main-head entropy (compute_entropy=True)
+    accept: torch.Tensor | None = None  # [B, K, L] sum_v min(p_main, p_head), no grad (compute_accept=True)
+
+
+
+def _logit_transform(model) -> tuple[float | None, float]:
+    cfg = model.config.get_text_config()
+    softcap = getattr(cfg, "final_logit_softcapping", None)
+    scale = getattr(cfg, "logit_scale", None)
+    return softcap, 1.0 if scale is None else float(scale)
+
+
+def _token_logprobs(hidden, weight, bias, targets, temperature, softcap, scale, entropy=False):
+    """Log-prob of `targets` under `lm_head(hidden) / temperature`, tiled over the vocabulary."""
+    batch, length, dim = hidden.shape
+    out = ChunkedLogProbFunction.apply(
+        hidden.reshape(-1, dim), weight, bias, targets.reshape(-1), temperature, _VOCAB_CHUNK, softcap, scale,
+        ("entropy",) if entropy else (),
+    )
+    logps = out[0].view(batch, length)
+    return logps, (out[1].view(batch, length) if entropy else None)
+
+
+def _probs(hidden, weight, bias, temperature, softcap, scale):
+    logits = hidden.float() @ weight.float().t()
+    if bias is not None:
+        logits = logits + bias.float()
+    logits = logits * scale
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    return torch.softmax(logits / temperature, dim=-1)
+
+
+@torch.no_grad()
+def _expected_acceptance(main_hidden, head_hiddens, weight, bias, temperature, softcap, scale):
+    """sum_v min(p_main, p_head) per token: the probability that a draft sampled from the head is accepted
+    by speculative sampling against the main head. Full distributions, so rows are tiled."""
+    batch, length, dim = main_hidden.shape
+    main_flat = main_hidden.reshape(-1, dim)
+    heads_flat = [h.reshape(-1, dim) for h in head_hiddens]
+    out = torch.empty(len(heads_flat), main_flat.shape[0], device=main_flat.device, dtype=torch.float32)
+    for start in range(0, main_flat.shape[0], _ACCEPT_ROWS):
+        rows = slice(start, start + _ACCEPT_ROWS)
+        p = _probs(main_flat[rows], weight, bias, temperature, softcap, scale)
+        for k, h in enumerate(heads_flat):
+            q = _probs(h[rows], weight, bias, temperature, softcap, scale)
+            out[k, rows] = torch.minimum(p, q).sum(-1)
+    return out.view(len(heads_flat), batch, length).transpose(0, 1)
+
+
+def forward_logprobs(model, input_ids, attention_mask, logits_to_keep, temperature=1.0, mtp_grad="joint", *,
+                     compute_entropy=False, compute_accept=False) -> LogProbs:
+    """Main and MTP log-probabilities of the last `logits_to_keep` tokens from one trunk forward.
+
+    mtp_grad="joint": the MTP heads see the live trunk, embeddings and lm_head, so an MTP loss trains them.
+    mtp_grad="detach": hidden states, embeddings and lm_head weights enter the heads detached; an MTP loss
+    then only reaches MTP-only parameters (the verl/slime default during RL).
+    """
+    if mtp_grad not in MTP_GRAD_CHOICES:
+        raise ValueError(f"mtp_grad must be one of {MTP_GRAD_CHOICES}, got {mtp_grad!r}")
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be [batch, seq_len], got shape {tuple(input_ids.shape)}")
+    if attention_mask is not None and attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
+                         f"{tuple(input_ids.shape)}")
+    heads = get_mtp_heads(model)
+    num_heads, seq_len, keep = heads.num_heads, input_ids.shape[1], int(logits_to_keep)
+    if not 1 <= keep <= seq_len - num_heads - 1:
+        raise ValueError(
+            f"logits_to_keep={keep} with seq_len={seq_len} and {num_heads} MTP head(s): head K scores completion "
+            f"token j from position j-K-1, so the prompt must be longer than K (need 1 <= logits_to_keep <= "
+            f"{seq_len - num_heads - 1})"
+        )
+    decoder = decoder_of(model)
+    h0 = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    lm_head = model.get_output_embeddings()
+    weight, bias = lm_head.weight, lm_head.bias
+    softcap, scale = _logit_transform(model)
+    targets = input_ids[:, -keep:]
+
+    main_hidden = h0[:, seq_len - keep - 1: seq_len - 1]
+    main, entropy = _token_logprobs(main_hidden, weight, bias, targets, temperature, softcap, scale,
+                                    entropy=compute_entropy)
+
+    embed = model.get_input_embeddings()
+    if mtp_grad == "detach":
+        h0, weight = h0.detach(), weight.detach()
+        bias = None if bias is None else bias.detach()
+
+        def embed_tokens(ids):
+            with torch.no_grad():
+                return embed(ids)
+    else:
+        embed_tokens = embed
+    head_states = heads(h0, input_ids, attention_mask, embed_tokens, getattr(decoder, "rotary_emb", None))
+    # h^k has length T-k; its positions T-k-1-L .. T-k-2 predict the L completion tokens.
+    head_hidden = [h[:, seq_len - k - 1 - keep: seq_len - k - 1] for k, h in enumerate(head_states, start=1)]
+    mtp = torch.stack(
+        [_token_logprobs(h, weight, bias, targets, temperature, softcap, scale)[0] for h in head_hidden], dim=1
+    )
+
+    accept = None
+    if compute_accept:
+        accept = _expected_acceptance(main_hidden.detach(), [h.detach() for h in head_hidden], weight.detach(),
+                                      None if bias is None else bias.detach(), temperature, softcap, scale)
+    if attention_mask is not None:
+        pad = attention_mask[:, -keep:] == 0
+        main = main.masked_fill(pad, 0.0)
+        mtp = mtp.masked_fill(pad.unsqueeze(1), 0.0)
+        entropy = None if entropy is None else entropy.masked_fill(pad, 0.0)
+        accept = None if accept is None else accept.masked_fill(pad.unsqueeze(1), 0.0)
+    return LogProbs(main=main, mtp=mtp, entropy=entropy, accept=accept)

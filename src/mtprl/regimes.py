@@ -1,0 +1,109 @@
+"""The MTP regimes: what the heads learn during RL and with which coefficient; one table entry each.
+
+This file is the project's one vocabulary of regimes (`REGIMES`, `REGIME_LABELS`, `OCC_VARIANTS`): the config,
+the command line, the report and the benchmark import it from here.
+
+A regime is a `Regime` entry: how the heads see the trunk (`mtp_grad`), which rollout-time log-probs head k's
+importance ratio and OCC's `delta_mtp` are taken against (`ratio_against`), which OCC estimator its proxies use,
+and a `term` function that returns head k's loss and coefficient for one micro-batch. The trainer's
+`MTPGRPOTrainer._mtp_term` is the one caller: it builds a `HeadBatch` per head, computes and all-reduces the
+proxies, logs the metrics and adds `coef * loss` to TRL's loss. Adding a regime = one function + one entry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
+
+import torch
+
+# Display labels, in the order the report lists the regimes.
+REGIME_LABELS = {"none": "GRPO (no MTP)", "detach": "Detach", "ce": "CE loss", "policy": "Policy loss",
+                 "occ": "OCC"}
+REGIMES = tuple(REGIME_LABELS)
+# `reference` is the released code's variant (SPEC name), not RL's reference model.
+OCC_VARIANTS = ("paper", "reference", "exact")
+
+
+class HeadTerm(NamedTuple):
+    """What a regime adds for head k: `coef * loss` (or `loss` alone when the coefficient sits inside it)."""
+
+    loss: torch.Tensor  # head k's loss as the regime defines it; logged as mtp/loss/k
+    coef: torch.Tensor  # its coefficient (mtp_coef or OCC's lambda); logged as mtp/lambda/k
+    coef_in_loss: bool = False  # True: `coef` already scales the loss from inside (released code: advantages)
+
+
+@dataclass
+class HeadBatch:
+    """Head k on one micro-batch: its log-probs and the operations a regime may call. Built by the trainer,
+    which binds the operations to TRL's loss scaling and to the proxies it computed for this head."""
+
+    depth: int  # k, 1-based
+    num_heads: int  # K
+    logq: torch.Tensor  # [B, L] head k's log-probs of the completion tokens
+    old_logq: torch.Tensor  # [B, L] rollout-time log-probs the ratio is taken against (`ratio_against`)
+    advantages: torch.Tensor  # [B] or [B, L]
+    mask: torch.Tensor  # [B, L] completion tokens that count
+    mtp_coef: float  # the fixed coefficient of detach / ce / policy
+    policy_loss: Callable[..., torch.Tensor]  # (logq, old_logq, advantages) -> clipped surrogate, TRL-scaled
+    ce_loss: Callable[[torch.Tensor], torch.Tensor]  # logq -> mean NLL of the sampled tokens, TRL-scaled
+    proxy_lambda: Callable[..., torch.Tensor]  # (lambda_plus_scale=1.0) -> OCC lambda from the proxies
+    exact_lambda: Callable[[torch.Tensor], torch.Tensor]  # head loss -> OCC lambda from true gradients
+
+    def fixed(self) -> torch.Tensor:
+        return torch.tensor(float(self.mtp_coef))
+
+
+# ---------------------------------------------------------------------------------------------- regime terms
+
+def ce_on_samples(h: HeadBatch) -> HeadTerm:
+    """detach / ce: cross-entropy of the sampled tokens (teacher = the policy's own samples), fixed coef."""
+    return HeadTerm(h.ce_loss(h.logq), h.fixed())
+
+
+def policy_loss_fixed(h: HeadBatch) -> HeadTerm:
+    """policy: the main head's clipped surrogate on head k's log-probs, fixed coef."""
+    return HeadTerm(h.policy_loss(h.logq, h.old_logq, h.advantages), h.fixed())
+
+
+def occ_paper(h: HeadBatch) -> HeadTerm:
+    """occ (paper, Eq. 13): lambda from the log-prob proxies scales head k's policy loss."""
+    return HeadTerm(h.policy_loss(h.logq, h.old_logq, h.advantages), h.proxy_lambda())
+
+
+def occ_exact(h: HeadBatch) -> HeadTerm:
+    """occ (exact): lambda from the true gradients of this micro-batch scales head k's policy loss."""
+    loss = h.policy_loss(h.logq, h.old_logq, h.advantages)
+    return HeadTerm(loss, h.exact_lambda(loss))
+
+
+def occ_released_code(h: HeadBatch) -> HeadTerm:
+    """occ (reference = the released code): lambda multiplies head k's advantages, lambda_plus shared by K."""
+    lam = h.proxy_lambda(lambda_plus_scale=1.0 / h.num_heads)
+    return HeadTerm(h.policy_loss(h.logq, h.old_logq, h.advantages * lam), lam, coef_in_loss=True)
+
+
+@dataclass(frozen=True)
+class Regime:
+    term: Callable[[HeadBatch], HeadTerm]
+    mtp_grad: str = "joint"  # "detach": trunk states, embeddings and lm_head enter the heads detached
+    ratio_against: str = "head"  # "head": the head's own rollout-time log-probs | "main": the main head's
+    estimator: str = "batch"  # OCC proxy estimator (occ.ESTIMATORS); logged for every regime
+    uses_lambda: bool = False  # the coefficient is OCC's lambda (so exact c, v2 are worth logging)
+
+
+MTP_TERMS = {
+    "detach": Regime(ce_on_samples, mtp_grad="detach"),
+    "ce": Regime(ce_on_samples),
+    "policy": Regime(policy_loss_fixed),
+    "occ:paper": Regime(occ_paper, uses_lambda=True),
+    "occ:reference": Regime(occ_released_code, ratio_against="main", estimator="token", uses_lambda=True),
+    "occ:exact": Regime(occ_exact, uses_lambda=True),
+}
+
+
+def regime_for(mtp_regime: str, occ_variant: str = "paper") -> Regime | None:
+    """The table entry for a config's regime (None for `none`: plain GRPO, heads unused)."""
+    if mtp_regime == "none":
+        return None
+    return MTP_TERMS[f"occ:{occ_variant}" if mtp_regime == "occ" else mtp_regime]
