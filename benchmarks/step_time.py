@@ -1,18 +1,21 @@
 """Optimizer-step time and memory per MTP regime, on one model and one batch, in one process.
 
-    python benchmarks/step_time.py [--model tiny|PATH] [--batch 32] [--completion 32] [--repeats 20]
+    python benchmarks/step_time.py [--model tiny|PATH] [--batch 32] [--completion 32] [--repeats 20] [--json PATH]
 
 Training step = TRL's loss (+ the regime's MTP term) forward, backward, AdamW step, on the same rollout batch
 for every regime; regimes are interleaved inside every repeat so that machine noise hits them alike, and the
 median over repeats is reported with its ratio to `detach`. Memory: bytes of tensors saved for backward in the
 forward (CPU and GPU), plus peak allocated memory on a GPU. Whole step (rollout included): wall time per
 optimizer step of `trainer.train` over a few steps, each regime in turn, repeated in alternating order.
+It prints one progress line per phase and the table; `--json PATH` also writes the table for other tools:
+{"regimes": {"<name>": {"train_step_ms", "whole_step_ms", "saved_mb", "peak_gpu_mb"}}, "params", "device", ...}.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import statistics
 import time
 import warnings
@@ -21,12 +24,16 @@ import torch
 from datasets import Dataset
 
 import mtprl
+from transformers import PrinterCallback
+
 from mtprl.models import load_model
+from mtprl.regimes import OCC_VARIANTS, REGIMES
 from mtprl.tasks import TaskReward, load_task_splits
 from mtprl.trainer import MTPGRPOConfig, MTPGRPOTrainer
 
-REGIMES = [("none", {}), ("detach", {}), ("ce", {}), ("policy", {}),
-           ("occ", {"occ_variant": "paper"}), ("occ-exact", {"occ_variant": "exact"})]
+# Every regime (occ = its paper variant), then occ's other variants as "occ-<variant>".
+ARMS = {name: {} for name in REGIMES} | {f"occ-{v}": {"occ_variant": v} for v in OCC_VARIANTS if v != "paper"}
+DEFAULT_ARMS = "none,detach,ce,policy,occ,occ-exact"
 
 
 def _trainer(model, tok, dataset, regime, extra, args, output_dir, **overrides):
@@ -38,8 +45,14 @@ def _trainer(model, tok, dataset, regime, extra, args, output_dir, **overrides):
     kw.update(overrides)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return MTPGRPOTrainer(model=model, reward_funcs=[TaskReward()], args=MTPGRPOConfig(**kw),
-                              train_dataset=dataset, processing_class=tok)
+        trainer = MTPGRPOTrainer(model=model, reward_funcs=[TaskReward()], args=MTPGRPOConfig(**kw),
+                                 train_dataset=dataset, processing_class=tok)
+    trainer.remove_callback(PrinterCallback)  # TRL's per-step log dicts would bury the table
+    return trainer
+
+
+def progress(message):
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
 def _rollout_batch(model, tok, dataset, args, device):
@@ -91,7 +104,13 @@ def main():
     p.add_argument("--completion", type=int, default=32)
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--whole_steps", type=int, default=4, help="optimizer steps per regime for the whole-step time")
+    p.add_argument("--regimes", default=DEFAULT_ARMS, help=f"comma-separated, from {', '.join(ARMS)}")
+    p.add_argument("--json", default=None, help="also write the table as JSON to this path")
     args = p.parse_args()
+    arms = [a.strip() for a in args.regimes.split(",")]
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown or "detach" not in arms:
+        p.error(f"--regimes: unknown {unknown} (choose from {', '.join(ARMS)}; detach is the baseline and required)")
     torch.manual_seed(0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.model == "tiny" and (args.hidden or args.layers):
@@ -109,12 +128,15 @@ def main():
     train, _ = load_task_splits("reasoning_gym:chain_sum", 256, 8, 0, min_terms=2, max_terms=3, min_digits=1,
                                 max_digits=1)
     batch = _rollout_batch(base, tok, train, args, device)
-    print(f"device={device} model={args.model} params={sum(p.numel() for p in base.parameters()) / 1e6:.2f}M "
-          f"heads={args.heads} batch={args.batch} completion={args.completion} "
-          f"prompt={batch['prompt_ids'].shape[1]} layers={base.config.num_hidden_layers}", flush=True)
+    params = sum(p.numel() for p in base.parameters())
+    progress(f"device={device} model={args.model} params={params / 1e6:.2f}M heads={args.heads} batch={args.batch} "
+             f"completion={args.completion} prompt={batch['prompt_ids'].shape[1]} "
+             f"layers={base.config.num_hidden_layers}")
 
     setups = {}
-    for name, extra in REGIMES:
+    progress(f"building {len(arms)} trainers: {', '.join(arms)}")
+    for name in arms:
+        extra = ARMS[name]
         model = copy.deepcopy(base)
         trainer = _trainer(model, tok, train, name, extra, args, f"/tmp/mtprl-bench/{name}")
         trainer.create_optimizer()
@@ -143,6 +165,7 @@ def main():
         step(trainer, meter)
         saved[name] = meter.total
         peak[name] = torch.cuda.max_memory_allocated() if device.type == "cuda" else float("nan")
+    progress(f"timing training steps: {args.repeats} repeats x {len(setups)} regimes")
     for _ in range(args.repeats):
         for name, trainer in setups.items():
             if device.type == "cuda":
@@ -154,11 +177,12 @@ def main():
             times[name].append(time.perf_counter() - t0)
 
     # Whole optimizer step, rollout included: trainer.train over a few steps, regimes in alternating order.
+    progress(f"timing whole steps (rollout included): {args.whole_steps} steps x {len(setups)} regimes x 2 rounds")
     whole = {name: [] for name in setups}
     order = list(setups)
     for rnd in range(2):
         for name in order if rnd == 0 else order[::-1]:
-            extra = dict(REGIMES)[name]
+            extra = ARMS[name]
             trainer = _trainer(copy.deepcopy(base), tok, train, name, extra, args, f"/tmp/mtprl-bench/w-{name}",
                                max_steps=args.whole_steps, disable_tqdm=True)
             t0 = time.perf_counter()
@@ -175,9 +199,19 @@ def main():
         print(f"| {name} | {1000 * med[name]:.1f} | {med[name] / med['detach']:.3f} | {1000 * wmed[name]:.0f} | "
               f"{wmed[name] / wmed['detach']:.3f} | {saved[name] / 2**20:.1f} | {gpu} |")
     layers = base.config.num_hidden_layers
-    print(f"\njoint MTP / none (training step): policy {med['policy'] / med['none']:.3f}, occ "
-          f"{med['occ'] / med['none']:.3f}; one extra decoder layer per head over {layers} trunk layers would be "
-          f"about {1 + args.heads / layers:.3f}")
+    if {"none", "policy", "occ"} <= set(med):
+        print(f"\njoint MTP / none (training step): policy {med['policy'] / med['none']:.3f}, occ "
+              f"{med['occ'] / med['none']:.3f}; one extra decoder layer per head over {layers} trunk layers would "
+              f"be about {1 + args.heads / layers:.3f}")
+    if args.json:
+        table = {name: {"train_step_ms": 1000 * med[name], "whole_step_ms": 1000 * wmed[name],
+                        "saved_mb": saved[name] / 2**20,
+                        "peak_gpu_mb": None if peak[name] != peak[name] else peak[name] / 2**20} for name in setups}
+        with open(args.json, "w") as f:
+            json.dump({"regimes": table, "params": params, "device": str(device), "model": args.model,
+                       "heads": args.heads, "batch": args.batch, "completion": args.completion,
+                       "layers": layers, "repeats": args.repeats, "baseline": "detach"}, f, indent=2)
+        progress(f"table written to {args.json}")
 
 
 if __name__ == "__main__":

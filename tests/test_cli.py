@@ -141,3 +141,39 @@ def test_compare_runs_each_regime_and_seed_once_and_reports(tmp_path, capsys):
     assert [r["step"] for r in _rows(runs["detach-s1"]) if "mtp/lambda/1" in r] == [1, 2]
     assert [r["step"] for r in _rows(runs["occ-s0"]) if "mtp/lambda/1" in r] == [1, 2]
     assert all(os.path.isfile(os.path.join(p, "eval.json")) for p in runs.values())
+
+
+def test_run_state_on_crafted_run_directories(tmp_path):
+    """finished / evaluate / resume / fresh, decided from the files a run leaves behind."""
+    from mtprl.cli import run_state
+
+    run = tmp_path / "run"
+    assert run_state(str(run), max_steps=4).kind == "fresh"
+    for step in (2, 4):
+        (run / f"checkpoint-{step}").mkdir(parents=True)
+    (run / "checkpoint-4" / "trainer_state.json").write_text("{}")
+    (run / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    state = run_state(str(run), max_steps=6)
+    assert (state.kind, state.checkpoint, state.step) == ("resume", str(run / "checkpoint-4"), 4)
+    state = run_state(str(run), max_steps=4)  # trained to the end, killed before the final save
+    assert (state.kind, state.checkpoint) == ("evaluate", str(run / "checkpoint-4"))
+    (run / "checkpoint-4" / "trainer_state.json").unlink()  # a checkpoint being written is not one
+    assert run_state(str(run), max_steps=4).step == 2
+    (run / "model.safetensors").write_text("")
+    (run / "mtp_heads.safetensors").write_text("")
+    state = run_state(str(run), max_steps=4)  # final model saved, killed during the evaluation
+    assert (state.kind, state.checkpoint) == ("evaluate", None)
+    (run / "eval.json").write_text("{}")
+    assert run_state(str(run), max_steps=4).kind == "finished"
+
+
+def test_compare_arguments_are_checked():
+    from mtprl.cli import CompareArguments
+
+    assert CompareArguments(regimes="detach, occ", seeds="0,2").regime_list() == ["detach", "occ"]
+    assert CompareArguments(seeds="0,2").seed_list() == [0, 2]
+    with pytest.raises(ValueError, match="unknown regime 'joint'"):
+        CompareArguments(regimes="detach,joint").regime_list()
+    with pytest.raises(ValueError, match="--seeds"):
+        CompareArguments(seeds="0,x").seed_list()
+    assert main(["compare", "--regimes", "detach,joint", "--report_dir", "/tmp/never"]) == 1

@@ -274,3 +274,75 @@ def test_a_reward_function_that_raises_scores_zero_and_training_goes_on(tmp_path
     for r in rows:
         assert r["rewards/flaky/mean"] == pytest.approx(1.0 - r["rewards/failures"] / 8)
     assert sum(r["rewards/failures"] for r in rows) > 0
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+def test_policy_loss_with_the_trainers_scaling_is_trls_own_loss(tmp_path, loss_type, level):
+    """objectives.policy_loss, fed the main head's log-probs and scaled as the trainer scales it, equals the value
+    of TRL's own `_compute_loss` on the same batch, with gradient accumulation and in eval mode. A TRL upgrade
+    that changes its loss math breaks this test instead of the training."""
+    model, tok = _small_model()
+    settings = dict(COMMON, loss_type=loss_type, importance_sampling_level=level, gradient_accumulation_steps=2,
+                    steps_per_generation=4, epsilon_high=0.28)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        stock = GRPOTrainer(model=copy.deepcopy(model), reward_funcs=[digit_reward], train_dataset=_dataset(),
+                            processing_class=tok, args=GRPOConfig(output_dir=str(tmp_path / "stock"), **settings))
+    ours = _mtp_trainer(tmp_path, "ours", model=(model, tok), mtp_regime="policy", **settings)
+    inputs = _crafted_inputs()
+    inputs["old_per_token_logps"] = -torch.rand(8, 5, generator=torch.Generator().manual_seed(3)) * 4
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+    mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+    for training in (True, False):
+        for trainer in (stock, ours):
+            trainer.model.train(training)
+            trainer.current_gradient_accumulation_steps = 2
+        expected = stock._compute_loss(stock.model, inputs)
+        main = mtprl.forward_logprobs(ours.model, ids, mask, 5).main
+        got = ours._policy_loss(main, inputs["old_per_token_logps"], inputs["advantages"], inputs["completion_mask"],
+                                inputs)
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7, msg=f"training={training}")
+
+
+def test_an_mtp_regime_whose_loss_gets_no_head_logprobs_raises(tmp_path):
+    """If TRL stopped computing the policy log-probs through our hook, the run must stop, not train as GRPO."""
+    import functools
+
+    trainer = _mtp_trainer(tmp_path, mtp_regime="occ")
+    inputs = _with_old_logprobs(trainer, _crafted_inputs())
+    trainer._get_per_token_logps_and_entropies = functools.partial(GRPOTrainer._get_per_token_logps_and_entropies,
+                                                                   trainer)
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    with pytest.raises(RuntimeError, match="silently train as plain GRPO"):
+        trainer.compute_loss(trainer.model, inputs)
+
+
+def test_rollout_mtp_logprobs_come_from_the_forward_trl_kept_as_old(tmp_path):
+    """A second forward through the same model during the rollout (as TRL's reference forward through a PEFT
+    model is) must not replace the old MTP log-probs: they are the ones of the forward TRL kept as old."""
+    holder = {}
+
+    def reward_with_an_extra_forward(prompts, completions, completion_ids, **kwargs):
+        trainer = holder["trainer"]
+        ids = torch.randint(3, 90, (len(completions), 12), generator=torch.Generator().manual_seed(7))
+        trainer._get_per_token_logps_and_entropies(trainer.model, ids, torch.ones_like(ids), 5)
+        return digit_reward(completions)
+
+    model, tok = _small_model()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = MTPGRPOTrainer(model=model, reward_funcs=[reward_with_an_extra_forward], processing_class=tok,
+                                 train_dataset=_dataset(),
+                                 args=MTPGRPOConfig(output_dir=str(tmp_path / "run"), mtp_regime="occ",
+                                                    mtp_num_heads=2, steps_per_generation=2, **COMMON))
+    holder["trainer"] = trainer
+    batch = [{"prompt": p} for p in PROMPTS[:2] for _ in range(4)]
+    output = trainer._generate_and_score_completions(batch)
+    ids = torch.cat([output["prompt_ids"], output["completion_ids"]], 1)
+    mask = torch.cat([output["prompt_mask"], output["completion_mask"]], 1)
+    with torch.no_grad():
+        expected = mtprl.forward_logprobs(trainer.model, ids, mask, output["completion_ids"].shape[1])
+    torch.testing.assert_close(output["old_per_token_logps"], expected.main)
+    torch.testing.assert_close(output["old_mtp_logps"], expected.mtp)
