@@ -129,7 +129,7 @@ def attach_or_load_heads(model, num_heads: int | None = None, init: str = "copy_
     return heads
 
 
-def load_tokenizer(path: str):
+def load_tokenizer(path: str, **kwargs):
     """AutoTokenizer, except for tokenizers saved as a plain `TokenizersBackend` (the char tokenizer): for
     model types such as qwen2 AutoTokenizer substitutes the model family's own tokenizer class, which would
     rebuild a byte-level pipeline around our character vocabulary."""
@@ -140,7 +140,7 @@ def load_tokenizer(path: str):
         with open(cfg_file) as f:
             if json.load(f).get("tokenizer_class") in ("TokenizersBackend", "PreTrainedTokenizerFast"):
                 return TokenizersBackend.from_pretrained(path)
-    return AutoTokenizer.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(path, **kwargs)
 
 
 def load_pretrained(path, **from_pretrained_kwargs):

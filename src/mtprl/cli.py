@@ -319,7 +319,7 @@ def main(argv=None) -> int:
         return 2
     try:
         COMMANDS[command](rest)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:
         print(f"mtprl {command}: error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -36,6 +36,7 @@ class LogProbs(ModelOutput):
     mtp: torch.Tensor | None = None  # [B, K, L]
     entropy: torch.Tensor | None = None  # [B, L] main-head entropy (compute_entropy=True)
     accept: torch.Tensor | None = None  # [B, K, L] sum_v min(p_main, p_head), no grad (compute_accept=True)
+    distill: torch.Tensor | None = None  # [B, K, L] KL(p_main || q_head), grad into the heads only (compute_distill)
 
 
 
@@ -57,14 +58,63 @@ def _token_logprobs(hidden, weight, bias, targets, temperature, softcap, scale, 
     return logps, (out[1].view(batch, length) if entropy else None)
 
 
-def _probs(hidden, weight, bias, temperature, softcap, scale):
+def _logits(hidden, weight, bias, temperature, softcap, scale):
+    """Float32 logits / temperature of one row tile, as the LM head (with logit scale and softcap) gives them;
+    also d(logits)/d(pre-softcap logits) for the chain rule (1 without softcap)."""
     logits = hidden.float() @ weight.float().t()
     if bias is not None:
         logits = logits + bias.float()
     logits = logits * scale
+    dcap = 1.0
     if softcap is not None:
-        logits = softcap * torch.tanh(logits / softcap)
-    return torch.softmax(logits / temperature, dim=-1)
+        t = torch.tanh(logits / softcap)
+        logits, dcap = softcap * t, 1.0 - t * t
+    return logits / temperature, dcap
+
+
+def _probs(hidden, weight, bias, temperature, softcap, scale):
+    return torch.softmax(_logits(hidden, weight, bias, temperature, softcap, scale)[0], dim=-1)
+
+
+class ChunkedDistillKL(torch.autograd.Function):
+    """Per-token KL(p_main || q_head) over the full vocabulary, tiled over rows, with gradient into the head's
+    hidden states only (the main distribution and the LM head are targets, not trained).
+
+    The gradient of a row's KL with respect to its head logits is `q - p`, so the forward computes
+    `d KL / d h = ((q - p) * dcap / T) @ W * scale` tile by tile and keeps only that `[N, H]` tensor: no
+    `[N, V]` tensor is ever kept for backward."""
+
+    @staticmethod
+    def forward(ctx, head_hidden, main_hidden, weight, bias, temperature, softcap, scale):
+        n = head_hidden.shape[0]
+        kl = torch.empty(n, device=head_hidden.device, dtype=torch.float32)
+        grad = torch.empty(head_hidden.shape, device=head_hidden.device, dtype=torch.float32)
+        with torch.no_grad():
+            for start in range(0, n, _ACCEPT_ROWS):
+                rows = slice(start, start + _ACCEPT_ROWS)
+                log_p = torch.log_softmax(_logits(main_hidden[rows], weight, bias, temperature, softcap, scale)[0], -1)
+                z_q, dcap = _logits(head_hidden[rows], weight, bias, temperature, softcap, scale)
+                log_q = torch.log_softmax(z_q, -1)
+                p = log_p.exp()
+                kl[rows] = (p * (log_p - log_q)).sum(-1)
+                grad[rows] = (((log_q.exp() - p) * dcap) @ weight.float()) * (scale / temperature)
+        ctx.save_for_backward(grad)
+        ctx.hidden_dtype = head_hidden.dtype
+        return kl
+
+    @staticmethod
+    def backward(ctx, grad_kl):
+        (grad,) = ctx.saved_tensors
+        return (grad * grad_kl.unsqueeze(-1)).to(ctx.hidden_dtype), None, None, None, None, None, None
+
+
+def distill_kl(head_hidden, main_hidden, weight, bias=None, temperature=1.0, softcap=None, scale=1.0):
+    """KL(p_main || q_head) per token for hidden states [B, L, H] -> [B, L]; gradient into `head_hidden` only."""
+    batch, length, dim = head_hidden.shape
+    kl = ChunkedDistillKL.apply(head_hidden.reshape(-1, dim), main_hidden.detach().reshape(-1, dim),
+                                weight.detach(), None if bias is None else bias.detach(), temperature, softcap,
+                                scale)
+    return kl.view(batch, length)
 
 
 @torch.no_grad()
@@ -85,12 +135,14 @@ def _expected_acceptance(main_hidden, head_hiddens, weight, bias, temperature, s
 
 
 def forward_logprobs(model, input_ids, attention_mask, logits_to_keep, temperature=1.0, mtp_grad="joint", *,
-                     compute_entropy=False, compute_accept=False) -> LogProbs:
+                     compute_entropy=False, compute_accept=False, compute_distill=False) -> LogProbs:
     """Main and MTP log-probabilities of the last `logits_to_keep` tokens from one trunk forward.
 
     mtp_grad="joint": the MTP heads see the live trunk, embeddings and lm_head, so an MTP loss trains them.
     mtp_grad="detach": hidden states, embeddings and lm_head weights enter the heads detached; an MTP loss
     then only reaches MTP-only parameters (the verl/slime default during RL).
+    compute_distill: also the per-token KL(p_main || q_k) of every head (`distill_kl`), whose gradient reaches
+    the heads only.
     """
     if mtp_grad not in MTP_GRAD_CHOICES:
         raise ValueError(f"mtp_grad must be one of {MTP_GRAD_CHOICES}, got {mtp_grad!r}")
@@ -139,10 +191,15 @@ def forward_logprobs(model, input_ids, attention_mask, logits_to_keep, temperatu
     if compute_accept:
         accept = _expected_acceptance(main_hidden.detach(), [h.detach() for h in head_hidden], weight.detach(),
                                       None if bias is None else bias.detach(), temperature, softcap, scale)
+    distill = None
+    if compute_distill:
+        distill = torch.stack([distill_kl(h, main_hidden, weight, bias, temperature, softcap, scale)
+                               for h in head_hidden], dim=1)
     if attention_mask is not None:
         pad = attention_mask[:, -keep:] == 0
         main = main.masked_fill(pad, 0.0)
         mtp = mtp.masked_fill(pad.unsqueeze(1), 0.0)
         entropy = None if entropy is None else entropy.masked_fill(pad, 0.0)
         accept = None if accept is None else accept.masked_fill(pad.unsqueeze(1), 0.0)
-    return LogProbs(main=main, mtp=mtp, entropy=entropy, accept=accept)
+        distill = None if distill is None else distill.masked_fill(pad.unsqueeze(1), 0.0)
+    return LogProbs(main=main, mtp=mtp, entropy=entropy, accept=accept, distill=distill)

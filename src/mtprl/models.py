@@ -7,8 +7,9 @@ TRL, accelerate and `AutoModelForCausalLM` treat it as they would a hub checkpoi
 
 from __future__ import annotations
 
-import os
 import string
+
+import torch
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
@@ -36,7 +37,6 @@ def char_tokenizer() -> PreTrainedTokenizerFast:
 
 def tiny_model(tokenizer=None, seed: int = 0, **overrides) -> Qwen2ForCausalLM:
     """A freshly initialised `tiny` Qwen2 for `tokenizer` (the char tokenizer by default)."""
-    import torch
 
     tokenizer = tokenizer or char_tokenizer()
     cfg = dict(TINY_CONFIG, **overrides)
@@ -49,20 +49,60 @@ def tiny_model(tokenizer=None, seed: int = 0, **overrides) -> Qwen2ForCausalLM:
     return model
 
 
-def load_model(name_or_path: str, num_heads: int | None = None, init: str = "copy_last_layer", seed: int = 0):
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+
+def _drop_quantization(model) -> None:
+    """A GGUF checkpoint is de-quantized to float weights by transformers' GGUF reader, but the model still says
+    it is quantized (`GgufConfig`), and trainers refuse to train a quantized model: forget that it was."""
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
+    for attr in ("hf_quantizer", "quantization_method"):
+        if getattr(model, attr, None) is not None:
+            setattr(model, attr, None)
+    if getattr(model, "is_quantized", False):
+        model.is_quantized = False
+
+
+def load_base_model(name_or_path: str, *, dtype: str = "auto", attn_implementation: str | None = None,
+                    trust_remote_code: bool = False, gguf_file: str | None = None):
+    """(model, tokenizer) through `from_pretrained`: a hub id or a local directory, optionally a GGUF file in it.
+    On failure the error is transformers' own plus one line naming the model."""
+    from transformers import AutoTokenizer
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    kwargs = {"trust_remote_code": trust_remote_code}
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            name_or_path, dtype=dtype if dtype == "auto" else getattr(torch, dtype),
+            attn_implementation=attn_implementation, **kwargs)
+        tokenizer = (AutoTokenizer.from_pretrained(name_or_path, **kwargs) if gguf_file
+                     else load_tokenizer(name_or_path, trust_remote_code=trust_remote_code))
+    except (OSError, ValueError, ImportError) as e:
+        where = f"{name_or_path}/{gguf_file}" if gguf_file else name_or_path
+        raise OSError(f"{e}\nmtprl: could not load model {where!r} (a hub id needs network access or the hub "
+                      "cache; a local path must be a model directory)") from e
+    if gguf_file:
+        _drop_quantization(model)
+        model = model.float() if dtype == "auto" else model
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def load_model(name_or_path: str, num_heads: int | None = None, init: str = "copy_last_layer", seed: int = 0,
+               **load_kwargs):
     """(model with MTP heads, tokenizer) from `tiny` (fresh), an mtprl checkpoint (its trained heads), or any
-    HF causal LM directory (fresh heads attached). `num_heads=None` takes the checkpoint's count (1 if fresh);
-    a number that differs from the checkpoint's is an error."""
+    causal LM `from_pretrained` accepts (hub id or directory; fresh heads attached). `load_kwargs` go to
+    `load_base_model` (dtype, attn_implementation, trust_remote_code, gguf_file). `num_heads=None` takes the
+    checkpoint's count (1 if fresh); a number that differs from the checkpoint's is an error."""
     if name_or_path == "tiny":
         tokenizer = char_tokenizer()
         model = tiny_model(tokenizer, seed=seed)
     else:
-        if not os.path.exists(name_or_path):
-            raise FileNotFoundError(f"model {name_or_path!r}: no such directory (use 'tiny' or a local checkpoint; "
-                                    "nothing is downloaded from a hub here)")
-        model = AutoModelForCausalLM.from_pretrained(name_or_path)
-        tokenizer = load_tokenizer(name_or_path)
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
+        model, tokenizer = load_base_model(name_or_path, **load_kwargs)
     attach_or_load_heads(model, num_heads, init=init, source=None if name_or_path == "tiny" else name_or_path)
     return model, tokenizer

@@ -19,7 +19,7 @@ import torch
 
 # Display labels, in the order the report lists the regimes.
 REGIME_LABELS = {"none": "GRPO (no MTP)", "detach": "Detach", "ce": "CE loss", "policy": "Policy loss",
-                 "occ": "OCC"}
+                 "occ": "OCC", "distill": "Distill"}
 REGIMES = tuple(REGIME_LABELS)
 # `reference` is the released code's variant (SPEC name), not RL's reference model.
 OCC_VARIANTS = ("paper", "reference", "exact")
@@ -44,9 +44,10 @@ class HeadBatch:
     old_logq: torch.Tensor  # [B, L] rollout-time log-probs the ratio is taken against (`ratio_against`)
     advantages: torch.Tensor  # [B] or [B, L]
     mask: torch.Tensor  # [B, L] completion tokens that count
-    mtp_coef: float  # the fixed coefficient of detach / ce / policy
+    mtp_coef: float  # the fixed coefficient of detach / ce / policy / distill
+    distill: torch.Tensor | None  # [B, L] KL(p_main || q_k) per token (regimes with needs_distill), else None
     policy_loss: Callable[..., torch.Tensor]  # (logq, old_logq, advantages) -> clipped surrogate, TRL-scaled
-    ce_loss: Callable[[torch.Tensor], torch.Tensor]  # logq -> mean NLL of the sampled tokens, TRL-scaled
+    token_mean: Callable[[torch.Tensor], torch.Tensor]  # per-token loss [B, L] -> masked mean, TRL-scaled
     proxy_lambda: Callable[..., torch.Tensor]  # (lambda_plus_scale=1.0) -> OCC lambda from the proxies
     exact_lambda: Callable[[torch.Tensor], torch.Tensor]  # head loss -> OCC lambda from true gradients
 
@@ -58,7 +59,12 @@ class HeadBatch:
 
 def ce_on_samples(h: HeadBatch) -> HeadTerm:
     """detach / ce: cross-entropy of the sampled tokens (teacher = the policy's own samples), fixed coef."""
-    return HeadTerm(h.ce_loss(h.logq), h.fixed())
+    return HeadTerm(h.token_mean(-h.logq), h.fixed())
+
+
+def distill_from_policy(h: HeadBatch) -> HeadTerm:
+    """distill: KL(p_main || q_k), the head learns the policy's own next-token distribution, fixed coef."""
+    return HeadTerm(h.token_mean(h.distill), h.fixed())
 
 
 def policy_loss_fixed(h: HeadBatch) -> HeadTerm:
@@ -90,6 +96,7 @@ class Regime:
     ratio_against: str = "head"  # "head": the head's own rollout-time log-probs | "main": the main head's
     estimator: str = "batch"  # OCC proxy estimator (occ.ESTIMATORS); logged for every regime
     uses_lambda: bool = False  # the coefficient is OCC's lambda (so exact c, v2 are worth logging)
+    needs_distill: bool = False  # the forward also computes KL(p_main || q_k) (tiled full distributions)
 
 
 MTP_TERMS = {
@@ -99,6 +106,7 @@ MTP_TERMS = {
     "occ:paper": Regime(occ_paper, uses_lambda=True),
     "occ:reference": Regime(occ_released_code, ratio_against="main", estimator="token", uses_lambda=True),
     "occ:exact": Regime(occ_exact, uses_lambda=True),
+    "distill": Regime(distill_from_policy, mtp_grad="detach", needs_distill=True),
 }
 
 

@@ -50,8 +50,8 @@ class MTPGRPOConfig(GRPOConfig):
     mtp_regime: str = field(default="occ", metadata={
         "help": "How MTP heads train during RL: none (plain GRPO) | detach (CE, no gradient into the main model) | "
                 "ce (CE, joint) | policy (the RL loss on each head, fixed mtp_coef) | occ (policy loss scaled by "
-                "OCC's lambda)."})
-    mtp_coef: float = field(default=0.1, metadata={"help": "Fixed MTP coefficient for detach, ce and policy."})
+                "OCC's lambda) | distill (KL from the policy's own distribution, no gradient into the main model)."})
+    mtp_coef: float = field(default=0.1, metadata={"help": "Fixed MTP coefficient for detach, ce, policy, distill."})
     mtp_init: str = field(default="copy_last_layer", metadata={"help": "Initialisation of freshly attached heads: "
                                                                         "copy_last_layer | random."})
     occ_variant: str = field(default="paper", metadata={
@@ -198,7 +198,7 @@ class MTPGRPOTrainer(MTPCheckpointMixin, GRPOTrainer):
         if compute_aux_loss or any(v is not None for v in kwargs.values()):
             raise NotImplementedError("MTP heads support text-only, non-MoE models")
         request = {"logits_to_keep": logits_to_keep, "compute_entropy": compute_entropy,
-                   "mtp_grad": self.regime.mtp_grad,
+                   "mtp_grad": self.regime.mtp_grad, "compute_distill": self.regime.needs_distill,
                    "compute_accept": self.args.mtp_log_acceptance and torch.is_grad_enabled()}
         batch_size = batch_size or input_ids.size(0)
         chunks = []
@@ -209,7 +209,7 @@ class MTPGRPOTrainer(MTPCheckpointMixin, GRPOTrainer):
                                     mtp_logprobs=request))
         logprobs = LogProbs(**{name: None if getattr(chunks[0], name) is None else
                                torch.cat([getattr(c, name) for c in chunks], dim=0)
-                               for name in ("main", "mtp", "entropy", "accept")})
+                               for name in ("main", "mtp", "entropy", "accept", "distill")})
         if self._ledger is not None:
             self._ledger.forwards.append(logprobs)
         return logprobs.main, logprobs.entropy, None
@@ -244,9 +244,9 @@ class MTPGRPOTrainer(MTPCheckpointMixin, GRPOTrainer):
             loss = loss / self.current_gradient_accumulation_steps
         return loss
 
-    def _ce_loss(self, logq, mask):
-        """mtp_ce_loss scaled for gradient accumulation like TRL's per-micro-batch means."""
-        loss = mtp_ce_loss(logq, mask)
+    def _token_mean(self, per_token_loss, mask):
+        """Masked mean over completion tokens, scaled for gradient accumulation like TRL's per-micro-batch means."""
+        loss = masked_mean(per_token_loss, mask)
         return loss / self.current_gradient_accumulation_steps if self.model.training else loss
 
     def _compute_loss(self, model, inputs):
@@ -308,8 +308,9 @@ class MTPGRPOTrainer(MTPCheckpointMixin, GRPOTrainer):
 
             head = HeadBatch(depth=depth, num_heads=num_heads, logq=logq, old_logq=old_logq,
                              advantages=inputs["advantages"], mask=mask, mtp_coef=args.mtp_coef,
+                             distill=None if logprobs.distill is None else logprobs.distill[:, k],
                              policy_loss=functools.partial(self._policy_loss, mask=mask, inputs=inputs),
-                             ce_loss=functools.partial(self._ce_loss, mask=mask),
+                             token_mean=functools.partial(self._token_mean, mask=mask),
                              proxy_lambda=proxy_lambda, exact_lambda=exact_lambda)
             term = regime.term(head)
             if fidelity:
@@ -354,6 +355,12 @@ class MTPSFTConfig(SFTConfig):
     mtp_init: str = field(default="copy_last_layer", metadata={"help": "copy_last_layer | random"})
     mtp_log_acceptance: bool = field(default=True, metadata={
         "help": "Log mtp/accept/k (no gradient; one extra full-vocabulary LM-head pass per head)."})
+    mtp_only: bool = field(default=False, metadata={
+        "help": "Warm fresh heads for a model without MTP weights: the main model is frozen (trunk, embeddings, "
+                "lm_head) and the heads learn the main head's distribution, KL(p_main || q_k), on the model's own "
+                "samples of the dataset's prompts (self-distillation)."})
+    mtp_only_max_new_tokens: int = field(default=64, metadata={
+        "help": "mtp_only: tokens sampled per prompt for the self-distillation text."})
 
     def __post_init__(self):
         _check_choice("mtp_init", self.mtp_init, INIT_CHOICES)
@@ -365,9 +372,14 @@ class MTPSFTConfig(SFTConfig):
 
 
 class MTPSFTTrainer(MTPCheckpointMixin, SFTTrainer):
-    """SFTTrainer whose loss is main CE + mtp_coef * mean_k CE_k, from one trunk forward."""
+    """SFTTrainer whose loss is main CE + mtp_coef * mean_k CE_k, from one trunk forward; with `mtp_only` the
+    main model is frozen and the loss is mean_k KL(p_main || q_k) (self-distillation of the heads)."""
 
     def __init__(self, model, args: MTPSFTConfig, **kwargs):
+        if args.mtp_only:  # before TRL builds the optimizer: only head parameters are trainable
+            attach_or_load_heads(model, args.mtp_num_heads, init=args.mtp_init, source=model.config._name_or_path)
+            for name, param in model.named_parameters():
+                param.requires_grad_(name.startswith("mtp_heads."))
         super().__init__(model=model, args=args, **kwargs)
         self.add_callback(MetricsJsonlCallback(args.output_dir))
         unwrapped = self.accelerator.unwrap_model(self.model)
@@ -378,13 +390,21 @@ class MTPSFTTrainer(MTPCheckpointMixin, SFTTrainer):
         input_ids, attention_mask, labels = inputs["input_ids"], inputs["attention_mask"], inputs["labels"]
         num_heads = self.accelerator.unwrap_model(model).mtp_heads.num_heads
         keep = input_ids.shape[1] - num_heads - 1  # every token that every head can score
+        mtp_only = self.args.mtp_only
         out = model(input_ids=input_ids, attention_mask=attention_mask,
-                    mtp_logprobs={"logits_to_keep": keep, "compute_accept": self.args.mtp_log_acceptance})
+                    mtp_logprobs={"logits_to_keep": keep, "compute_accept": self.args.mtp_log_acceptance,
+                                  "compute_distill": mtp_only, "mtp_grad": "detach" if mtp_only else "joint"})
         mask = (labels[:, -keep:] != -100) & (attention_mask[:, -keep:] == 1)
         main_ce = -masked_mean(out.main, mask)
         head_ce = mtp_ce_loss(out.mtp, mask)
-        loss = main_ce + self.args.mtp_coef * head_ce.mean()
         mode = "train" if self.model.training else "eval"
+        if mtp_only:
+            head_kl = torch.stack([masked_mean(out.distill[:, k], mask) for k in range(num_heads)])
+            loss = head_kl.mean()
+            for k in range(num_heads):
+                self._metrics[mode][f"mtp/distill/{k + 1}"].append(head_kl[k].item())
+        else:
+            loss = main_ce + self.args.mtp_coef * head_ce.mean()
         self._metrics[mode]["main_ce"].append(main_ce.item())
         for k in range(num_heads):
             self._metrics[mode][f"mtp/loss/{k + 1}"].append(head_ce[k].item())
