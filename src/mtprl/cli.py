@@ -46,21 +46,56 @@ commands:
 `mtprl <command> --help` lists every field."""
 
 
+def _json_field(value, name):
+    """A field that holds JSON: a dict straight from the YAML, or a JSON string from the command line."""
+    if isinstance(value, dict):
+        return value
+    try:
+        parsed = json.loads(value or "{}")
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{name} must be a JSON object, got {value!r} ({e.msg})") from e
+    if not isinstance(parsed, dict):
+        raise ValueError(f"{name} must be a JSON object, got {value!r}")
+    return parsed
+
+
 @dataclass
 class TaskArguments:
-    """What to train on and how to evaluate; shared by every command."""
+    """The model, the data and the evaluation; shared by every command."""
 
     model_name_or_path: str = field(default="tiny", metadata={
-        "help": "'tiny' (the project's preset, fresh weights), an mtprl checkpoint, or any local HF causal LM."})
+        "help": "'tiny' (the project's preset, fresh weights), an mtprl checkpoint, or anything from_pretrained "
+                "accepts: a hub id or a local directory."})
+    gguf_file: str | None = field(default=None, metadata={
+        "help": "A GGUF file inside model_name_or_path, read by transformers' GGUF reader as float weights."})
+    dtype: str = field(default="auto", metadata={"help": "auto | bfloat16 | float16 | float32"})
+    attn_implementation: str | None = field(default=None, metadata={"help": "e.g. sdpa, eager, flash_attention_2"})
     task: str = field(default="reasoning_gym:chain_sum", metadata={
-        "help": "reasoning_gym:<name> or jsonl:<path with question/answer rows>."})
+        "help": "reasoning_gym:<name> or jsonl:<path with question/answer rows>; dataset_name replaces it."})
     task_config: str = field(default='{"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2}',
                              metadata={"help": "JSON object of reasoning-gym task options."})
+    dataset_name: str | None = field(default=None, metadata={
+        "help": "Any dataset datasets.load_dataset reads (hub name, local directory, parquet/json/jsonl/csv "
+                "file); DAPO-Math-17k, DeepScaleR/MATH-500/AIME, MATH and GSM8K columns are recognised. Rewards "
+                "go through math-verify."})
+    dataset_config: str | None = field(default=None, metadata={"help": "The dataset's configuration name."})
+    dataset_train_split: str = field(default="train", metadata={"help": "Split the training questions come from."})
+    dataset_test_split: str | None = field(default=None, metadata={
+        "help": "Held-out split; when unset the held-out questions are carved from the training split."})
+    question_column: str | None = field(default=None, metadata={"help": "Column of the question (with answer_column "
+                                                                       "it overrides the format detection)."})
+    answer_column: str | None = field(default=None, metadata={"help": "Column of the reference answer."})
+    prompt_format: str = field(default="auto", metadata={
+        "help": "auto (chat for a tokenizer with a chat template) | chat (TRL's conversational prompts) | plain."})
+    system_prompt: str | None = field(default=None, metadata={"help": "Chat prompts: an optional system message."})
     train_size: int = field(default=4000, metadata={"help": "Training questions."})
     eval_size: int = field(default=200, metadata={"help": "Held-out questions (never in the training split)."})
     task_seed: int = field(default=0, metadata={"help": "Seed of the question pool and of the split."})
     eval_k: int = field(default=4, metadata={"help": "Samples per question for avg@k / pass@k."})
     eval_max_new_tokens: int = field(default=8, metadata={"help": "Generation budget at evaluation."})
+    eval_datasets: str = field(default="{}", metadata={
+        "help": "Benchmarks evaluated besides the held-out split: JSON {name: dataset} or {name: {path, config, "
+                "split, question_column, answer_column, size}}; avg@k / pass@k per benchmark and their average."})
     eval_before: bool = field(default=False, metadata={"help": "train: evaluate the starting model too."})
     eval_after: bool = field(default=True, metadata={"help": "sft/train: evaluate the final model."})
     eval_output: str | None = field(default=None, metadata={"help": "eval: where to write the JSON "
@@ -68,70 +103,159 @@ class TaskArguments:
     overwrite: bool = field(default=False, metadata={"help": "sft: train again even if output_dir holds a model."})
 
     def task_options(self) -> dict:
-        if isinstance(self.task_config, dict):
-            return self.task_config
-        try:
-            options = json.loads(self.task_config or "{}")
-        except json.JSONDecodeError as e:
-            raise ValueError(f"task_config must be a JSON object, got {self.task_config!r} ({e.msg})") from e
-        if not isinstance(options, dict):
-            raise ValueError(f"task_config must be a JSON object, got {self.task_config!r}")
-        return options
+        return _json_field(self.task_config, "task_config")
+
+    def benchmark_specs(self) -> dict[str, dict]:
+        specs = {}
+        for name, spec in _json_field(self.eval_datasets, "eval_datasets").items():
+            spec = {"path": spec} if isinstance(spec, str) else dict(spec)
+            if "path" not in spec:
+                raise ValueError(f"eval_datasets[{name!r}] needs a 'path' (dataset name, directory or file)")
+            specs[name] = spec
+        return specs
+
+    def load_kwargs(self) -> dict:
+        return {"dtype": self.dtype, "attn_implementation": self.attn_implementation, "gguf_file": self.gguf_file}
+
+
+@dataclass
+class EvalArguments:
+    """`mtprl eval` has no training config; `trust_remote_code` is otherwise TRL's (TrainingArguments') field."""
+
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow a model's own modelling code."})
 
 
 def phase(message: str) -> None:
     print(f"[mtprl {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def _splits(task_args: TaskArguments):
-    from .tasks import load_task_splits
+def _load(task_args: TaskArguments, num_heads=None, init="copy_last_layer", seed=0, trust_remote_code=False):
+    from .models import load_model
 
-    phase(f"loading task {task_args.task} ({task_args.train_size} train / {task_args.eval_size} eval questions)")
+    what = task_args.model_name_or_path + (f" ({task_args.gguf_file})" if task_args.gguf_file else "")
+    phase(f"loading model {what}")
+    return load_model(task_args.model_name_or_path, num_heads, init, seed=seed,
+                      **({} if task_args.model_name_or_path == "tiny" else
+                         dict(task_args.load_kwargs(), trust_remote_code=trust_remote_code)))
+
+
+def _splits(task_args: TaskArguments, tokenizer=None):
+    """(train, eval) of the task or of `dataset_name`, prompts in the format the tokenizer calls for."""
+    from .tasks import load_math_splits, load_task_splits, resolve_prompt_format
+
+    fmt = resolve_prompt_format(task_args.prompt_format, tokenizer)
+    prompts = {"prompt_format": fmt, "system_prompt": task_args.system_prompt}
+    source = task_args.dataset_name or task_args.task
+    phase(f"loading {source} ({task_args.train_size} train / {task_args.eval_size} eval questions, {fmt} prompts)")
+    if task_args.dataset_name:
+        return load_math_splits(task_args.dataset_name, task_args.train_size, task_args.eval_size, task_args.task_seed,
+                                config=task_args.dataset_config, train_split=task_args.dataset_train_split,
+                                test_split=task_args.dataset_test_split, question_column=task_args.question_column,
+                                answer_column=task_args.answer_column, **prompts)
     return load_task_splits(task_args.task, task_args.train_size, task_args.eval_size, task_args.task_seed,
-                            **task_args.task_options())
+                            **prompts, **task_args.task_options())
+
+
+def _benchmarks(task_args: TaskArguments, tokenizer) -> dict:
+    """name -> held-out dataset of every `eval_datasets` benchmark (its rows up to `size`, default eval_size)."""
+    from .tasks import load_dataset_split, math_rows, resolve_prompt_format, rows_to_dataset
+
+    fmt = resolve_prompt_format(task_args.prompt_format, tokenizer)
+    out = {}
+    for name, spec in task_args.benchmark_specs().items():
+        split = spec.get("split", "test")
+        data = load_dataset_split(spec["path"], split, spec.get("config"))
+        rows = list(math_rows(data, f"{spec['path']} [{split}]", spec.get("question_column"),
+                              spec.get("answer_column")))[: spec.get("size", task_args.eval_size)]
+        out[name] = rows_to_dataset(rows, f"math:{spec['path']}", fmt, task_args.system_prompt)
+    return out
 
 
 def _evaluate(model, tokenizer, eval_ds, task_args, path, label):
+    """Held-out avg@k / pass@k, plus every `eval_datasets` benchmark and their average (Table 1's columns)."""
     from .evaluation import evaluate, write_eval
 
-    phase(f"evaluating {label}: {len(eval_ds)} questions x {task_args.eval_k} samples")
-    result = evaluate(model, tokenizer, eval_ds, k=task_args.eval_k, max_new_tokens=task_args.eval_max_new_tokens)
-    write_eval(result, path)
     k = task_args.eval_k
+    keys = (f"avg@{k}", f"pass@{k}")
+    phase(f"evaluating {label}: {len(eval_ds)} questions x {k} samples")
+    result = evaluate(model, tokenizer, eval_ds, k=k, max_new_tokens=task_args.eval_max_new_tokens)
+    benchmarks = _benchmarks(task_args, tokenizer)
+    if benchmarks:
+        result["benchmarks"] = {}
+        for name, data in benchmarks.items():
+            phase(f"evaluating {label} on {name}: {len(data)} questions x {k} samples")
+            bench = evaluate(model, tokenizer, data, k=k, max_new_tokens=task_args.eval_max_new_tokens)
+            result["benchmarks"][name] = {key: bench[key] for key in (*keys, "num_questions")}
+        result["benchmarks_average"] = {key: sum(b[key] for b in result["benchmarks"].values()) / len(benchmarks)
+                                        for key in keys}
+    write_eval(result, path)
     accept = " ".join(f"{key}={v:.3f}" for key, v in result.items() if key.startswith("mtp/accept"))
-    phase(f"{label}: avg@{k}={result[f'avg@{k}']:.3f} pass@{k}={result[f'pass@{k}']:.3f} {accept} -> {path}")
+    bench_line = "".join(f" {name}: avg@{k}={b[keys[0]]:.3f}" for name, b in result.get("benchmarks", {}).items())
+    phase(f"{label}: avg@{k}={result[keys[0]]:.3f} pass@{k}={result[keys[1]]:.3f} {accept}{bench_line} -> {path}")
     return result
+
+
+def _self_distillation_data(model, tokenizer, train_ds, cfg):
+    """prompt + the model's own sampled completion, for `sft --mtp_only`: the heads learn what the policy
+    predicts, on the policy's own text."""
+    from datasets import Dataset
+
+    from .evaluation import sample_completions
+
+    phase(f"sft --mtp_only: sampling {len(train_ds)} completions of up to {cfg.mtp_only_max_new_tokens} tokens "
+          "from the model itself")
+    prompts = list(train_ds["prompt"])
+    texts = sample_completions(model, tokenizer, prompts, max_new_tokens=cfg.mtp_only_max_new_tokens, seed=cfg.seed)
+    rows = [{"prompt": p, "completion": [{"role": "assistant", "content": t}] if isinstance(p, list) else t}
+            for p, t in zip(prompts, texts) if t.strip()]
+    return Dataset.from_list(rows)
 
 
 def cmd_sft(argv) -> dict | None:
     from .checkpoints import is_complete_checkpoint
-    from .models import load_model
     from .trainer import MTPSFTConfig, MTPSFTTrainer
 
     task_args, cfg = TrlParser((TaskArguments, MTPSFTConfig)).parse_args_and_config(argv)
     if is_complete_checkpoint(cfg.output_dir) and not task_args.overwrite:
         phase(f"sft: {cfg.output_dir} already holds a model; skipping (pass --overwrite true to train again)")
         return None
-    train_ds, eval_ds = _splits(task_args)
-    train_ds = train_ds.map(lambda r: {"completion": r["answer"]}).select_columns(["prompt", "completion"])
-    model, tokenizer = load_model(task_args.model_name_or_path, cfg.mtp_num_heads, cfg.mtp_init, seed=cfg.seed)
-    phase(f"sft: {cfg.max_steps} steps, {cfg.mtp_num_heads} MTP head(s), output {cfg.output_dir}")
+    model, tokenizer = _load(task_args, cfg.mtp_num_heads, cfg.mtp_init, seed=cfg.seed,
+                             trust_remote_code=cfg.trust_remote_code)
+    train_ds, eval_ds = _splits(task_args, tokenizer)
+    before = None
+    if cfg.mtp_only:
+        if task_args.eval_after:
+            before = _evaluate(model, tokenizer, eval_ds, task_args, os.path.join(cfg.output_dir, "eval_before.json"),
+                               "model before the head warm-up")
+        train_ds = _self_distillation_data(model, tokenizer, train_ds, cfg)
+    else:
+        train_ds = train_ds.map(lambda r: {"completion": r["answer"]}).select_columns(["prompt", "completion"])
+    phase(f"sft: {cfg.max_steps} steps, {cfg.mtp_num_heads} MTP head(s), "
+          f"{'heads only (main model frozen)' if cfg.mtp_only else 'main + heads'}, output {cfg.output_dir}")
     trainer = MTPSFTTrainer(model=model, args=cfg, train_dataset=train_ds, processing_class=tokenizer)
     trainer.train(resume_from_checkpoint=cfg.resume_from_checkpoint)
     trainer.save_model(cfg.output_dir)
-    if task_args.eval_after:
-        return _evaluate(model, tokenizer, eval_ds, task_args, os.path.join(cfg.output_dir, "eval.json"), "sft model")
-    return None
+    if not task_args.eval_after:
+        return None
+    after = _evaluate(model, tokenizer, eval_ds, task_args, os.path.join(cfg.output_dir, "eval.json"), "sft model")
+    if before is not None:
+        record = {key: {"before": before.get(key), "after": after[key]} for key in after
+                  if key.startswith("mtp/accept/")}
+        with open(os.path.join(cfg.output_dir, "acceptance.json"), "w") as f:
+            json.dump(record, f, indent=2)
+        phase("sft --mtp_only: acceptance " + ", ".join(
+            f"head {key.rsplit('/', 1)[1]} {v['before']:.3f} -> {v['after']:.3f}" for key, v in record.items()))
+    return after
 
 
 def run_training(task_args: TaskArguments, cfg) -> dict | None:
     """One RL run: load the model (with heads), train under `cfg.mtp_regime`, save, evaluate."""
-    from .models import load_model
     from .tasks import TaskReward
     from .trainer import MTPGRPOTrainer
 
-    train_ds, eval_ds = _splits(task_args)
-    model, tokenizer = load_model(task_args.model_name_or_path, cfg.mtp_num_heads, cfg.mtp_init, seed=cfg.seed)
+    model, tokenizer = _load(task_args, cfg.mtp_num_heads, cfg.mtp_init, seed=cfg.seed,
+                             trust_remote_code=cfg.trust_remote_code)
+    train_ds, eval_ds = _splits(task_args, tokenizer)
     if task_args.eval_before:
         _evaluate(model, tokenizer, eval_ds, task_args, os.path.join(cfg.output_dir, "eval_before.json"),
                   "starting model")
@@ -142,7 +266,8 @@ def run_training(task_args: TaskArguments, cfg) -> dict | None:
     os.makedirs(cfg.output_dir, exist_ok=True)
     with open(os.path.join(cfg.output_dir, "run_info.json"), "w") as f:
         json.dump({"mtp_regime": cfg.mtp_regime, "occ_variant": cfg.occ_variant, "seed": cfg.seed,
-                   "label": cfg.mtp_regime, "model": task_args.model_name_or_path, "task": task_args.task,
+                   "label": cfg.mtp_regime, "model": task_args.model_name_or_path,
+                   "task": task_args.dataset_name or task_args.task,
                    "max_steps": cfg.max_steps, "loss_type": cfg.loss_type}, f, indent=2)
     trainer.train(resume_from_checkpoint=cfg.resume_from_checkpoint)
     trainer.save_model(cfg.output_dir)
@@ -161,11 +286,9 @@ def cmd_train(argv) -> dict | None:
 
 
 def cmd_eval(argv) -> dict:
-    from .models import load_model
-
-    (task_args,) = TrlParser((TaskArguments,)).parse_args_and_config(argv)
-    _, eval_ds = _splits(task_args)
-    model, tokenizer = load_model(task_args.model_name_or_path)
+    task_args, eval_args = TrlParser((TaskArguments, EvalArguments)).parse_args_and_config(argv)
+    model, tokenizer = _load(task_args, trust_remote_code=eval_args.trust_remote_code)
+    _, eval_ds = _splits(task_args, tokenizer)
     default = os.path.join(task_args.model_name_or_path, "eval.json") if os.path.isdir(
         task_args.model_name_or_path) else "eval.json"
     return _evaluate(model, tokenizer, eval_ds, task_args, task_args.eval_output or default,
@@ -221,7 +344,7 @@ def _finish_run(run_dir, checkpoint, task_args):
         model, tokenizer = load_model(checkpoint)
         save_pretrained(model, run_dir, tokenizer=tokenizer)
     model, tokenizer = load_model(run_dir)
-    _, eval_ds = _splits(task_args)
+    _, eval_ds = _splits(task_args, tokenizer)
     _evaluate(model, tokenizer, eval_ds, task_args, os.path.join(run_dir, "eval.json"), run_dir)
 
 

@@ -13,7 +13,7 @@ import os
 import torch
 
 from .logprobs import forward_logprobs
-from .tasks import TaskReward
+from .tasks import TaskReward, prompt_text
 
 
 def _sample_acceptance(model, sequences, prompt_mask, eos_token_id):
@@ -48,8 +48,8 @@ def evaluate(model, tokenizer, dataset, *, k: int = 4, temperature: float = 1.0,
     n = len(dataset)
     for start in range(0, n, batch_size):
         rows = dataset[start:start + batch_size]
-        enc = tokenizer(rows["prompt"], return_tensors="pt", padding=True, padding_side="left",
-                        add_special_tokens=False).to(device)
+        enc = tokenizer([prompt_text(tokenizer, p) for p in rows["prompt"]], return_tensors="pt", padding=True,
+                        padding_side="left", add_special_tokens=False).to(device)
         out = model.generate(**enc, do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
                              max_new_tokens=max_new_tokens, num_return_sequences=k,
                              pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
@@ -92,3 +92,27 @@ def write_eval(result: dict, path: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump(result, f, indent=2)
+
+
+@torch.no_grad()
+def sample_completions(model, tokenizer, prompts, *, max_new_tokens: int = 64, temperature: float = 1.0,
+                       top_p: float = 1.0, batch_size: int = 32, seed: int = 0) -> list[str]:
+    """One sampled completion per prompt (text, special tokens removed): the model's own text, e.g. for the
+    self-distillation of fresh heads (`mtprl sft --mtp_only true`)."""
+    was_training = model.training
+    model.eval()
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    device = next(model.parameters()).device
+    texts = []
+    for start in range(0, len(prompts), batch_size):
+        batch = [prompt_text(tokenizer, p) for p in prompts[start:start + batch_size]]
+        enc = tokenizer(batch, return_tensors="pt", padding=True, padding_side="left",
+                        add_special_tokens=False).to(device)
+        out = model.generate(**enc, do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
+                             max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=tokenizer.eos_token_id)
+        texts += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    torch.random.set_rng_state(generator_state)
+    model.train(was_training)
+    return texts
