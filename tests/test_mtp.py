@@ -245,3 +245,36 @@ def test_bad_inputs_have_clear_errors():
         mtprl.forward_logprobs(model, ids, mask[:, 1:], KEEP)
     with pytest.raises(ValueError, match="mtp_grad"):
         mtprl.forward_logprobs(model, ids, mask, KEEP, mtp_grad="stop")
+
+
+def _with_token(ids, j, v):
+    """ids with completion token j replaced by v in every row."""
+    ids = ids.clone()
+    ids[:, PROMPT + j] = v
+    return ids
+
+
+def test_distill_kl_against_full_distributions_and_its_gradient_reaches_heads_only():
+    """compute_distill: KL(p_main || q_k) per token equals the KL of the full distributions (head k's by the
+    no-leak trick), and with mtp_grad="detach" its gradient reaches MTP-only parameters and nothing else."""
+    model = _model(heads=2)
+    ids, mask = _batch()
+    temperature = 0.9
+    out = mtprl.forward_logprobs(model, ids, mask, KEEP, temperature=temperature, compute_distill=True)
+    log_p = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits[:, -KEEP - 1:-1].float()
+                              / temperature, -1)
+    j = 2
+    for k in (1, 2):
+        head = torch.stack([mtprl.forward_logprobs(model, _with_token(ids, j, v), mask, KEEP,
+                                                   temperature=temperature).mtp[:, k - 1, j] for v in range(VOCAB)], -1)
+        expected = (log_p[:, j].exp() * (log_p[:, j] - head)).sum(-1)
+        valid = mask[:, PROMPT + j] == 1
+        torch.testing.assert_close(out.distill[valid, k - 1, j], expected[valid], atol=1e-5, rtol=1e-4)
+    model.zero_grad(set_to_none=True)
+    out = mtprl.forward_logprobs(model, ids, mask, KEEP, mtp_grad="detach", compute_distill=True)
+    (out.distill * mask[:, -KEEP:].unsqueeze(1)).sum().backward()
+    for name, p in model.named_parameters():
+        if name.startswith("mtp_heads.") and ("mtp_block" in name or "eh_proj" in name):
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+        elif not name.startswith("mtp_heads."):
+            assert p.grad is None or p.grad.abs().sum() == 0, name

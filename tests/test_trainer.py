@@ -346,3 +346,67 @@ def test_rollout_mtp_logprobs_come_from_the_forward_trl_kept_as_old(tmp_path):
         expected = mtprl.forward_logprobs(trainer.model, ids, mask, output["completion_ids"].shape[1])
     torch.testing.assert_close(output["old_per_token_logps"], expected.main)
     torch.testing.assert_close(output["old_mtp_logps"], expected.mtp)
+
+
+def test_distill_regime_reaches_heads_only_and_its_loss_is_the_masked_kl(tmp_path):
+    trunk, heads, trainer = _trunk_grad_diff(tmp_path, "distill")
+    assert trunk == 0.0 and heads > 0
+    inputs = _with_old_logprobs(trainer, _crafted_inputs())
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+    mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+    with torch.no_grad():
+        out = mtprl.forward_logprobs(trainer.model, ids, mask, 5, compute_distill=True)
+    m = inputs["completion_mask"].float()
+    for k in (1, 2):
+        expected = (out.distill[:, k - 1] * m).sum() / m.sum()
+        assert trainer._metrics["train"][f"mtp/loss/{k}"][-1] == pytest.approx(expected.item(), rel=1e-4)
+        assert trainer._metrics["train"][f"mtp/lambda/{k}"][-1] == pytest.approx(0.5)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tmp_path):
+    """TRL's gradient_checkpointing with the heads attached: the same loss and gradients as without."""
+    grads = []
+    for checkpointing in (False, True):
+        trainer = _mtp_trainer(tmp_path, f"gc{checkpointing}", mtp_regime="occ", gradient_checkpointing=checkpointing)
+        inputs = _with_old_logprobs(trainer, _crafted_inputs())
+        grads.append(_loss_and_grads(trainer, inputs))
+    (loss_a, g_a), (loss_b, g_b) = grads
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-5, atol=1e-6)
+    assert set(g_a) == set(g_b) and any(n.startswith("mtp_heads.") for n in g_a)
+    for name in g_a:
+        torch.testing.assert_close(g_b[name], g_a[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_sft_mtp_only_keeps_the_main_model_bit_identical_and_raises_acceptance(tmp_path):
+    from mtprl.trainer import MTPSFTConfig, MTPSFTTrainer
+
+    model, tok = _small_model()
+    with torch.no_grad():  # a peaked main distribution (a random one is near uniform: any head would match it)
+        model.get_output_embeddings().weight.mul_(40.0)
+    mtprl.attach_mtp_heads(model, 1, init="random")
+    prompts = [f"{a}+{b}=" for a in range(10) for b in range(10)]
+    data = Dataset.from_list([{"prompt": p, "completion": str(eval(p[:-1]))} for p in prompts])
+    enc = tok([p + str(eval(p[:-1])) for p in prompts[:32]], return_tensors="pt", padding=True, padding_side="left")
+
+    def acceptance():
+        with torch.no_grad():
+            out = mtprl.forward_logprobs(model, enc["input_ids"], enc["attention_mask"], 3, compute_accept=True)
+        m = enc["attention_mask"][:, -3:].float()
+        return ((out.accept[:, 0] * m).sum() / m.sum()).item()
+
+    before_params = {n: p.detach().clone() for n, p in model.named_parameters() if not n.startswith("mtp_heads.")}
+    before = acceptance()
+    args = MTPSFTConfig(output_dir=str(tmp_path / "sft"), mtp_only=True, mtp_num_heads=1, max_steps=40,
+                        per_device_train_batch_size=16, learning_rate=3e-3, logging_steps=10, report_to=[],
+                        use_cpu=True, bf16=False, save_strategy="no", max_length=32, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = MTPSFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok)
+        trainer.train()
+    for name, p in model.named_parameters():
+        if not name.startswith("mtp_heads."):
+            assert torch.equal(p, before_params[name]), name
+    after = acceptance()
+    assert after > before + 0.1, (before, after)
+    rows = [r for r in _metrics(tmp_path / "sft") if "mtp/distill/1" in r]
+    assert rows and rows[-1]["mtp/distill/1"] < rows[0]["mtp/distill/1"]
