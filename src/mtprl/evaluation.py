@@ -104,8 +104,10 @@ def sample_completions(model, tokenizer, prompts, *, max_new_tokens: int = 64, t
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     device = next(model.parameters()).device
+    from tqdm.auto import tqdm
+
     texts = []
-    for start in range(0, len(prompts), batch_size):
+    for start in tqdm(range(0, len(prompts), batch_size), desc="sampling", unit="batch"):
         batch = [prompt_text(tokenizer, p) for p in prompts[start:start + batch_size]]
         enc = tokenizer(batch, return_tensors="pt", padding=True, padding_side="left",
                         add_special_tokens=False).to(device)
