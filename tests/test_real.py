@@ -39,7 +39,7 @@ def test_one_occ_step_on_the_real_model_with_chat_prompts(tmp_path):
     model, tok = load_model(SMOLLM2, num_heads=1)
     questions = ["What is 3 + 4?", "What is 10 - 7?"]
     data = Dataset.from_list([{"prompt": build_prompt(q, "chat"), "answer": a, "task": "math:test"}
-                              for q, a in zip(questions, ["7", "3"])])
+                              for q, a in zip(questions, ["7", "3"])] * 4)
     args = mtprl.MTPGRPOConfig(output_dir=str(tmp_path), mtp_regime="occ", mtp_num_heads=1, max_steps=2,
                                per_device_train_batch_size=4, num_generations=2, max_completion_length=12,
                                steps_per_generation=2, learning_rate=1e-6, logging_steps=1, report_to=[],
@@ -49,5 +49,6 @@ def test_one_occ_step_on_the_real_model_with_chat_prompts(tmp_path):
         trainer = mtprl.MTPGRPOTrainer(model=model, reward_funcs=[TaskReward()], args=args, train_dataset=data,
                                        processing_class=tok)
         trainer.train()
-    lam = trainer.state.log_history[1]["mtp/lambda/1"]
-    assert lam == lam and trainer.state.log_history[0]["mtp/lambda/1"] == 0.0
+    lam = [r["mtp/lambda/1"] for r in trainer.state.log_history if "mtp/lambda/1" in r]
+    assert len(lam) >= 1 and lam[0] == 0.0  # the first step after a rollout: policy == old policy
+    assert all(x == x for x in lam)
