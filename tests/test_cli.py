@@ -182,3 +182,19 @@ def test_compare_arguments_are_checked():
     with pytest.raises(ValueError, match="--seeds"):
         CompareArguments(seeds="0,x").seed_list()
     assert main(["compare", "--regimes", "detach,joint", "--report_dir", "/tmp/never"]) == 1
+
+
+def test_eval_datasets_give_per_benchmark_columns_and_their_average(tmp_path):
+    bench = tmp_path / "gsm8k_test.jsonl"
+    bench.write_text("".join(json.dumps({"question": f"{a}+{a}=", "answer": f"so\n#### {2 * a}"}) + "\n"
+                             for a in range(1, 4)))
+    out = str(tmp_path / "eval.json")
+    specs = json.dumps({"gsm": {"path": str(bench), "split": "test"}, "gsm2": {"path": str(bench), "size": 2}})
+    assert main(["eval", *TASK, "--model_name_or_path", "tiny", "--eval_output", out, "--eval_datasets", specs]) == 0
+    result = json.load(open(out))
+    assert result["benchmarks"]["gsm"]["num_questions"] == 3 and result["benchmarks"]["gsm2"]["num_questions"] == 2
+    for key in ("avg@2", "pass@2"):
+        expected = (result["benchmarks"]["gsm"][key] + result["benchmarks"]["gsm2"][key]) / 2
+        assert result["benchmarks_average"][key] == pytest.approx(expected)
+    assert main(["eval", *TASK, "--model_name_or_path", "tiny", "--eval_output", out,
+                 "--eval_datasets", '{"x": {"split": "test"}}']) == 1
