@@ -85,9 +85,8 @@ def load_base_model(name_or_path: str, *, dtype: str = "auto", attn_implementati
         where = f"{name_or_path}/{gguf_file}" if gguf_file else name_or_path
         raise OSError(f"{e}\nmtprl: could not load model {where!r} (a hub id needs network access or the hub "
                       "cache; a local path must be a model directory)") from e
-    if gguf_file:
+    if gguf_file:  # transformers' GGUF reader has already de-quantized to float weights
         _drop_quantization(model)
-        model = model.float() if dtype == "auto" else model
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
