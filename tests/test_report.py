@@ -79,3 +79,25 @@ def test_report_skips_corrupt_or_missing_metrics_and_names_the_file(tmp_path):
     assert os.path.join(corrupt, "metrics.jsonl") + ", row 4" in text
     assert os.path.join(missing, "metrics.jsonl") + "' does not exist" in text
     assert "| Detach |" in text and "| CE loss |" not in text
+
+
+def test_table_shows_each_eval_datasets_benchmark_and_their_average(tmp_path):
+    """eval.json's `benchmarks` (from `eval_datasets`) become the Table 1 columns: mean ± std over seeds."""
+    per_seed = {0: {"gsm8k": 0.20, "math500": 0.10}, 1: {"gsm8k": 0.30, "math500": 0.30}}
+    dirs = []
+    for seed, scores in per_seed.items():
+        path = _fake_run(tmp_path, "detach", seed, [0.1] * 3, 0.3, 0.6)
+        with open(os.path.join(path, "eval.json")) as f:
+            ev = json.load(f)
+        ev["benchmarks"] = {name: {"avg@4": v, "pass@4": 1.0, "num_questions": 10} for name, v in scores.items()}
+        ev["benchmarks_average"] = {"avg@4": float(np.mean(list(scores.values()))), "pass@4": 1.0}
+        with open(os.path.join(path, "eval.json"), "w") as f:
+            json.dump(ev, f)
+        dirs.append(path)
+    row = table_rows(load_runs(dirs)[0])[0]
+    assert row["bench:gsm8k"] == pytest.approx((0.25, np.std([0.2, 0.3], ddof=1)))
+    assert row["bench:average"][0] == pytest.approx(np.mean([0.15, 0.30]))
+    text = open(build_report(dirs, str(tmp_path / "report"))).read()
+    header = next(line for line in text.splitlines() if line.startswith("| regime"))
+    assert "gsm8k avg@4 (%)" in header and "math500 avg@4 (%)" in header and "average avg@4 (%)" in header
+    assert f"{100 * np.mean([0.15, 0.30]):.1f} ± {100 * np.std([0.15, 0.30], ddof=1):.1f}" in text

@@ -104,16 +104,34 @@ def _by_label(runs):
     return dict(sorted(groups.items(), key=lambda kv: (order.get(kv[1][0].regime, 99), kv[0])))
 
 
+def benchmark_names(runs) -> list[str]:
+    """The `eval_datasets` benchmarks any run was evaluated on, in first-seen order."""
+    names = []
+    for run in runs:
+        for name in (run.eval or {}).get("benchmarks", {}):
+            if name not in names:
+                names.append(name)
+    return names
+
+
 def table_rows(runs) -> list[dict]:
-    """One row per regime: mean/std over seeds of avg@k and pass@k (from eval.json), final training reward
-    (mean of the last 5 logged rewards), median step time."""
+    """One row per regime: mean/std over seeds of avg@k and pass@k (from eval.json), avg@k on every
+    `eval_datasets` benchmark and their average (the paper's Table 1 columns), final training reward (mean of
+    the last 5 logged rewards), median step time."""
     rows = []
+    names = benchmark_names(runs)
     for label, group in _by_label(runs).items():
         evals = [r.eval for r in group if r.eval]
         k = evals[0]["k"] if evals else None
         row = {"label": label, "regime": group[0].regime, "seeds": sorted(r.seed for r in group), "k": k}
         row["avg"] = mean_std([e[f"avg@{e['k']}"] for e in evals])
         row["pass"] = mean_std([e[f"pass@{e['k']}"] for e in evals])
+        for name in names:
+            row[f"bench:{name}"] = mean_std([e["benchmarks"][name][f"avg@{e['k']}"] for e in evals
+                                             if name in e.get("benchmarks", {})])
+        if names:
+            row["bench:average"] = mean_std([e["benchmarks_average"][f"avg@{e['k']}"] for e in evals
+                                             if "benchmarks_average" in e])
         row["reward"] = mean_std([r.final_reward() for r in group])
         row["step_time"] = statistics.median([r.median_step_time() for r in group])
         rows.append(row)
@@ -134,13 +152,14 @@ def markdown_table(rows) -> str:
     def shown(ms):  # what the table prints; equal printed values are equally best
         return round(ms[0] * 100, 1)
 
-    best = {key: max((shown(r[key]) for r in rows if not math.isnan(r[key][0])), default=None)
-            for key in ("avg", "pass", "reward")}
-    lines = [f"| regime | seeds | avg@{k} (%) | pass@{k} (%) | final train reward (x100) |",
-             "|---|---|---|---|---|"]
+    bench_keys = [key for key in (rows[0] if rows else {}) if key.startswith("bench:")]
+    keys = ("avg", "pass", *bench_keys, "reward")
+    best = {key: max((shown(r[key]) for r in rows if not math.isnan(r[key][0])), default=None) for key in keys}
+    headers = [f"avg@{k} (%)", f"pass@{k} (%)", *(f"{key[6:]} avg@{k} (%)" for key in bench_keys),
+               "final train reward (x100)"]
+    lines = ["| regime | seeds | " + " | ".join(headers) + " |", "|---" * (len(headers) + 2) + "|"]
     for r in rows:
-        cells = [_fmt(r[key], not math.isnan(r[key][0]) and shown(r[key]) == best[key])
-                 for key in ("avg", "pass", "reward")]
+        cells = [_fmt(r[key], not math.isnan(r[key][0]) and shown(r[key]) == best[key]) for key in keys]
         lines.append(f"| {REGIME_LABELS.get(r['label'], r['label'])} | {len(r['seeds'])} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
