@@ -81,6 +81,8 @@ def _loss_and_grads(trainer, inputs):
     trainer.model.zero_grad(set_to_none=True)
     loss = trainer.compute_loss(trainer.model, inputs)
     loss.backward()
+    if isinstance(trainer, MTPGRPOTrainer):
+        trainer._after_backward()  # what training_step does after the backward (occ exact adds lambda * g_MTP)
     grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
     return loss.detach(), grads
 

@@ -37,6 +37,7 @@ class LogProbs(ModelOutput):
     entropy: torch.Tensor | None = None  # [B, L] main-head entropy (compute_entropy=True)
     accept: torch.Tensor | None = None  # [B, K, L] sum_v min(p_main, p_head), no grad (compute_accept=True)
     distill: torch.Tensor | None = None  # [B, K, L] KL(p_main || q_head), grad into the heads only (compute_distill)
+    hidden: torch.Tensor | None = None  # [B, T, H] trunk output states, live graph (return_hidden=True)
 
 
 
@@ -134,16 +135,7 @@ def _expected_acceptance(main_hidden, head_hiddens, weight, bias, temperature, s
     return out.view(len(heads_flat), batch, length).transpose(0, 1)
 
 
-def forward_logprobs(model, input_ids, attention_mask, logits_to_keep, temperature=1.0, mtp_grad="joint", *,
-                     compute_entropy=False, compute_accept=False, compute_distill=False) -> LogProbs:
-    """Main and MTP log-probabilities of the last `logits_to_keep` tokens from one trunk forward.
-
-    mtp_grad="joint": the MTP heads see the live trunk, embeddings and lm_head, so an MTP loss trains them.
-    mtp_grad="detach": hidden states, embeddings and lm_head weights enter the heads detached; an MTP loss
-    then only reaches MTP-only parameters (the verl/slime default during RL).
-    compute_distill: also the per-token KL(p_main || q_k) of every head (`distill_kl`), whose gradient reaches
-    the heads only.
-    """
+def _check_inputs(model, input_ids, attention_mask, logits_to_keep, mtp_grad) -> int:
     if mtp_grad not in MTP_GRAD_CHOICES:
         raise ValueError(f"mtp_grad must be one of {MTP_GRAD_CHOICES}, got {mtp_grad!r}")
     if input_ids.dim() != 2:
@@ -151,25 +143,28 @@ def forward_logprobs(model, input_ids, attention_mask, logits_to_keep, temperatu
     if attention_mask is not None and attention_mask.shape != input_ids.shape:
         raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
                          f"{tuple(input_ids.shape)}")
-    heads = get_mtp_heads(model)
-    num_heads, seq_len, keep = heads.num_heads, input_ids.shape[1], int(logits_to_keep)
+    num_heads, seq_len, keep = get_mtp_heads(model).num_heads, input_ids.shape[1], int(logits_to_keep)
     if not 1 <= keep <= seq_len - num_heads - 1:
         raise ValueError(
             f"logits_to_keep={keep} with seq_len={seq_len} and {num_heads} MTP head(s): head K scores completion "
             f"token j from position j-K-1, so the prompt must be longer than K (need 1 <= logits_to_keep <= "
             f"{seq_len - num_heads - 1})"
         )
-    decoder = decoder_of(model)
-    h0 = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    return keep
+
+
+def head_logprobs(model, h0, input_ids, attention_mask, logits_to_keep, temperature=1.0, mtp_grad="joint", *,
+                  compute_distill=False):
+    """The MTP heads on the trunk's output states `h0` [B, T, H]: (log-probs [B, K, L] of the last
+    `logits_to_keep` tokens, each head's hidden states over those positions, KL(p_main || q_k) [B, K, L] or
+    None). Called by `forward_logprobs`, and by the trainer to re-run detached heads on the live trunk when it
+    measures gradient statistics (`occ_fidelity_every`). Pad positions are not masked here."""
+    keep = _check_inputs(model, input_ids, attention_mask, logits_to_keep, mtp_grad)
+    heads, decoder, seq_len = get_mtp_heads(model), decoder_of(model), input_ids.shape[1]
     lm_head = model.get_output_embeddings()
     weight, bias = lm_head.weight, lm_head.bias
     softcap, scale = _logit_transform(model)
-    targets = input_ids[:, -keep:]
-
     main_hidden = h0[:, seq_len - keep - 1: seq_len - 1]
-    main, entropy = _token_logprobs(main_hidden, weight, bias, targets, temperature, softcap, scale,
-                                    entropy=compute_entropy)
-
     embed = model.get_input_embeddings()
     if mtp_grad == "detach":
         h0, weight = h0.detach(), weight.detach()
@@ -183,18 +178,44 @@ def forward_logprobs(model, input_ids, attention_mask, logits_to_keep, temperatu
     head_states = heads(h0, input_ids, attention_mask, embed_tokens, getattr(decoder, "rotary_emb", None))
     # h^k has length T-k; its positions T-k-1-L .. T-k-2 predict the L completion tokens.
     head_hidden = [h[:, seq_len - k - 1 - keep: seq_len - k - 1] for k, h in enumerate(head_states, start=1)]
+    targets = input_ids[:, -keep:]
     mtp = torch.stack(
         [_token_logprobs(h, weight, bias, targets, temperature, softcap, scale)[0] for h in head_hidden], dim=1
     )
-
-    accept = None
-    if compute_accept:
-        accept = _expected_acceptance(main_hidden.detach(), [h.detach() for h in head_hidden], weight.detach(),
-                                      None if bias is None else bias.detach(), temperature, softcap, scale)
     distill = None
     if compute_distill:
         distill = torch.stack([distill_kl(h, main_hidden, weight, bias, temperature, softcap, scale)
                                for h in head_hidden], dim=1)
+    return mtp, head_hidden, distill
+
+
+def forward_logprobs(model, input_ids, attention_mask, logits_to_keep, temperature=1.0, mtp_grad="joint", *,
+                     compute_entropy=False, compute_accept=False, compute_distill=False,
+                     return_hidden=False) -> LogProbs:
+    """Main and MTP log-probabilities of the last `logits_to_keep` tokens from one trunk forward.
+
+    mtp_grad="joint": the MTP heads see the live trunk, embeddings and lm_head, so an MTP loss trains them.
+    mtp_grad="detach": hidden states, embeddings and lm_head weights enter the heads detached; an MTP loss
+    then only reaches MTP-only parameters (the verl/slime default during RL).
+    compute_distill: also the per-token KL(p_main || q_k) of every head (`distill_kl`), whose gradient reaches
+    the heads only. return_hidden: also the trunk's output states (with their graph), which the `hidden`
+    OCC estimator differentiates against.
+    """
+    keep = _check_inputs(model, input_ids, attention_mask, logits_to_keep, mtp_grad)
+    decoder, seq_len = decoder_of(model), input_ids.shape[1]
+    h0 = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    lm_head = model.get_output_embeddings()
+    weight, bias = lm_head.weight, lm_head.bias
+    softcap, scale = _logit_transform(model)
+    main_hidden = h0[:, seq_len - keep - 1: seq_len - 1]
+    main, entropy = _token_logprobs(main_hidden, weight, bias, input_ids[:, -keep:], temperature, softcap, scale,
+                                    entropy=compute_entropy)
+    mtp, head_hidden, distill = head_logprobs(model, h0, input_ids, attention_mask, keep, temperature, mtp_grad,
+                                              compute_distill=compute_distill)
+    accept = None
+    if compute_accept:
+        accept = _expected_acceptance(main_hidden.detach(), [h.detach() for h in head_hidden], weight.detach(),
+                                      None if bias is None else bias.detach(), temperature, softcap, scale)
     if attention_mask is not None:
         pad = attention_mask[:, -keep:] == 0
         main = main.masked_fill(pad, 0.0)
@@ -202,4 +223,5 @@ def forward_logprobs(model, input_ids, attention_mask, logits_to_keep, temperatu
         entropy = None if entropy is None else entropy.masked_fill(pad, 0.0)
         accept = None if accept is None else accept.masked_fill(pad.unsqueeze(1), 0.0)
         distill = None if distill is None else distill.masked_fill(pad.unsqueeze(1), 0.0)
-    return LogProbs(main=main, mtp=mtp, entropy=entropy, accept=accept, distill=distill)
+    return LogProbs(main=main, mtp=mtp, entropy=entropy, accept=accept, distill=distill,
+                    hidden=h0 if return_hidden else None)

@@ -92,6 +92,17 @@ def decoder_of(model: nn.Module) -> nn.Module:
     return decoder
 
 
+def last_layer_params(model: nn.Module, n: int) -> list[nn.Parameter]:
+    """Trainable parameters of the trunk's last `n` decoder layers and its final norm (the `last_layers` OCC
+    estimator's c and v2 are taken over these)."""
+    decoder = decoder_of(model)
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= len(decoder.layers):
+        raise ValueError(f"occ_last_layers must be an integer in 1..{len(decoder.layers)} (the trunk's decoder "
+                         f"layers), got {n!r}")
+    modules = list(decoder.layers[-n:]) + [m for m in (getattr(decoder, "norm", None),) if m is not None]
+    return [p for m in modules for p in m.parameters() if p.requires_grad]
+
+
 def get_mtp_heads(model: nn.Module) -> MTPHeads:
     heads = getattr(model, "mtp_heads", None)
     if not isinstance(heads, MTPHeads):

@@ -79,24 +79,70 @@ def occ_coefficient(delta_rl, delta_mtp, mask, *, estimator: str = "batch", lamb
         return lambda_from_stats(stats, estimator=estimator, lambda_plus=lambda_plus, eps=eps, clip=clip)
 
 
+# ------------------------------------------------------------------------- estimators of the true c and v2
+# The paper's proxies above use log-prob changes. The estimators below use gradients: of the two losses with
+# respect to some tensors X (all main-model parameters = exact; the last n decoder layers; the trunk's output
+# hidden states), c = <dL_RL/dX, dL_MTP/dX> and v2 = ||dL_MTP/dX||^2 -- or a running average of the proxies.
+# The trainer maps each `occ_variant` to one of them (`trainer.ESTIMATOR_INPUTS`).
+
+
+def loss_gradients(loss, inputs) -> list[torch.Tensor]:
+    """d loss / d x for every tensor in `inputs` (zeros where `loss` does not depend on x). The graph is retained
+    so the caller can still backward through it; autograd only runs the part of the graph between `loss` and
+    `inputs` (for the trunk's output states: the LM head and the MTP heads, never the trunk)."""
+    grads = torch.autograd.grad(loss, inputs, retain_graph=True, allow_unused=True)
+    return [torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads)]
+
+
+def gradient_statistics(g_rl, g_mtp) -> OCCStats:
+    """c = <g_RL, g_MTP>, v2 = ||g_MTP||^2 (float32 sums) from two lists of gradients over the same tensors."""
+    if len(g_rl) != len(g_mtp):
+        raise ValueError(f"gradient_statistics needs one g_RL per g_MTP, got {len(g_rl)} and {len(g_mtp)}")
+    c = v2 = torch.zeros((), dtype=torch.float32, device=g_mtp[0].device if g_mtp else None)
+    for a, b in zip(g_rl, g_mtp):
+        a, b = a.float(), b.float()
+        c = c + (a * b).sum()
+        v2 = v2 + (b * b).sum()
+    return OCCStats(c, v2)
+
+
+def hidden_state_statistics(rl_loss, mtp_loss, hidden) -> OCCStats:
+    """`hidden` estimator: c and v2 from the gradients of the two losses with respect to the trunk's output
+    hidden states [B, T, H] that both the LM head and the MTP heads read. Backward through the LM head and
+    the MTP heads only; the trunk is never traversed."""
+    return gradient_statistics(loss_gradients(rl_loss, [hidden]), loss_gradients(mtp_loss, [hidden]))
+
+
+def parameter_statistics(rl_loss, mtp_loss, params) -> OCCStats:
+    """c and v2 over `params`: all main-model parameters = the exact statistics of Eq. 10; the last n decoder
+    layers and the final norm = the `last_layers` estimator (backward through those layers only)."""
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        raise ValueError("parameter_statistics needs at least one parameter that requires grad")
+    return gradient_statistics(loss_gradients(rl_loss, params), loss_gradients(mtp_loss, params))
+
+
+def ema_statistics(previous: OCCStats | None, current: OCCStats, beta: float) -> OCCStats:
+    """`ema` estimator: exponential moving average of the proxies' sums, c <- beta c + (1 - beta) c_new (the
+    same for v2). Lambda = lambda_plus c / v2 needs no bias correction (it cancels in the ratio). One
+    micro-batch's proxies are noisy and exactly 0 on the first mini-batch after a rollout; the average keeps
+    the recent history instead."""
+    if not 0.0 <= beta < 1.0:
+        raise ValueError(f"ema beta must be in [0, 1), got {beta!r}")
+    if previous is None:
+        return OCCStats(current.c_hat.detach(), current.v2_hat.detach())
+    return OCCStats(beta * previous.c_hat + (1 - beta) * current.c_hat.detach(),
+                    beta * previous.v2_hat + (1 - beta) * current.v2_hat.detach())
+
+
 def exact_occ_coefficient(rl_loss, mtp_loss, params, *, lambda_plus: float = 1.0, eps: float = 1e-8,
                           clip: bool = False):
     """Lambda from the true gradient statistics over `params` (the main model's, not MTP-only ones):
     c = <grad rl_loss, grad mtp_loss>, v2 = ||grad mtp_loss||^2. Two extra backward passes (the paper's
-    5.6x "full model" cost); the graph is retained so the caller can still backward the total loss.
+    5.6x "full model" cost); the graph is retained so the caller can still backward the total loss. The trainer's
+    `occ_variant=exact` gets the same value with one extra backward (`MTPGRPOTrainer._after_backward`).
     Returns (lambda, c, v2) as detached 0-dim tensors."""
-    params = [p for p in params if p.requires_grad]
-    if not params:
-        raise ValueError("exact_occ_coefficient needs at least one parameter that requires grad")
-    g_rl = torch.autograd.grad(rl_loss, params, retain_graph=True, allow_unused=True)
-    g_mtp = torch.autograd.grad(mtp_loss, params, retain_graph=True, allow_unused=True)
-    zero = torch.zeros((), device=params[0].device, dtype=torch.float32)
-    c, v2 = zero.clone(), zero.clone()
-    for a, b in zip(g_rl, g_mtp):
-        if b is None:
-            continue
-        v2 = v2 + (b.float() * b.float()).sum()
-        if a is not None:
-            c = c + (a.float() * b.float()).sum()
-    c_eff = c.clamp(min=0.0) if clip else c
-    return lambda_plus * c_eff / (v2 + eps), c.detach(), v2.detach()
+    with torch.enable_grad():
+        stats = parameter_statistics(rl_loss, mtp_loss, params)
+    c, v2 = stats.c_hat.detach(), stats.v2_hat.detach()
+    return lambda_from_stats(OCCStats(c, v2), lambda_plus=lambda_plus, eps=eps, clip=clip), c, v2

@@ -21,15 +21,21 @@ import torch
 REGIME_LABELS = {"none": "GRPO (no MTP)", "detach": "Detach", "ce": "CE loss", "policy": "Policy loss",
                  "occ": "OCC", "distill": "Distill"}
 REGIMES = tuple(REGIME_LABELS)
-# `reference` is the released code's variant (SPEC name), not RL's reference model.
-OCC_VARIANTS = ("paper", "reference", "exact")
+# `reference` is the released code's variant (SPEC name), not RL's reference model. After `exact`, the
+# estimators beyond the paper (occ.py): `hidden`, `last_layers`, `ema`.
+OCC_VARIANTS = ("paper", "reference", "exact", "hidden", "last_layers", "ema")
+# Where a regime's lambda comes from (`Regime.lambda_from`): the paper's log-prob proxies (`hat`) or one of the
+# estimators of the true c and v2. Metric keys: mtp/c_<name>/k, except hat -> mtp/c_hat/k, exact -> c_exact.
+LAMBDA_SOURCES = ("hat", "ema", "hidden", "last_layers", "exact")
 
 
 class HeadTerm(NamedTuple):
     """What a regime adds for head k: `coef * loss` (or `loss` alone when the coefficient sits inside it)."""
 
     loss: torch.Tensor  # head k's loss as the regime defines it; logged as mtp/loss/k
-    coef: torch.Tensor  # its coefficient (mtp_coef or OCC's lambda); logged as mtp/lambda/k
+    # its coefficient (mtp_coef or OCC's lambda); logged as mtp/lambda/k. None: lambda from the true gradients,
+    # applied after the backward (occ exact: the loss is backpropagated on its own, see trainer._after_backward)
+    coef: torch.Tensor | None
     coef_in_loss: bool = False  # True: `coef` already scales the loss from inside (released code: advantages)
 
 
@@ -49,7 +55,8 @@ class HeadBatch:
     policy_loss: Callable[..., torch.Tensor]  # (logq, old_logq, advantages) -> clipped surrogate, TRL-scaled
     token_mean: Callable[[torch.Tensor], torch.Tensor]  # per-token loss [B, L] -> masked mean, TRL-scaled
     proxy_lambda: Callable[..., torch.Tensor]  # (lambda_plus_scale=1.0) -> OCC lambda from the proxies
-    exact_lambda: Callable[[torch.Tensor], torch.Tensor]  # head loss -> OCC lambda from true gradients
+    # head loss -> OCC lambda from the regime's `lambda_from` source (None: deferred until after the backward)
+    estimated_lambda: Callable[[torch.Tensor], torch.Tensor | None]
 
     def fixed(self) -> torch.Tensor:
         return torch.tensor(float(self.mtp_coef))
@@ -72,15 +79,11 @@ def policy_loss_fixed(h: HeadBatch) -> HeadTerm:
     return HeadTerm(h.policy_loss(h.logq, h.old_logq, h.advantages), h.fixed())
 
 
-def occ_paper(h: HeadBatch) -> HeadTerm:
-    """occ (paper, Eq. 13): lambda from the log-prob proxies scales head k's policy loss."""
-    return HeadTerm(h.policy_loss(h.logq, h.old_logq, h.advantages), h.proxy_lambda())
-
-
-def occ_exact(h: HeadBatch) -> HeadTerm:
-    """occ (exact): lambda from the true gradients of this micro-batch scales head k's policy loss."""
+def occ_scaled(h: HeadBatch) -> HeadTerm:
+    """occ (paper, Eq. 13, and the estimators beyond it): lambda -- from the log-prob proxies, or from an
+    estimate of the true c and v2 -- scales head k's policy loss."""
     loss = h.policy_loss(h.logq, h.old_logq, h.advantages)
-    return HeadTerm(loss, h.exact_lambda(loss))
+    return HeadTerm(loss, h.estimated_lambda(loss))
 
 
 def occ_released_code(h: HeadBatch) -> HeadTerm:
@@ -95,7 +98,8 @@ class Regime:
     mtp_grad: str = "joint"  # "detach": trunk states, embeddings and lm_head enter the heads detached
     ratio_against: str = "head"  # "head": the head's own rollout-time log-probs | "main": the main head's
     estimator: str = "batch"  # OCC proxy estimator (occ.ESTIMATORS); logged for every regime
-    uses_lambda: bool = False  # the coefficient is OCC's lambda (so exact c, v2 are worth logging)
+    uses_lambda: bool = False  # the coefficient is OCC's lambda
+    lambda_from: str = "hat"  # LAMBDA_SOURCES: what `estimated_lambda` computes
     needs_distill: bool = False  # the forward also computes KL(p_main || q_k) (tiled full distributions)
 
 
@@ -103,9 +107,10 @@ MTP_TERMS = {
     "detach": Regime(ce_on_samples, mtp_grad="detach"),
     "ce": Regime(ce_on_samples),
     "policy": Regime(policy_loss_fixed),
-    "occ:paper": Regime(occ_paper, uses_lambda=True),
+    "occ:paper": Regime(occ_scaled, uses_lambda=True),
     "occ:reference": Regime(occ_released_code, ratio_against="main", estimator="token", uses_lambda=True),
-    "occ:exact": Regime(occ_exact, uses_lambda=True),
+    **{f"occ:{source}": Regime(occ_scaled, uses_lambda=True, lambda_from=source)
+       for source in ("exact", "hidden", "last_layers", "ema")},
     "distill": Regime(distill_from_policy, mtp_grad="detach", needs_distill=True),
 }
 

@@ -5,6 +5,8 @@ What changes against stock GRPOTrainer, and nothing else:
 - at rollout time the old MTP log-probs come out of the very forward that gave TRL its old main log-probs
   (`_generate_and_score_completions`) and travel in the batch (`old_mtp_logps`) through TRL's shuffle and split;
 - `_compute_loss` adds the MTP term of the chosen regime (`mtprl.regimes`) to TRL's own loss, untouched;
+  under `occ_variant=exact` the MTP term is backpropagated on its own (stashed) and added, times lambda, after
+  TRL's backward (`training_step` -> `_after_backward`): one extra backward pass, not two;
 - checkpoints keep the heads in their own files (`mtprl.checkpoints.MTPCheckpointMixin`);
 - every log line also goes to `<output_dir>/metrics.jsonl`.
 
@@ -33,10 +35,11 @@ from trl import GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer
 
 from .checkpoints import MTPCheckpointMixin, attach_or_load_heads
 from .jsonl import append_jsonl
-from .logprobs import LogProbs, forward_logprobs
-from .mtp import INIT_CHOICES
+from .logprobs import LogProbs, forward_logprobs, head_logprobs
+from .mtp import INIT_CHOICES, last_layer_params
 from .objectives import LOSS_TYPES, masked_mean, mtp_ce_loss, policy_loss
-from .occ import OCCStats, exact_occ_coefficient, lambda_from_stats, occ_statistics
+from .occ import (OCCStats, ema_statistics, gradient_statistics, lambda_from_stats, loss_gradients,
+                  occ_statistics)
 from .regimes import OCC_VARIANTS, REGIMES, HeadBatch, regime_for
 from .tasks import safe_reward
 
@@ -57,14 +60,24 @@ class MTPGRPOConfig(GRPOConfig):
     occ_variant: str = field(default="paper", metadata={
         "help": "paper: batch estimator, head ratio against the head's own old log-probs, lambda scales the head "
                 "loss | reference: the released code (token estimator, ratio against the main old log-probs, "
-                "lambda scales the head's advantages, lambda_plus / K) | exact: lambda from true gradients."})
+                "lambda scales the head's advantages, lambda_plus / K) | exact: lambda from the true gradients over "
+                "the main model (one extra backward) | hidden: c, v2 from gradients at the trunk's output states | "
+                "last_layers: exact c, v2 over the last occ_last_layers decoder layers | ema: running average of "
+                "the paper's proxies (occ_ema_beta)."})
     occ_lambda_plus: float = field(default=1.0, metadata={"help": "lambda_plus of Eq. 13 (absorbs the "
                                                                     "smoothness prefactor)."})
     occ_eps: float = field(default=1e-8, metadata={"help": "eps of Eq. 13."})
     occ_clip: bool = field(default=False, metadata={"help": "OCC-Clip (App. E): c_hat -> max(c_hat, 0)."})
+    occ_last_layers: int = field(default=1, metadata={
+        "help": "last_layers estimator: number of final decoder layers (plus the final norm) c and v2 are taken "
+                "over."})
+    occ_ema_beta: float = field(default=0.9, metadata={
+        "help": "ema estimator: weight of the history in the running average of c_hat and v2_hat, per "
+                "micro-batch."})
     occ_fidelity_every: int = field(default=0, metadata={
-        "help": "Every N optimizer steps also compute the exact c and v2 beside the proxies (two extra backward "
-                "passes on that step), logged as mtp/c_exact/k and mtp/v2_exact/k. 0 = never."})
+        "help": "Every N optimizer steps also compute, on the same micro-batch, the exact c and v2 and every "
+                "estimator's (hidden, last_layers, ema, the proxies), for every regime that runs the heads: "
+                "mtp/c_<estimator>/k, mtp/v2_<estimator>/k. 0 = never."})
     mtp_log_acceptance: bool = field(default=True, metadata={
         "help": "Log mtp/accept/k, the expected speculative acceptance sum_v min(p_main, p_head) on completion "
                 "tokens (no gradient; one extra LM-head pass per head)."})
@@ -81,6 +94,11 @@ class MTPGRPOConfig(GRPOConfig):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
         if self.occ_eps <= 0:
             raise ValueError(f"occ_eps must be > 0, got {self.occ_eps!r}")
+        if isinstance(self.occ_last_layers, bool) or not isinstance(self.occ_last_layers, int) or \
+                self.occ_last_layers < 1:
+            raise ValueError(f"occ_last_layers must be an integer >= 1, got {self.occ_last_layers!r}")
+        if not isinstance(self.occ_ema_beta, (int, float)) or not 0.0 <= self.occ_ema_beta < 1.0:
+            raise ValueError(f"occ_ema_beta must be in [0, 1), got {self.occ_ema_beta!r}")
         if not isinstance(self.occ_fidelity_every, int) or self.occ_fidelity_every < 0:
             raise ValueError(f"occ_fidelity_every must be an integer >= 0, got {self.occ_fidelity_every!r}")
         if self.mtp_regime != "none":
@@ -126,6 +144,25 @@ def _add_mtp_forward(model, temperature: float) -> None:
     model.forward = types.MethodType(forward, model)
 
 
+def _grad_dot(params, grads) -> torch.Tensor:
+    """<p.grad, g> summed over parameters (float64 accumulation; a parameter without .grad counts 0)."""
+    total = torch.zeros((), dtype=torch.float64, device=grads[0].device if grads else None)
+    for p, g in zip(params, grads):
+        if p.grad is not None:
+            total = total + (p.grad.float() * g.float()).sum().double()
+    return total
+
+
+@dataclass
+class DeferredHead:
+    """occ exact: head k's MTP gradient, stashed until TRL's backward of the RL loss has run."""
+
+    depth: int
+    params: list  # main-model parameters, then head parameters
+    grads: list  # g_MTP over `params` (rank mean)
+    dot_before: torch.Tensor  # <.grad before TRL's backward, g_MTP> over the main model (rank mean)
+
+
 class ForwardLedger:
     """The MTP forwards run inside one TRL call, so the caller can take the one TRL used (see module doc)."""
 
@@ -162,6 +199,7 @@ class MTPGRPOTrainer(MTPCheckpointMixin, GRPOTrainer):
         self.add_callback(MetricsJsonlCallback(args.output_dir))
         self.regime = regime_for(args.mtp_regime, args.occ_variant)  # None: plain GRPO
         self._ledger: ForwardLedger | None = None
+        self._deferred: list[DeferredHead] = []  # occ exact: stashed MTP gradients awaiting TRL's backward
         if self.regime is None:
             return
         unwrapped = self.accelerator.unwrap_model(self.model)
@@ -169,6 +207,14 @@ class MTPGRPOTrainer(MTPCheckpointMixin, GRPOTrainer):
         _add_mtp_forward(unwrapped, self.temperature)
         self._main_params = [p for n, p in unwrapped.named_parameters()
                              if p.requires_grad and not n.startswith("mtp_heads.")]
+        self._head_params = [p for p in unwrapped.mtp_heads.parameters() if p.requires_grad]
+        needs_last = self.regime.lambda_from == "last_layers" or args.occ_fidelity_every > 0
+        self._last_params = last_layer_params(unwrapped, args.occ_last_layers) if needs_last else []
+        self._ema: dict[int, OCCStats] = {}  # head depth -> running average of the proxies (`ema` estimator)
+        if self.regime.lambda_from == "exact" and (args.fp16 or self.is_deepspeed_enabled):
+            raise ValueError("occ_variant=exact adds lambda * g_MTP to the parameters' .grad after the backward; "
+                             "that needs unscaled, unpartitioned gradients: not with fp16 loss scaling or DeepSpeed "
+                             "(use bf16, DDP or FSDP, or occ_variant=last_layers / hidden)")
         generate_every = args.steps_per_generation * self.num_iterations
         if args.mtp_regime == "occ" and args.gradient_accumulation_steps % generate_every == 0:
             warnings.warn(
@@ -199,7 +245,9 @@ class MTPGRPOTrainer(MTPCheckpointMixin, GRPOTrainer):
             raise NotImplementedError("MTP heads support text-only, non-MoE models")
         request = {"logits_to_keep": logits_to_keep, "compute_entropy": compute_entropy,
                    "mtp_grad": self.regime.mtp_grad, "compute_distill": self.regime.needs_distill,
-                   "compute_accept": self.args.mtp_log_acceptance and torch.is_grad_enabled()}
+                   "compute_accept": self.args.mtp_log_acceptance and torch.is_grad_enabled(),
+                   "return_hidden": torch.is_grad_enabled() and (self.regime.lambda_from == "hidden"
+                                                                 or self.args.occ_fidelity_every > 0)}
         batch_size = batch_size or input_ids.size(0)
         chunks = []
         for start in range(0, input_ids.size(0), batch_size):
@@ -210,6 +258,8 @@ class MTPGRPOTrainer(MTPCheckpointMixin, GRPOTrainer):
         logprobs = LogProbs(**{name: None if getattr(chunks[0], name) is None else
                                torch.cat([getattr(c, name) for c in chunks], dim=0)
                                for name in ("main", "mtp", "entropy", "accept", "distill")})
+        if len(chunks) == 1:  # the very states the losses were computed from (a concatenation would be a copy)
+            logprobs.hidden = chunks[0].hidden
         if self._ledger is not None:
             self._ledger.forwards.append(logprobs)
         return logprobs.main, logprobs.entropy, None
@@ -272,6 +322,89 @@ class MTPGRPOTrainer(MTPCheckpointMixin, GRPOTrainer):
                                clip=self.args.occ_clip)
         return OCCStats(*self.accelerator.reduce(torch.stack(list(stats)), reduction="sum"))
 
+    def _mean_across_ranks(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Parameter gradients averaged over data-parallel ranks (what DDP does to .grad), so c and v2 are the
+        global ones and every rank gets one lambda. One flat all-reduce; nothing to do on one process."""
+        if self.accelerator.num_processes == 1 or not tensors:
+            return tensors
+        flat = self.accelerator.reduce(torch.cat([t.reshape(-1) for t in tensors]), reduction="mean")
+        return list(flat.split([t.numel() for t in tensors]))
+
+    def _gradient_estimate(self, source, rl_loss, head_loss, hidden, rl_grads) -> OCCStats:
+        """c and v2 of the `hidden`, `last_layers` or `exact` estimator (occ.py) for one head loss. d rl_loss / d X
+        is computed once per micro-batch (`rl_grads`) and shared by every head."""
+        if source == "hidden":
+            if hidden is None:
+                raise RuntimeError("the hidden estimator needs the trunk's output states of this forward (one "
+                                   "forward chunk per micro-batch)")
+            inputs = [hidden]
+        else:
+            inputs = self._main_params if source == "exact" else self._last_params
+        if source not in rl_grads:
+            rl_grads[source] = loss_gradients(rl_loss, inputs)
+            if source != "hidden":
+                rl_grads[source] = self._mean_across_ranks(rl_grads[source])
+        g_mtp = loss_gradients(head_loss, inputs)
+        if source == "hidden":  # per-token states: ranks hold disjoint tokens, so their sums add up
+            stats = gradient_statistics(rl_grads[source], g_mtp)
+            return OCCStats(*self.accelerator.reduce(torch.stack(list(stats)), reduction="sum"))
+        return gradient_statistics(rl_grads[source], self._mean_across_ranks(g_mtp))
+
+    def _defer_exact(self, depth, head_loss) -> None:
+        """occ exact, step 1 of 2: backpropagate head k's loss on its own (the one extra backward) and stash its
+        gradient g_MTP over the main model and the heads (one extra copy of the gradients). TRL's backward of
+        the RL loss then runs as usual; `_after_backward` reads g_RL off .grad and adds lambda * g_MTP."""
+        params = self._main_params + self._head_params
+        grads = self._mean_across_ranks(loss_gradients(head_loss, params))
+        before = _grad_dot(self._main_params, grads)  # .grad may already hold earlier micro-batches' gradients
+        self._deferred.append(DeferredHead(depth, params, grads, self.accelerator.reduce(before, reduction="mean")))
+
+    def _after_backward(self) -> None:
+        """occ exact, step 2 of 2 (after TRL's backward of the RL loss): c = <g_RL, g_MTP> with g_RL = .grad now
+        minus .grad before, v2 = ||g_MTP||^2 over the main model, then .grad += lambda * g_MTP (heads included).
+        Under DDP both gradients are rank means (.grad is averaged on the synchronising micro-batch and the dot
+        is averaged otherwise; <mean a, b> = mean <a, b>), so every rank adds the same lambda * g_MTP."""
+        deferred, self._deferred = self._deferred, []
+        if not deferred:
+            return
+        args, n_main = self.args, len(self._main_params)
+        lambdas = []
+        for d in deferred:  # every head's c from TRL's gradient alone, before any lambda * g_MTP is added
+            after = self.accelerator.reduce(_grad_dot(self._main_params, d.grads), reduction="mean")
+            c = (after - d.dot_before).float()
+            v2 = torch.stack([(g.float() ** 2).sum() for g in d.grads[:n_main]]).sum()
+            stats = OCCStats(c, v2)
+            lam = self._finite_or_zero(lambda_from_stats(stats, lambda_plus=args.occ_lambda_plus, eps=args.occ_eps,
+                                                         clip=args.occ_clip), d.depth, stats)
+            lambdas.append(lam)
+            for name, value in ((f"mtp/lambda/{d.depth}", lam), (f"mtp/c_exact/{d.depth}", c),
+                                (f"mtp/v2_exact/{d.depth}", v2)):
+                self._metrics["train"][name].append(value.item())
+        for d, lam in zip(deferred, lambdas):
+            for p, g in zip(d.params, d.grads):
+                if p.grad is None:
+                    p.grad = (lam * g).to(p.dtype)
+                else:
+                    p.grad.add_(g.to(p.grad.dtype), alpha=lam.item())
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self._after_backward()
+        return loss
+
+    def _joint_head_losses(self, logprobs, inputs, make_head):
+        """For detached regimes (detach, distill) on a fidelity step: their head losses recomputed on the live
+        trunk, so that c and v2 are defined over the main model's parameters as for the joint regimes."""
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+        attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+        with self.accelerator.autocast():
+            mtp, _, distill = head_logprobs(unwrapped, logprobs.hidden, input_ids, attention_mask,
+                                            inputs["completion_ids"].size(1), self.temperature, "joint",
+                                            compute_distill=self.regime.needs_distill)
+        return [self.regime.term(make_head(k, mtp[:, k], None if distill is None else distill[:, k])).loss
+                for k in range(mtp.shape[1])]
+
     def _mtp_term(self, rl_loss, logprobs: LogProbs, inputs):
         """The regime's MTP term for this micro-batch (summed over heads), and its metrics."""
         args, regime = self.args, self.regime
@@ -283,51 +416,82 @@ class MTPGRPOTrainer(MTPCheckpointMixin, GRPOTrainer):
         old_mtp = mtp.detach() if old_mtp is None else old_mtp
         delta_rl = (main - old_main).detach()
         num_heads = mtp.shape[1]
-        fidelity = regime.uses_lambda and self._fidelity_step()
+        training = self.model.training and torch.is_grad_enabled()
+        fidelity = training and self._fidelity_step()
+        rl_grads = {}  # d rl_loss / d X per estimator input X: once per micro-batch, shared by the heads
 
-        total, metrics = rl_loss.new_zeros(()), {}
-        for k in range(num_heads):
-            depth, logq = k + 1, mtp[:, k]
+        def make_head(k, logq, distill):
+            depth = k + 1
             old_logq = old_main if regime.ratio_against == "main" else old_mtp[:, k]
             # Logged for every regime: the proxies are how the regimes differ.
             stats = self._reduced_stats(delta_rl, (logq - old_logq).detach(), mask, regime.estimator)
-            exact = {}  # lambda, c, v2 from true gradients: computed at most once per head
 
-            def proxy_lambda(lambda_plus_scale=1.0, stats=stats, depth=depth):
+            def proxy_lambda(lambda_plus_scale=1.0):
                 lam = lambda_from_stats(stats, estimator=regime.estimator,
                                         lambda_plus=args.occ_lambda_plus * lambda_plus_scale, eps=args.occ_eps,
                                         clip=args.occ_clip)
                 return self._finite_or_zero(lam, depth, stats)
 
-            def exact_lambda(head_loss, exact=exact, stats=stats, depth=depth):
-                if not exact:
-                    exact["lam"], exact["c"], exact["v2"] = exact_occ_coefficient(
-                        rl_loss, head_loss, self._main_params, lambda_plus=args.occ_lambda_plus, eps=args.occ_eps,
-                        clip=args.occ_clip)
-                return self._finite_or_zero(exact["lam"], depth, stats)
+            def estimated_lambda(head_loss):
+                source = regime.lambda_from
+                if source == "hat":
+                    return proxy_lambda()
+                if source == "ema":
+                    est = self._ema.get(depth, stats)
+                elif not training:  # gradient estimators need a backward: no lambda outside training
+                    return torch.zeros((), device=head_loss.device)
+                elif source == "exact":
+                    self._defer_exact(depth, head_loss)
+                    return None
+                else:
+                    est = self._gradient_estimate(source, rl_loss, head_loss, logprobs.hidden, rl_grads)
+                lam = lambda_from_stats(est, lambda_plus=args.occ_lambda_plus, eps=args.occ_eps, clip=args.occ_clip)
+                return self._finite_or_zero(lam, depth, est)
 
-            head = HeadBatch(depth=depth, num_heads=num_heads, logq=logq, old_logq=old_logq,
-                             advantages=inputs["advantages"], mask=mask, mtp_coef=args.mtp_coef,
-                             distill=None if logprobs.distill is None else logprobs.distill[:, k],
+            return HeadBatch(depth=depth, num_heads=num_heads, logq=logq, old_logq=old_logq,
+                             advantages=inputs["advantages"], mask=mask, mtp_coef=args.mtp_coef, distill=distill,
                              policy_loss=functools.partial(self._policy_loss, mask=mask, inputs=inputs),
                              token_mean=functools.partial(self._token_mean, mask=mask),
-                             proxy_lambda=proxy_lambda, exact_lambda=exact_lambda)
-            term = regime.term(head)
-            if fidelity:
-                exact_lambda(term.loss)
-            total = total + (term.loss if term.coef_in_loss else term.coef.to(term.loss.dtype) * term.loss)
+                             proxy_lambda=proxy_lambda, estimated_lambda=estimated_lambda), stats
 
-            metrics[f"mtp/lambda/{depth}"] = float(term.coef)
+        total, metrics, deferred = rl_loss.new_zeros(()), {}, False
+        heads = [make_head(k, mtp[:, k], None if logprobs.distill is None else logprobs.distill[:, k])
+                 for k in range(num_heads)]
+        if training:  # the running average sees every training micro-batch, whichever the regime
+            for head, stats in heads:
+                self._ema[head.depth] = ema_statistics(self._ema.get(head.depth), stats, args.occ_ema_beta)
+        terms = [regime.term(head) for head, _ in heads]
+        if fidelity:
+            joint_losses = (self._joint_head_losses(logprobs, inputs, lambda k, q, d: make_head(k, q, d)[0])
+                            if regime.mtp_grad == "detach" else None)
+            for k, ((head, stats), term) in enumerate(zip(heads, terms)):
+                # c and v2 of the head's own loss with coefficient 1 (the released code's lambda sits inside it)
+                loss = (joint_losses[k] if joint_losses is not None else
+                        head.policy_loss(head.logq, head.old_logq, head.advantages) if term.coef_in_loss else term.loss)
+                sources = [s for s in ("hidden", "last_layers", "exact")
+                           if not (s == "exact" and term.coef is None)]  # exact comes from _after_backward
+                for source in sources:
+                    est = self._gradient_estimate(source, rl_loss, loss, logprobs.hidden, rl_grads)
+                    metrics[f"mtp/c_{source}/{head.depth}"] = est.c_hat.item()
+                    metrics[f"mtp/v2_{source}/{head.depth}"] = est.v2_hat.item()
+                metrics[f"mtp/c_ema/{head.depth}"] = self._ema[head.depth].c_hat.item()
+                metrics[f"mtp/v2_ema/{head.depth}"] = self._ema[head.depth].v2_hat.item()
+        for (head, stats), term in zip(heads, terms):
+            depth = head.depth
+            if term.coef is None:
+                deferred = True
+            else:
+                total = total + (term.loss if term.coef_in_loss else term.coef.to(term.loss.dtype) * term.loss)
+                metrics[f"mtp/lambda/{depth}"] = float(term.coef)
             metrics[f"mtp/c_hat/{depth}"] = stats.c_hat.item()
             metrics[f"mtp/v2_hat/{depth}"] = stats.v2_hat.item()
             metrics[f"mtp/loss/{depth}"] = term.loss.item()
-            if exact:
-                metrics[f"mtp/c_exact/{depth}"] = exact["c"].item()
-                metrics[f"mtp/v2_exact/{depth}"] = exact["v2"].item()
             if logprobs.accept is not None:
-                acc = logprobs.accept[:, k]
+                acc = logprobs.accept[:, depth - 1]
                 sums = self.accelerator.reduce(torch.stack([(acc * mask).sum(), mask.sum().float()]), reduction="sum")
                 metrics[f"mtp/accept/{depth}"] = (sums[0] / sums[1].clamp(min=1.0)).item()
+        if deferred:  # keep the head parameters in this backward's graph (DDP expects every parameter used)
+            total = total + sum(p.sum() for p in self._head_params) * 0.0
         return total, metrics
 
     def _finite_or_zero(self, coef, depth, stats):
