@@ -412,3 +412,114 @@ def test_sft_mtp_only_keeps_the_main_model_bit_identical_and_raises_acceptance(t
     assert after > before + 0.1, (before, after)
     rows = [r for r in _metrics(tmp_path / "sft") if "mtp/distill/1" in r]
     assert rows and rows[-1]["mtp/distill/1"] < rows[0]["mtp/distill/1"]
+
+
+def _independent_losses(model, inputs):
+    """TRL's DAPO loss and head 1's DAPO policy loss on one micro-batch, written from mtprl's public functions."""
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+    mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+    out = mtprl.forward_logprobs(model, ids, mask, inputs["completion_ids"].shape[1], return_hidden=True)
+    m = inputs["completion_mask"]
+    kw = dict(loss_type="dapo", epsilon_low=0.2, epsilon_high=0.2, normalizer=m.sum().float())
+    rl = mtprl.policy_loss(out.main, inputs["old_per_token_logps"], inputs["advantages"], m, **kw)
+    head = mtprl.policy_loss(out.mtp[:, 0], inputs["old_mtp_logps"][:, 0], inputs["advantages"], m, **kw)
+    return rl, head, out
+
+
+def test_occ_exact_one_backward_with_gradient_accumulation(tmp_path):
+    """Two accumulated micro-batches: each lambda equals exact_occ_coefficient on its micro-batch (1e-5), and the
+    accumulated gradient equals autograd's sum of grad(rl_m + lambda_m head_m), heads included."""
+    trainer = _mtp_trainer(tmp_path, mtp_regime="occ", occ_variant="exact", mtp_num_heads=1, loss_type="dapo",
+                           gradient_accumulation_steps=2, occ_lambda_plus=0.7)
+    model = trainer.model
+    reference = copy.deepcopy(model)
+    batches = []
+    for seed in (0, 1):
+        inputs = _with_old_logprobs(trainer, _crafted_inputs(seed=seed), seed=seed + 3)
+        inputs["old_mtp_logps"] = inputs["old_mtp_logps"][:, :1]
+        batches.append(inputs)
+    model.train()
+    trainer.current_gradient_accumulation_steps = 2
+    model.zero_grad(set_to_none=True)
+    for inputs in batches:
+        trainer.compute_loss(model, inputs).backward()
+        trainer._after_backward()
+    lambdas = trainer._metrics["train"]["mtp/lambda/1"][-2:]
+
+    main = [p for n, p in reference.named_parameters() if not n.startswith("mtp_heads.")]
+    expected_total = 0.0
+    for inputs, got in zip(batches, lambdas):
+        rl, head, _ = _independent_losses(reference, inputs)
+        lam, _, _ = mtprl.exact_occ_coefficient(rl, head, main, lambda_plus=0.7)
+        assert got == pytest.approx(lam.item(), rel=1e-5)
+        assert abs(lam.item()) > 1e-4
+        expected_total = expected_total + rl + lam * head
+    reference.zero_grad(set_to_none=True)
+    expected_total.backward()
+    for (name, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("variant", ["hidden", "last_layers"])
+def test_occ_gradient_estimators_set_lambda_from_their_pure_function(tmp_path, variant):
+    trainer = _mtp_trainer(tmp_path, mtp_regime="occ", occ_variant=variant, mtp_num_heads=1, loss_type="dapo",
+                           occ_lambda_plus=0.5)
+    inputs = _with_old_logprobs(trainer, _crafted_inputs())
+    inputs["old_mtp_logps"] = inputs["old_mtp_logps"][:, :1]
+    reference = copy.deepcopy(trainer.model)
+    _loss_and_grads(trainer, inputs)
+    rl, head, out = _independent_losses(reference, inputs)
+    if variant == "hidden":
+        stats = mtprl.occ.hidden_state_statistics(rl, head, out.hidden)
+    else:
+        stats = mtprl.occ.parameter_statistics(rl, head, mtprl.mtp.last_layer_params(reference, 1))
+    expected = 0.5 * stats.c_hat / (stats.v2_hat + 1e-8)
+    assert trainer._metrics["train"]["mtp/lambda/1"][-1] == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_occ_ema_lambda_is_the_running_average_of_the_proxies(tmp_path):
+    trainer = _mtp_trainer(tmp_path, mtp_regime="occ", occ_variant="ema", mtp_num_heads=1, occ_ema_beta=0.5)
+    c_avg = v_avg = None
+    for seed in (0, 1, 2):
+        inputs = _with_old_logprobs(trainer, _crafted_inputs(seed=seed), seed=seed + 7)
+        inputs["old_mtp_logps"] = inputs["old_mtp_logps"][:, :1]
+        _loss_and_grads(trainer, inputs)
+        c, v = trainer._metrics["train"]["mtp/c_hat/1"][-1], trainer._metrics["train"]["mtp/v2_hat/1"][-1]
+        c_avg = c if c_avg is None else 0.5 * c_avg + 0.5 * c
+        v_avg = v if v_avg is None else 0.5 * v_avg + 0.5 * v
+        assert trainer._metrics["train"]["mtp/lambda/1"][-1] == pytest.approx(c_avg / (v_avg + 1e-8), rel=1e-4)
+
+
+def test_fidelity_logs_every_estimator_and_detach_uses_the_joint_ce_statistics(tmp_path):
+    """occ_fidelity_every on a detach run logs c and v2 of every estimator; they are those of the CE loss on the
+    live trunk, i.e. the very numbers a `ce` run computes on the same batch and weights."""
+    model, tok = _small_model()
+    inputs = None
+    logged = {}
+    for regime in ("detach", "ce"):
+        trainer = _mtp_trainer(tmp_path, regime, model=(copy.deepcopy(model), tok), mtp_regime=regime,
+                               occ_fidelity_every=1)
+        inputs = inputs or _with_old_logprobs(trainer, _crafted_inputs())
+        _loss_and_grads(trainer, inputs)
+        logged[regime] = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+    for source in ("exact", "hidden", "last_layers", "ema", "hat"):
+        for k in (1, 2):
+            for stat in ("c", "v2"):
+                key = f"mtp/{stat}_{source}/{k}"
+                assert math.isfinite(logged["detach"][key]), key
+                assert logged["detach"][key] == pytest.approx(logged["ce"][key], rel=1e-5, abs=1e-12), key
+    assert logged["detach"]["mtp/v2_exact/1"] > logged["detach"]["mtp/v2_last_layers/1"] > 0
+
+
+@pytest.mark.parametrize("variant", ["exact", "hidden", "last_layers", "ema"])
+def test_occ_variants_train_two_real_steps(tmp_path, variant):
+    trainer = _mtp_trainer(tmp_path, mtp_regime="occ", occ_variant=variant, max_steps=2, steps_per_generation=2,
+                           occ_fidelity_every=1)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    rows = [r for r in _metrics(tmp_path / "run") if "mtp/lambda/1" in r]
+    assert len(rows) == 2
+    for key in ("mtp/lambda/1", "mtp/c_exact/2", "mtp/v2_hidden/1", "mtp/c_last_layers/2", "mtp/c_ema/1"):
+        assert all(math.isfinite(r[key]) for r in rows), key
+    assert any(not torch.equal(p, before[n]) for n, p in trainer.model.named_parameters()
+               if n.startswith("mtp_heads."))
