@@ -8,7 +8,9 @@ median over repeats is reported with its ratio to `detach`. Memory: bytes of ten
 forward (CPU and GPU), plus peak allocated memory on a GPU. Whole step (rollout included): wall time per
 optimizer step of `trainer.train` over a few steps, each regime in turn, repeated in alternating order.
 It prints one progress line per phase and the table; `--json PATH` also writes the table for other tools:
-{"regimes": {"<name>": {"train_step_ms", "whole_step_ms", "saved_mb", "peak_gpu_mb"}}, "params", "device", ...}.
+{"regimes": {"<name>": {"train_step_ms", "whole_step_ms", "saved_mb", "stashed_grad_mb", "peak_gpu_mb"}},
+"params", "device", ...}. Arms: every regime (occ = the paper's proxy), and occ's other variants as occ-<variant>
+(occ-exact, occ-hidden, occ-last_layers, occ-ema, occ-reference).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from mtprl.trainer import MTPGRPOConfig, MTPGRPOTrainer
 
 # Every regime (occ = its paper variant), then occ's other variants as "occ-<variant>".
 ARMS = {name: {} for name in REGIMES} | {f"occ-{v}": {"occ_variant": v} for v in OCC_VARIANTS if v != "paper"}
-DEFAULT_ARMS = "none,detach,ce,policy,occ,occ-exact"
+DEFAULT_ARMS = "none,detach,ce,policy,occ,occ-exact,occ-hidden,occ-last_layers,occ-ema"
 
 
 def _trainer(model, tok, dataset, regime, extra, args, output_dir, **overrides):
@@ -150,12 +152,15 @@ def main():
                 loss = trainer.compute_loss(trainer.model, batch)
         else:
             loss = trainer.compute_loss(trainer.model, batch)
+        if measure is not None:  # occ exact: the MTP gradient stashed until after the backward
+            measure.stash = sum(g.numel() * g.element_size() for d in trainer._deferred for g in d.grads)
         loss.backward()
+        trainer._after_backward()  # what training_step does after the backward
         trainer.optimizer.step()
         trainer.optimizer.zero_grad(set_to_none=True)
 
     times = {name: [] for name in setups}
-    saved, peak = {}, {}
+    saved, peak, stash = {}, {}, {}
     for name, trainer in setups.items():  # warm-up, and memory
         step(trainer)
         meter = SavedBytes()
@@ -164,6 +169,7 @@ def main():
             torch.cuda.reset_peak_memory_stats()
         step(trainer, meter)
         saved[name] = meter.total
+        stash[name] = getattr(meter, "stash", 0)
         peak[name] = torch.cuda.max_memory_allocated() if device.type == "cuda" else float("nan")
     progress(f"timing training steps: {args.repeats} repeats x {len(setups)} regimes")
     for _ in range(args.repeats):
@@ -192,12 +198,15 @@ def main():
     med = {n: statistics.median(t) for n, t in times.items()}
     wmed = {n: statistics.median(t) for n, t in whole.items()}
     print(f"\n| regime | training step (ms, median of {args.repeats}) | / detach | whole step incl. rollout (ms) "
-          f"| / detach | saved for backward (MB) | peak GPU memory (MB) |")
-    print("|---|---|---|---|---|---|---|")
+          f"| / detach | saved for backward (MB) | stashed gradients (MB) | peak GPU memory (MB) |")
+    print("|---|---|---|---|---|---|---|---|")
     for name in setups:
         gpu = "–" if peak[name] != peak[name] else f"{peak[name] / 2**20:.0f}"
         print(f"| {name} | {1000 * med[name]:.1f} | {med[name] / med['detach']:.3f} | {1000 * wmed[name]:.0f} | "
-              f"{wmed[name] / wmed['detach']:.3f} | {saved[name] / 2**20:.1f} | {gpu} |")
+              f"{wmed[name] / wmed['detach']:.3f} | {saved[name] / 2**20:.1f} | {stash[name] / 2**20:.1f} | {gpu} |")
+    main_mb = sum(p.numel() * p.element_size() for n, p in base.named_parameters()
+                  if not n.startswith("mtp_heads.")) / 2**20
+    print(f"\nmain-model gradients: {main_mb:.1f} MB (occ-exact stashes one copy of them plus the heads')")
     layers = base.config.num_hidden_layers
     if {"none", "policy", "occ"} <= set(med):
         print(f"\njoint MTP / none (training step): policy {med['policy'] / med['none']:.3f}, occ "
@@ -205,7 +214,7 @@ def main():
               f"be about {1 + args.heads / layers:.3f}")
     if args.json:
         table = {name: {"train_step_ms": 1000 * med[name], "whole_step_ms": 1000 * wmed[name],
-                        "saved_mb": saved[name] / 2**20,
+                        "saved_mb": saved[name] / 2**20, "stashed_grad_mb": stash[name] / 2**20,
                         "peak_gpu_mb": None if peak[name] != peak[name] else peak[name] / 2**20} for name in setups}
         with open(args.json, "w") as f:
             json.dump({"regimes": table, "params": params, "device": str(device), "model": args.model,

@@ -101,30 +101,63 @@ def test_any_hf_causal_lm_directory_gets_fresh_heads(tmp_path):
             load_model("Qwen/Qwen2.5-Math-1.5B")
 
 
-def test_compare_runs_each_regime_and_seed_once_and_reports(tmp_path, capsys):
+def _bootstrap_by_hand(arm, base, resamples=4000, seed=0):
+    """mtprl.stats' documented protocol, vectorised differently: draw all seed and question indices first."""
+    import numpy as np
+
+    diff = np.asarray(arm) - np.asarray(base)
+    rng = np.random.default_rng(seed)
+    n_s, n_q = diff.shape
+    means = []
+    for _ in range(resamples):
+        s = rng.integers(0, n_s, n_s)
+        q = rng.integers(0, n_q, n_q)
+        means.append(diff[s][:, q].mean())
+    return diff.mean(), np.quantile(means, 0.025), np.quantile(means, 0.975)
+
+
+def test_compare_runs_each_arm_and_seed_once_and_reports(tmp_path, capsys):
     sft = str(tmp_path / "sft")
     assert main(["sft", "--config", os.path.join(ROOT, "configs", "tiny_sft.yaml"), *TASK, *TINY,
                  "--output_dir", sft, "--max_steps", "2", "--per_device_train_batch_size", "8",
                  "--eval_after", "false"]) == 0
     report_dir = str(tmp_path / "cmp")
     args = ["compare", "--config", os.path.join(ROOT, "configs", "demo.yaml"), *TASK, *TINY,
-            "--model_name_or_path", sft, "--regimes", "detach,occ", "--seeds", "0,1", "--report_dir", report_dir,
-            "--max_steps", "2", "--per_device_train_batch_size", "8", "--num_generations", "4",
-            "--steps_per_generation", "2", "--occ_fidelity_every", "1", "--save_steps", "1"]
+            "--model_name_or_path", sft, "--arms", "detach,occ@occ_lambda_plus=0.5", "--seeds", "0,1",
+            "--report_dir", report_dir, "--max_steps", "2", "--per_device_train_batch_size", "8",
+            "--num_generations", "4", "--steps_per_generation", "2", "--occ_fidelity_every", "1", "--save_steps", "1",
+            "--eval_steps", "1", "--eval_size", "24"]
     assert main(args) == 0
-    runs = {name: os.path.join(report_dir, "runs", name) for name in ("detach-s0", "detach-s1", "occ-s0", "occ-s1")}
+    occ = "occ_occ_lambda_plus=0.5"  # the arm's run directory name
+    runs = {name: os.path.join(report_dir, "runs", name)
+            for name in ("detach-s0", "detach-s1", f"{occ}-s0", f"{occ}-s1")}
+    runs["occ-s0"], runs["occ-s1"] = runs.pop(f"{occ}-s0"), runs.pop(f"{occ}-s1")
     text = open(os.path.join(report_dir, "report.md")).read()
     from mtprl.report import mean_std
 
-    for regime, label in (("detach", "Detach"), ("occ", "OCC")):
-        evals = [json.load(open(os.path.join(runs[f"{regime}-s{s}"], "eval.json"))) for s in (0, 1)]
-        mean, std = mean_std([e["avg@2"] for e in evals])
+    evals = {}
+    for regime, label in (("detach", "Detach"), ("occ", "occ@occ_lambda_plus=0.5")):
+        evals[regime] = [json.load(open(os.path.join(runs[f"{regime}-s{s}"], "eval.json"))) for s in (0, 1)]
+        assert json.load(open(os.path.join(runs[f"{regime}-s0"], "run_info.json")))["label"] in (regime, label)
+        mean, std = mean_std([e["avg@2"] for e in evals[regime]])
         row = next(line for line in text.splitlines() if line.startswith(f"| {label} |"))
         assert f"{100 * mean:.1f} ± {100 * std:.1f}" in row
         rewards = [[r["reward"] for r in _rows(runs[f"{regime}-s{s}"]) if "reward" in r] for s in (0, 1)]
         rmean, rstd = mean_std([sum(r[-5:]) / len(r[-5:]) for r in rewards])
         assert f"{100 * rmean:.1f} ± {100 * rstd:.1f}" in row
-    assert os.path.isfile(os.path.join(report_dir, "proxy_vs_exact.png"))
+    # periodic evaluation at step 1 (the last step's point is eval.json), in every run
+    for path in runs.values():
+        assert [r["step"] for r in _rows(path) if "eval/avg@2" in r] == [1]
+    # the paired interval of occ - detach, against the documented bootstrap protocol on the runs' own files
+    acc = {r: [[c / 2 for c in e["correct_per_question"]] for e in evals[r]] for r in evals}
+    mean, low, high = _bootstrap_by_hand(acc["occ"], acc["detach"])
+    report = json.load(open(os.path.join(report_dir, "report.json")))
+    got = next(r for r in report["rows"] if r["label"] == "occ@occ_lambda_plus=0.5")["vs_baseline"]
+    assert (got["mean"], got["low"], got["high"]) == pytest.approx((mean, low, high), abs=1e-12)
+    assert got["verdict"] in ("better", "worse", "no detectable difference")
+    assert report["baseline"] == "detach" and os.path.isfile(os.path.join(report_dir, "start", "eval.json"))
+    for png in ("estimators_vs_exact.png", "accuracy_over_steps.png", "reward.png", "abs_lambda.png"):
+        assert os.path.isfile(os.path.join(report_dir, png)), png
     capsys.readouterr()
     # Again: every run is finished, nothing is trained.
     mtimes = {n: os.path.getmtime(os.path.join(p, "eval.json")) for n, p in runs.items()}
@@ -140,11 +173,13 @@ def test_compare_runs_each_regime_and_seed_once_and_reports(tmp_path, capsys):
     shutil.rmtree(os.path.join(runs["occ-s0"], "checkpoint-2"))
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert "running occ seed 1" in out and "resuming" in out and "finished training; evaluating" in out
+    assert "running arm occ@occ_lambda_plus=0.5 seed 1" in out and "resuming" in out
+    assert "finished training; evaluating" in out
     assert out.count("not running it again") == 1
     assert os.path.getmtime(os.path.join(runs["detach-s0"], "eval.json")) == mtimes["detach-s0"]
     assert [r["step"] for r in _rows(runs["detach-s1"]) if "mtp/lambda/1" in r] == [1, 2]
     assert [r["step"] for r in _rows(runs["occ-s0"]) if "mtp/lambda/1" in r] == [1, 2]
+    assert [r["step"] for r in _rows(runs["occ-s0"]) if "eval/avg@2" in r] == [1]  # resumed: not twice
     assert all(os.path.isfile(os.path.join(p, "eval.json")) for p in runs.values())
 
 
@@ -182,6 +217,10 @@ def test_compare_arguments_are_checked():
     with pytest.raises(ValueError, match="--seeds"):
         CompareArguments(seeds="0,x").seed_list()
     assert main(["compare", "--regimes", "detach,joint", "--report_dir", "/tmp/never"]) == 1
+    assert main(["compare", "--arms", "detach,occ@occ_lambda=2", "--report_dir", "/tmp/never"]) == 1
+    with pytest.raises(ValueError, match="--baseline 'ce' is not one of the arms"):
+        args = CompareArguments(arms="detach,occ")
+        CompareArguments(arms="detach,occ", baseline="ce").baseline_arm(args.arm_list())
 
 
 def test_eval_datasets_give_per_benchmark_columns_and_their_average(tmp_path):

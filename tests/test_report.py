@@ -7,7 +7,8 @@ import os
 import numpy as np
 import pytest
 
-from mtprl.report import build_report, fidelity_points, load_runs, mean_std, pearson_r, table_rows
+from mtprl.report import (build_report, fidelity_points, fidelity_table, load_runs, mean_std, pearson_r, quantile,
+                          spearman_r, table_rows)
 
 
 def test_pearson_r_and_mean_std_match_numpy():
@@ -59,11 +60,13 @@ def test_table_matches_the_runs_files(tmp_path):
     assert "35.0 ± 7.1" in text  # detach: mean ± sample std over the two seeds, in percent
     ratio = np.median([0.2 + 0.001 * s for s in range(1, 7)]) / np.median([0.1 + 0.001 * s for s in range(1, 7)])
     assert f"{ratio:.2f}x" in text
-    for png in ("reward.png", "acceptance.png", "occ_lambda_c_v2.png", "proxy_vs_exact.png"):
+    for png in ("reward.png", "acceptance.png", "occ_lambda_c_v2.png", "estimators_vs_exact.png",
+                "figure2_dynamics.png"):
         assert os.path.getsize(tmp_path / "report" / png) > 1000
     pts = fidelity_points(load_runs(dirs)[0])
     c_hat, c_exact = [p[0] for p in pts], [p[1] for p in pts]
-    assert f"c: {np.corrcoef(c_hat, c_exact)[0, 1]:.3f}" in text
+    row = next(line for line in text.splitlines() if line.startswith("| paper proxy"))
+    assert f"| {np.corrcoef(c_hat, c_exact)[0, 1]:.3f} |" in row
 
 
 def test_report_skips_corrupt_or_missing_metrics_and_names_the_file(tmp_path):
@@ -98,6 +101,37 @@ def test_table_shows_each_eval_datasets_benchmark_and_their_average(tmp_path):
     assert row["bench:gsm8k"] == pytest.approx((0.25, np.std([0.2, 0.3], ddof=1)))
     assert row["bench:average"][0] == pytest.approx(np.mean([0.15, 0.30]))
     text = open(build_report(dirs, str(tmp_path / "report"))).read()
-    header = next(line for line in text.splitlines() if line.startswith("| regime"))
+    header = next(line for line in text.splitlines() if line.startswith("| arm"))
     assert "gsm8k avg@4 (%)" in header and "math500 avg@4 (%)" in header and "average avg@4 (%)" in header
     assert f"{100 * np.mean([0.15, 0.30]):.1f} ± {100 * np.std([0.15, 0.30], ddof=1):.1f}" in text
+
+
+def test_rank_statistics_match_numpy():
+    rng = np.random.default_rng(1)
+    x = list(rng.normal(size=30))
+    y = [v ** 3 + 0.1 * e for v, e in zip(x, rng.normal(size=30))]
+    ranks = lambda v: np.argsort(np.argsort(v)) + 1.0  # noqa: E731 (no ties here)
+    assert spearman_r(x, y) == pytest.approx(np.corrcoef(ranks(x), ranks(y))[0, 1], rel=1e-12)
+    assert spearman_r([1, 2, 2, 3], [1, 2, 2, 3]) == pytest.approx(1.0)  # ties averaged, not broken
+    for q in (0.0, 0.25, 0.5, 0.9, 1.0):
+        assert quantile(x, q) == pytest.approx(np.quantile(x, q), rel=1e-12)
+
+
+def test_fidelity_table_per_estimator(tmp_path):
+    """Sign agreement and lambda ratios from crafted logs, against numpy on the same numbers."""
+    exact = [(0.5, 2.0), (-0.2, 1.0), (0.1, 4.0), (0.3, 0.5)]
+    hidden = [(1.0, 3.0), (0.4, 2.0), (0.3, 9.0), (0.5, 1.0)]  # one sign disagrees (step 2)
+    path = _fake_run(tmp_path, "ce", 0, [0.1] * 4, 0.3, 0.6, exact=exact)
+    rows = [json.loads(line) for line in open(os.path.join(path, "metrics.jsonl"))]
+    with open(os.path.join(path, "metrics.jsonl"), "w") as f:
+        for row, (c, v) in zip(rows, hidden):
+            row["mtp/c_hidden/1"], row["mtp/v2_hidden/1"] = c, v
+            f.write(json.dumps(row) + "\n")
+    table = {r["estimator"]: r for r in fidelity_table(load_runs([path])[0])}
+    assert set(table) == {"hat", "hidden"}
+    h = table["hidden"]
+    assert h["n"] == 4 and h["sign_agreement"] == pytest.approx(0.75)
+    ratios = [(ce / ve) / (cx / vx) for (ce, ve), (cx, vx) in zip(hidden, exact)]
+    assert h["lambda_ratio_median"] == pytest.approx(np.median(ratios))
+    assert h["lambda_ratio_q25"] == pytest.approx(np.quantile(ratios, 0.25))
+    assert h["pearson_v2"] == pytest.approx(np.corrcoef([v for _, v in hidden], [v for _, v in exact])[0, 1])

@@ -5,7 +5,8 @@ Commands (each a `cmd_*` function below):
   sft      `MTPSFTTrainer`: warm start, main CE + MTP CE on every head (MTP pretraining), then evaluate
   train    `MTPGRPOTrainer` (GRPO/DAPO/GSPO via TRL) with the heads under `--mtp_regime`; `run_training`
   eval     avg@k / pass@k with the paper's sampling (`mtprl.evaluation`)
-  compare  every regime x seed from one starting model, resumable (`run_state`), then the report
+  compare  every arm (a regime plus overrides, `mtprl.arms`) x seed from one starting model, resumable
+           (`run_state`), periodic evaluation with `eval_steps`, then the report
   report   the report (`mtprl.report`) from existing run directories, no training
 
 The package, module by module:
@@ -14,12 +15,14 @@ The package, module by module:
   checkpoints  checkpoint files, `save_pretrained` / `load_pretrained`, `attach_or_load_heads`, trainer mixin
   models       the `tiny` preset (character tokenizer, Qwen2) and `load_model` for any HF causal LM
   objectives   `policy_loss` (TRL's clipped surrogate) and `mtp_ce_loss`, pure functions
-  occ          the OCC formula: proxies, lambda, exact lambda from true gradients
+  occ          the OCC formula: proxies, lambda; every estimator of c and v2 (exact, last_layers, hidden, ema)
   regimes      the regime vocabulary and table: one function per regime returns its term and coefficient
   trainer      `MTPGRPOConfig` / `MTPGRPOTrainer`, `MTPSFTConfig` / `MTPSFTTrainer`
   tasks        tasks (reasoning-gym, jsonl), answer extraction, rewards that never crash a run
   evaluation   avg@k / pass@k
-  report       the comparison report (table, figures) from run directories
+  arms         `regime@field=value` arms of a comparison
+  stats        paired bootstrap intervals (arm - baseline over seeds and questions) and their verdicts
+  report       the comparison report (table with intervals, figures) from run directories
   jsonl        reading and appending JSON Lines files
 """
 
@@ -31,7 +34,10 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from transformers import TrainerCallback
 from trl import TrlParser
+
+from .jsonl import append_jsonl
 
 USAGE = """usage: mtprl <command> [--config FILE.yaml] [--field value ...]
 
@@ -185,7 +191,8 @@ def _evaluate(model, tokenizer, eval_ds, task_args, path, label):
         for name, data in benchmarks.items():
             phase(f"evaluating {label} on {name}: {len(data)} questions x {k} samples")
             bench = evaluate(model, tokenizer, data, k=k, max_new_tokens=task_args.eval_max_new_tokens)
-            result["benchmarks"][name] = {key: bench[key] for key in (*keys, "num_questions")}
+            result["benchmarks"][name] = {key: bench[key] for key in (*keys, "num_questions", "correct_per_question",
+                                                                       "questions_digest")}
         result["benchmarks_average"] = {key: sum(b[key] for b in result["benchmarks"].values()) / len(benchmarks)
                                         for key in keys}
     write_eval(result, path)
@@ -248,8 +255,9 @@ def cmd_sft(argv) -> dict | None:
     return after
 
 
-def run_training(task_args: TaskArguments, cfg) -> dict | None:
-    """One RL run: load the model (with heads), train under `cfg.mtp_regime`, save, evaluate."""
+def run_training(task_args: TaskArguments, cfg, label: str | None = None) -> dict | None:
+    """One RL run: load the model (with heads), train under `cfg.mtp_regime`, save, evaluate. With
+    `eval_steps` the held-out set (and every `eval_datasets` benchmark) is also evaluated every N steps."""
     from .tasks import TaskReward
     from .trainer import MTPGRPOTrainer
 
@@ -263,12 +271,17 @@ def run_training(task_args: TaskArguments, cfg) -> dict | None:
           f"steps={cfg.max_steps} output={cfg.output_dir}")
     trainer = MTPGRPOTrainer(model=model, reward_funcs=[TaskReward()], args=cfg, train_dataset=train_ds,
                              processing_class=tokenizer)
+    every = _eval_every(cfg)
+    if every:
+        trainer.add_callback(PeriodicEvalCallback(every, lambda m: _periodic_eval(m, tokenizer, eval_ds, task_args),
+                                                  cfg.output_dir))
     os.makedirs(cfg.output_dir, exist_ok=True)
     with open(os.path.join(cfg.output_dir, "run_info.json"), "w") as f:
         json.dump({"mtp_regime": cfg.mtp_regime, "occ_variant": cfg.occ_variant, "seed": cfg.seed,
-                   "label": cfg.mtp_regime, "model": task_args.model_name_or_path,
+                   "label": label or cfg.mtp_regime, "model": task_args.model_name_or_path,
                    "task": task_args.dataset_name or task_args.task,
-                   "max_steps": cfg.max_steps, "loss_type": cfg.loss_type}, f, indent=2)
+                   "max_steps": cfg.max_steps, "loss_type": cfg.loss_type, "mtp_coef": cfg.mtp_coef,
+                   "occ_lambda_plus": cfg.occ_lambda_plus}, f, indent=2)
     trainer.train(resume_from_checkpoint=cfg.resume_from_checkpoint)
     trainer.save_model(cfg.output_dir)
     phase(f"train: done, metrics in {os.path.join(cfg.output_dir, 'metrics.jsonl')}")
@@ -276,6 +289,45 @@ def run_training(task_args: TaskArguments, cfg) -> dict | None:
         return _evaluate(model, tokenizer, eval_ds, task_args, os.path.join(cfg.output_dir, "eval.json"),
                          "trained model")
     return None
+
+
+def _eval_every(cfg) -> int:
+    """`eval_steps` (TRL's field; a fraction < 1 is a share of max_steps, as in transformers) as a step count;
+    0 when unset. mtprl evaluates by sampling itself, so TRL's own `eval_strategy` stays "no"."""
+    steps = cfg.eval_steps
+    if not steps or cfg.eval_strategy != "no":
+        return 0
+    return max(1, round(steps * cfg.max_steps)) if steps < 1 else int(steps)
+
+
+def _periodic_eval(model, tokenizer, eval_ds, task_args) -> dict:
+    """Held-out avg@k / pass@k and every benchmark's, flattened to metric keys `eval/...`."""
+    from .evaluation import evaluate
+
+    k = task_args.eval_k
+    row = {}
+    for name, data in [(None, eval_ds), *_benchmarks(task_args, tokenizer).items()]:
+        result = evaluate(model, tokenizer, data, k=k, max_new_tokens=task_args.eval_max_new_tokens)
+        prefix = "eval/" if name is None else f"eval/{name}/"
+        row[f"{prefix}avg@{k}"], row[f"{prefix}pass@{k}"] = result[f"avg@{k}"], result[f"pass@{k}"]
+    return row
+
+
+class PeriodicEvalCallback(TrainerCallback):
+    """Every `every` optimizer steps (not the last: the final `eval.json` is that point), evaluate and append one
+    row `{"step": N, "eval/avg@k": ...}` to metrics.jsonl. Runs before the checkpoint of the same step is
+    saved, so a resumed run (metrics truncated to its checkpoint) has every earlier row exactly once."""
+
+    def __init__(self, every: int, run_eval, output_dir: str):
+        self.every, self.run_eval, self.output_dir = every, run_eval, output_dir
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        step = state.global_step
+        if step % self.every == 0 and step < state.max_steps and state.is_world_process_zero:
+            row = self.run_eval(model)
+            phase(f"eval at step {step}: " + " ".join(f"{k}={v:.3f}" for k, v in row.items()))
+            append_jsonl(os.path.join(self.output_dir, "metrics.jsonl"), {"step": step, **row})
+        return control
 
 
 def cmd_train(argv) -> dict | None:
@@ -350,13 +402,35 @@ def _finish_run(run_dir, checkpoint, task_args):
 
 @dataclass
 class CompareArguments:
-    """`mtprl compare`: which regimes and seeds, and where the runs and the report go."""
+    """`mtprl compare`: which arms and seeds, the baseline, and where the runs and the report go."""
 
+    arms: str = field(default="", metadata={
+        "help": "Comma-separated arms, each a regime plus overrides: detach,ce,policy@mtp_coef=0.5,"
+                "occ@occ_lambda_plus=2.0@occ_clip=true (or an `arms:` list with labels in the YAML, see "
+                "mtprl.arms). Empty: one arm per --regimes entry."})
     regimes: str = field(default="detach,ce,policy,occ", metadata={
-        "help": "Comma-separated regimes, each trained once per seed from the same starting model."})
+        "help": "Comma-separated regimes (used when --arms is empty), each trained once per seed from the same "
+                "starting model."})
+    baseline: str = field(default="", metadata={
+        "help": "Label of the arm the others are compared with (paired 95% intervals); default: the first detach "
+                "arm, else the first arm."})
     seeds: str = field(default="0", metadata={"help": "Comma-separated seeds, e.g. 0,1,2."})
     report_dir: str = field(default="reports/compare", metadata={
-        "help": "Runs go to <report_dir>/runs/<regime>-s<seed>; the report to <report_dir>/report.md."})
+        "help": "Runs go to <report_dir>/runs/<arm>-s<seed>, the starting model's evaluation to "
+                "<report_dir>/start/eval.json, the report to <report_dir>/report.md."})
+
+    def arm_list(self, allowed_fields=()):
+        from .arms import parse_arms
+
+        return parse_arms(self.arms if self.arms else self.regime_list(), allowed_fields)
+
+    def baseline_arm(self, arms):
+        if self.baseline:
+            for arm in arms:
+                if arm.label == self.baseline:
+                    return arm
+            raise ValueError(f"--baseline {self.baseline!r} is not one of the arms ({', '.join(a.label for a in arms)})")
+        return next((a for a in arms if a.regime == "detach"), arms[0])
 
     def regime_list(self) -> list[str]:
         from .regimes import REGIMES
@@ -374,19 +448,36 @@ class CompareArguments:
             raise ValueError(f"--seeds must be comma-separated integers, got {self.seeds!r}") from e
 
 
+def _evaluate_start(task_args, cfg, report_dir) -> None:
+    """The starting model, evaluated once: every arm and seed starts from it and is evaluated on the same
+    questions with the same sampling seed, so one evaluation is step 0 of every accuracy curve."""
+    path = os.path.join(report_dir, "start", "eval.json")
+    if os.path.isfile(path):
+        return
+    model, tokenizer = _load(task_args, cfg.mtp_num_heads, cfg.mtp_init, seed=0, trust_remote_code=cfg.trust_remote_code)
+    _, eval_ds = _splits(task_args, tokenizer)
+    _evaluate(model, tokenizer, eval_ds, task_args, path, "starting model")
+
+
 def cmd_compare(argv) -> str:
+    from dataclasses import fields
+
     from .report import build_report
     from .trainer import MTPGRPOConfig
 
     parser = TrlParser((CompareArguments, TaskArguments, MTPGRPOConfig))
-    compare_args, _, _ = parser.parse_args_and_config(list(argv))
-    regimes, seeds = compare_args.regime_list(), compare_args.seed_list()
+    compare_args, task_args0, cfg0 = parser.parse_args_and_config(list(argv))
+    arms = compare_args.arm_list({f.name for f in fields(MTPGRPOConfig)})
+    baseline, seeds = compare_args.baseline_arm(arms), compare_args.seed_list()
+    for arm in arms:  # every arm's overrides parse (and validate) before anything runs
+        parser.parse_args_and_config(list(argv) + arm.cli_args())
+    _evaluate_start(task_args0, cfg0, compare_args.report_dir)
     run_dirs = []
-    for regime in regimes:
+    for arm in arms:
         for seed in seeds:
-            run_dir = os.path.join(compare_args.report_dir, "runs", f"{regime}-s{seed}")
+            run_dir = os.path.join(compare_args.report_dir, "runs", f"{arm.slug}-s{seed}")
             run_dirs.append(run_dir)
-            extra = ["--mtp_regime", regime, "--seed", str(seed), "--output_dir", run_dir, "--eval_before", "false"]
+            extra = arm.cli_args() + ["--seed", str(seed), "--output_dir", run_dir, "--eval_before", "false"]
             _, task_args, cfg = parser.parse_args_and_config(list(argv) + extra)
             state = run_state(run_dir, cfg.max_steps)
             if state.kind == "finished":
@@ -403,9 +494,10 @@ def cmd_compare(argv) -> str:
                     list(argv) + extra + ["--resume_from_checkpoint", state.checkpoint])
             elif os.path.isfile(os.path.join(run_dir, "metrics.jsonl")):
                 os.remove(os.path.join(run_dir, "metrics.jsonl"))  # an interrupted run without a checkpoint
-            phase(f"compare: running {regime} seed {seed}")
-            run_training(task_args, cfg)
-    report = build_report(run_dirs, compare_args.report_dir, command="mtprl compare " + " ".join(argv))
+            phase(f"compare: running arm {arm.label} seed {seed}")
+            run_training(task_args, cfg, label=arm.label)
+    report = build_report(run_dirs, compare_args.report_dir, command="mtprl compare " + " ".join(argv),
+                          baseline=baseline.label, start=os.path.join(compare_args.report_dir, "start", "eval.json"))
     phase(f"compare: report written to {report}")
     return report
 

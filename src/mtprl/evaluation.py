@@ -7,6 +7,7 @@ A sample is correct when the task's scorer gives full credit (reasoning-gym's pa
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
@@ -85,7 +86,17 @@ def evaluate(model, tokenizer, dataset, *, k: int = 4, temperature: float = 1.0,
         "mean_reward": sum(map(sum, rewards)) / total,
         "k": k, "num_questions": len(correct), "temperature": temperature, "top_p": top_p,
         "max_new_tokens": max_new_tokens, "reward_failures": reward.failures, "examples": examples,
+        # per question, in dataset order: how many of the k samples were correct (paired statistics use it)
+        "correct_per_question": [sum(c) for c in correct], "questions_digest": questions_digest(dataset),
     }
+
+
+def questions_digest(dataset) -> str:
+    """A short hash of the eval questions in order: two runs' per-question results pair only if it matches."""
+    h = hashlib.sha256()
+    for prompt in dataset["prompt"]:
+        h.update(json.dumps(prompt, sort_keys=True).encode())
+    return h.hexdigest()[:16]
 
 
 def write_eval(result: dict, path: str) -> None:

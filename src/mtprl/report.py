@@ -20,7 +20,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from .jsonl import read_jsonl  # noqa: E402
-from .regimes import REGIME_LABELS, REGIMES  # noqa: E402
+from .regimes import REGIME_LABELS  # noqa: E402
+from .stats import paired_bootstrap  # noqa: E402
 
 
 def pearson_r(xs, ys) -> float:
@@ -37,6 +38,39 @@ def pearson_r(xs, ys) -> float:
     if sxx == 0 or syy == 0:
         return float("nan")
     return sxy / math.sqrt(sxx * syy)
+
+
+def _ranks(xs) -> list[float]:
+    """1-based ranks, ties given their average rank."""
+    order = sorted(range(len(xs)), key=lambda i: xs[i])
+    ranks = [0.0] * len(xs)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and xs[order[j + 1]] == xs[order[i]]:
+            j += 1
+        for t in range(i, j + 1):
+            ranks[order[t]] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
+def spearman_r(xs, ys) -> float:
+    """Spearman rank correlation (Pearson r of the ranks, ties averaged)."""
+    if len(xs) != len(ys):
+        raise ValueError(f"spearman_r needs equal lengths, got {len(xs)} and {len(ys)}")
+    return pearson_r(_ranks(list(xs)), _ranks(list(ys)))
+
+
+def quantile(values, q) -> float:
+    """Linear-interpolation quantile (numpy's default); nan for no values."""
+    xs = sorted(values)
+    if not xs:
+        return float("nan")
+    pos = q * (len(xs) - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
 def mean_std(values) -> tuple[float, float]:
@@ -62,6 +96,7 @@ class Run:
         self.regime = info.get("mtp_regime", os.path.basename(path).split("-")[0])
         self.seed = info.get("seed", 0)
         self.label = info.get("label", self.regime)
+        self.info = info
         eval_file = os.path.join(path, "eval.json")
         self.eval = None
         if os.path.isfile(eval_file):
@@ -97,11 +132,42 @@ def load_runs(run_dirs) -> tuple[list[Run], list[str]]:
 
 
 def _by_label(runs):
+    """Runs grouped by arm label, arms in the order they first appear (compare passes them in arm order)."""
     groups = defaultdict(list)
     for run in runs:
         groups[run.label].append(run)
-    order = {r: i for i, r in enumerate(REGIMES)}
-    return dict(sorted(groups.items(), key=lambda kv: (order.get(kv[1][0].regime, 99), kv[0])))
+    return dict(groups)
+
+
+def accuracy_matrix(runs, seeds=None):
+    """Per-seed, per-question accuracy [S, Q] (correct samples / k, from eval.json) for `seeds` (default: every
+    seed with an eval), and the questions digest they share. Raises if runs were evaluated on other questions."""
+    by_seed = {r.seed: r.eval for r in runs if r.eval and "correct_per_question" in r.eval}
+    seeds = sorted(by_seed) if seeds is None else seeds
+    digests = {by_seed[s].get("questions_digest") for s in seeds}
+    if len(digests) > 1:
+        raise ValueError(f"runs of one arm were evaluated on different questions: {sorted(map(str, digests))}")
+    return [[c / by_seed[s]["k"] for c in by_seed[s]["correct_per_question"]] for s in seeds], digests.pop()
+
+
+def paired_difference(arm_runs, base_runs=None, start=None):
+    """Paired bootstrap of arm - baseline over the seeds both have (or arm - starting model, whose one evaluation
+    pairs with every seed); None when nothing pairs."""
+    arm_seeds = {r.seed for r in arm_runs if r.eval and "correct_per_question" in r.eval}
+    if start is not None:
+        if "correct_per_question" not in start or not arm_seeds:
+            return None
+        arm, digest = accuracy_matrix(arm_runs, sorted(arm_seeds))
+        if digest != start.get("questions_digest"):
+            return None
+        base = [[c / start["k"] for c in start["correct_per_question"]]] * len(arm)
+        return paired_bootstrap(arm, base)
+    seeds = sorted(arm_seeds & {r.seed for r in base_runs if r.eval and "correct_per_question" in r.eval})
+    if not seeds:
+        return None
+    arm, arm_digest = accuracy_matrix(arm_runs, seeds)
+    base, base_digest = accuracy_matrix(base_runs, seeds)
+    return paired_bootstrap(arm, base) if arm_digest == base_digest else None
 
 
 def benchmark_names(runs) -> list[str]:
@@ -114,10 +180,11 @@ def benchmark_names(runs) -> list[str]:
     return names
 
 
-def table_rows(runs) -> list[dict]:
-    """One row per regime: mean/std over seeds of avg@k and pass@k (from eval.json), avg@k on every
+def table_rows(runs, baseline=None, start=None) -> list[dict]:
+    """One row per arm: mean/std over seeds of avg@k and pass@k (from eval.json), avg@k on every
     `eval_datasets` benchmark and their average (the paper's Table 1 columns), final training reward (mean of
-    the last 5 logged rewards), median step time."""
+    the last 5 logged rewards), median step time; and the paired 95% bootstrap interval of avg@k against the
+    `baseline` arm and against the `start` model's evaluation (`stats.paired_bootstrap`)."""
     rows = []
     names = benchmark_names(runs)
     for label, group in _by_label(runs).items():
@@ -134,6 +201,10 @@ def table_rows(runs) -> list[dict]:
                                              if "benchmarks_average" in e])
         row["reward"] = mean_std([r.final_reward() for r in group])
         row["step_time"] = statistics.median([r.median_step_time() for r in group])
+        groups = _by_label(runs)
+        row["vs_baseline"] = (paired_difference(group, groups[baseline]) if baseline in groups and label != baseline
+                              else None)
+        row["vs_start"] = paired_difference(group, start=start) if start else None
         rows.append(row)
     return rows
 
@@ -146,7 +217,13 @@ def _fmt(ms, best=False, scale=100.0):
     return f"**{text}**" if best else text
 
 
-def markdown_table(rows) -> str:
+def _interval(diff) -> str:
+    if diff is None:
+        return "–"
+    return f"{100 * diff.mean:+.1f} [{100 * diff.low:+.1f}, {100 * diff.high:+.1f}] {diff.verdict}"
+
+
+def markdown_table(rows, baseline=None, start=None) -> str:
     k = next((r["k"] for r in rows if r["k"]), "k")
 
     def shown(ms):  # what the table prints; equal printed values are equally best
@@ -157,16 +234,32 @@ def markdown_table(rows) -> str:
     best = {key: max((shown(r[key]) for r in rows if not math.isnan(r[key][0])), default=None) for key in keys}
     headers = [f"avg@{k} (%)", f"pass@{k} (%)", *(f"{key[6:]} avg@{k} (%)" for key in bench_keys),
                "final train reward (x100)"]
-    lines = ["| regime | seeds | " + " | ".join(headers) + " |", "|---" * (len(headers) + 2) + "|"]
+    compare = []
+    if start is not None:
+        headers.append(f"avg@{k} - start, 95% CI (points)")
+        compare.append("vs_start")
+    if baseline is not None:
+        headers.append(f"avg@{k} - {REGIME_LABELS.get(baseline, baseline)}, 95% CI (points)")
+        compare.append("vs_baseline")
+    lines = ["| arm | seeds | " + " | ".join(headers) + " |", "|---" * (len(headers) + 2) + "|"]
+    if start is not None:
+        cells = [f"{100 * start[f'avg@{k}']:.1f}", f"{100 * start[f'pass@{k}']:.1f}"]
+        cells += ["–"] * (len(headers) - 2)
+        lines.append("| starting model | – | " + " | ".join(cells) + " |")
     for r in rows:
         cells = [_fmt(r[key], not math.isnan(r[key][0]) and shown(r[key]) == best[key]) for key in keys]
+        cells += ["(baseline)" if key == "vs_baseline" and r["label"] == baseline else _interval(r[key])
+                  for key in compare]
         lines.append(f"| {REGIME_LABELS.get(r['label'], r['label'])} | {len(r['seeds'])} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def step_time_table(rows) -> str:
-    base = next((r["step_time"] for r in rows if r["regime"] == "detach"), float("nan"))
-    lines = ["| regime | median step time (s) | / detach |", "|---|---|---|"]
+def step_time_table(rows, baseline=None) -> str:
+    base_row = next((r for r in rows if r["label"] == baseline), None) or next(
+        (r for r in rows if r["regime"] == "detach"), None)
+    base = base_row["step_time"] if base_row else float("nan")
+    name = REGIME_LABELS.get(base_row["label"], base_row["label"]) if base_row else "detach"
+    lines = ["| arm | median step time (s) | / " + name + " |", "|---|---|---|"]
     for r in rows:
         ratio = r["step_time"] / base if base and not math.isnan(base) else float("nan")
         lines.append(f"| {REGIME_LABELS.get(r['label'], r['label'])} | {r['step_time']:.3f} | "
@@ -228,69 +321,263 @@ def _plot_occ(runs, out_dir):
     return [path]
 
 
-def fidelity_points(runs):
-    """(c_hat, c_exact, v2_hat, v2_exact) at every logged step where the exact values were computed."""
+# Estimators of c and v2 logged beside the exact ones on `occ_fidelity_every` steps (metric mtp/c_<key>/k).
+ESTIMATOR_LABELS = {"hat": "paper proxy (c_hat, v2_hat)", "ema": "running average of the proxy (ema)",
+                    "hidden": "gradients at the trunk output (hidden)", "last_layers": "last layers (last_layers)"}
+
+
+def fidelity_pairs(runs, source="hat"):
+    """(c_est, c_exact, v2_est, v2_exact) at every logged step where both were computed, for one estimator."""
     pts = []
     for run in runs:
         for row in run.rows:
             for head in run.heads():
-                keys = [f"mtp/{k}/{head}" for k in ("c_hat", "c_exact", "v2_hat", "v2_exact")]
+                keys = [f"mtp/{k}/{head}" for k in (f"c_{source}", "c_exact", f"v2_{source}", "v2_exact")]
                 if all(k in row for k in keys):
                     pts.append(tuple(float(row[k]) for k in keys))
     return pts
 
 
+def fidelity_points(runs):
+    """The paper proxy against the exact statistics: (c_hat, c_exact, v2_hat, v2_exact)."""
+    return fidelity_pairs(runs, "hat")
+
+
+def fidelity_table(runs) -> list[dict]:
+    """Per estimator: Pearson and Spearman r against the exact c and v2, the fraction of steps where the sign of c
+    agrees, and lambda_est / lambda_exact (= (c_est / v2_est) / (c / v2); lambda_plus cancels): median and IQR."""
+    rows = []
+    for source, label in ESTIMATOR_LABELS.items():
+        pts = fidelity_pairs(runs, source)
+        if not pts:
+            continue
+        c_e, c_x, v_e, v_x = map(list, zip(*pts))
+        ratios = [(ce / ve) / (cx / vx) for ce, cx, ve, vx in pts if ve > 0 and vx > 0 and cx != 0]
+        rows.append({"estimator": source, "label": label, "n": len(pts),
+                     "pearson_c": pearson_r(c_e, c_x), "spearman_c": spearman_r(c_e, c_x),
+                     "pearson_v2": pearson_r(v_e, v_x), "spearman_v2": spearman_r(v_e, v_x),
+                     "sign_agreement": sum((a > 0) == (b > 0) for a, b in zip(c_e, c_x)) / len(pts),
+                     "lambda_ratio_median": quantile(ratios, 0.5), "lambda_ratio_q25": quantile(ratios, 0.25),
+                     "lambda_ratio_q75": quantile(ratios, 0.75)})
+    return rows
+
+
+def fidelity_markdown(rows) -> str:
+    lines = ["| estimator | n | r(c) Pearson | r(c) Spearman | r(v2) Pearson | r(v2) Spearman | sign of c agrees "
+             "| lambda / exact lambda: median [IQR] |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['label']} | {r['n']} | {r['pearson_c']:.3f} | {r['spearman_c']:.3f} | "
+                     f"{r['pearson_v2']:.3f} | {r['spearman_v2']:.3f} | {100 * r['sign_agreement']:.0f}% | "
+                     f"{r['lambda_ratio_median']:.3g} [{r['lambda_ratio_q25']:.3g}, {r['lambda_ratio_q75']:.3g}] |")
+    return "\n".join(lines)
+
+
 def _plot_fidelity(runs, out_dir):
-    pts = fidelity_points(runs)
-    if len(pts) < 2:
-        return [], {}
-    c_hat, c_exact, v2_hat, v2_exact = map(list, zip(*pts))
-    r_c, r_v = pearson_r(c_hat, c_exact), pearson_r(v2_hat, v2_exact)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, x, y, r, name in ((axes[0], c_exact, c_hat, r_c, "c"), (axes[1], v2_exact, v2_hat, r_v, "v2")):
-        ax.scatter(x, y, s=12, alpha=0.7)
-        ax.set_xlabel(f"exact {name} (full-model gradients)")
-        ax.set_ylabel(f"proxy {name}_hat (log-prob changes)")
-        ax.set_title(f"{name}: Pearson r = {r:.3f} (n={len(x)})")
-        ax.grid(alpha=0.3)
+    """One column per estimator: its c against the exact c (top) and its v2 against the exact v2 (bottom)."""
+    table = fidelity_table(runs)
+    if not table or max(r["n"] for r in table) < 2:
+        return []
+    fig, axes = plt.subplots(2, len(table), figsize=(4.2 * len(table), 7.5), squeeze=False)
+    for col, row in enumerate(table):
+        c_e, c_x, v_e, v_x = map(list, zip(*fidelity_pairs(runs, row["estimator"])))
+        top, bottom = axes[0][col], axes[1][col]
+        top.scatter(c_x, c_e, s=12, alpha=0.7, color=f"C{col}")
+        top.axhline(0, color="k", lw=0.5)
+        top.axvline(0, color="k", lw=0.5)
+        top.set_title(f"{row['estimator']}: c, r = {row['pearson_c']:.2f} (n={row['n']})", fontsize=10)
+        top.set_xlabel("exact c = <g_RL, g_MTP> (main model)")
+        bottom.scatter(v_x, v_e, s=12, alpha=0.7, color=f"C{col}")
+        if min(v_x) > 0 and min(v_e) > 0:
+            bottom.set_xscale("log")
+            bottom.set_yscale("log")
+        bottom.set_title(f"{row['estimator']}: v2, r = {row['pearson_v2']:.2f}", fontsize=10)
+        bottom.set_xlabel("exact v2 = ||g_MTP||^2")
+        for ax in (top, bottom):
+            ax.grid(alpha=0.3)
+        top.set_ylabel("estimate")
+        bottom.set_ylabel("estimate")
+    fig.suptitle("Estimators of c and v2 against the exact statistics (same micro-batches)")
     fig.tight_layout()
-    path = os.path.join(out_dir, "proxy_vs_exact.png")
+    path = os.path.join(out_dir, "estimators_vs_exact.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
+
+
+def _head_loss_kind(run) -> str:
+    return {"detach": "CE loss", "ce": "CE loss", "distill": "distill KL"}.get(run.regime, "policy loss")
+
+
+def _plot_dynamics(runs, out_dir):
+    """The paper's Figure 2: (a) |c| of the full model for CE loss vs policy loss, and the proxy |c_hat|;
+    (b) v2 and the proxy v2_hat; (c) the first-order term c * lambda against the second-order penalty
+    v2 * lambda^2 / (2 lambda_plus) (Eq. 10 with lambda_plus standing in for (1 - L eta) / (L eta))."""
+    runs = [r for r in runs if any("mtp/c_exact/1" in row for row in r.rows)]
+    if not runs:
+        return []
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.3))
+    styles = {}
+    for run in runs:
+        kind = _head_loss_kind(run)
+        color = styles.setdefault(kind, f"C{len(styles)}")
+        name = f"{REGIME_LABELS.get(run.label, run.label)} s{run.seed}"
+        xs, c = run.series("mtp/c_exact/1")
+        axes[0].plot(xs, _smooth([abs(v) for v in c], 3), color=color, label=f"|c| full model, {kind} ({name})")
+        xs, v2 = run.series("mtp/v2_exact/1")
+        axes[1].plot(xs, _smooth(v2, 3), color=color, label=f"v2 full model, {kind} ({name})")
+        if kind == "policy loss":
+            hx, hc = run.series("mtp/c_hat/1")
+            axes[0].plot(hx, _smooth([abs(v) for v in hc], 3), color=color, ls=":", label=f"|c_hat| proxy ({name})")
+            hx, hv = run.series("mtp/v2_hat/1")
+            axes[1].plot(hx, _smooth(hv, 3), color=color, ls=":", label=f"v2_hat proxy ({name})")
+            lam = dict(zip(*run.series("mtp/lambda/1")))
+            lam_plus = float(run.info.get("occ_lambda_plus", 1.0))
+            steps = [s for s in xs if s in lam]
+            cs = dict(zip(*run.series("mtp/c_exact/1")))
+            first = [cs[s] * lam[s] for s in steps]
+            second = [dict(zip(xs, v2))[s] * lam[s] ** 2 / (2 * lam_plus) for s in steps]
+            axes[2].plot(steps, _smooth(first, 3), color=color, label=f"first order c*lambda ({name})")
+            axes[2].plot(steps, _smooth(second, 3), color=color, ls="--",
+                         label=f"second order v2*lambda^2/(2 lambda+) ({name})")
+    for ax, title in zip(axes, ("(a) alignment |c| over training", "(b) variance v2 over training",
+                                "(c) first-order gain vs second-order penalty")):
+        ax.set_title(title)
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+        if ax.has_data():
+            ax.legend(fontsize=7)
+    for ax in axes[:2]:
+        if all(y > 0 for line in ax.get_lines() for y in line.get_ydata()):
+            ax.set_yscale("log")
+    axes[2].axhline(0, color="k", lw=0.5)
+    fig.tight_layout()
+    path = os.path.join(out_dir, "figure2_dynamics.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
+
+
+def accuracy_curve(run, start=None):
+    """(steps, avg@k) of one run: the starting model at step 0, every periodic `eval/avg@k` row, the final
+    eval.json at the run's last step."""
+    k = (run.eval or start or {}).get("k")
+    points = {}
+    if start is not None and k is not None and f"avg@{k}" in start:
+        points[0] = start[f"avg@{k}"]
+    if k is not None:
+        points.update(zip(*run.series(f"eval/avg@{k}")))
+        if run.eval:
+            last = max([r["step"] for r in run.rows if "step" in r] + [int(run.info.get("max_steps", 0))])
+            points[last] = run.eval[f"avg@{k}"]
+    steps = sorted(points)
+    return steps, [points[s] for s in steps]
+
+
+def _plot_accuracy(runs, out_dir, start=None):
+    """The paper's Figure 1: held-out avg@k over training, per arm (thin: seeds, thick: their mean)."""
+    curves = {label: [accuracy_curve(r, start) for r in group] for label, group in _by_label(runs).items()}
+    if not any(len(xs) > 1 for group in curves.values() for xs, _ in group):
+        return []
+    k = next((r.eval["k"] for r in runs if r.eval), "k")
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for color, (label, group) in enumerate(curves.items()):
+        for xs, ys in group:
+            ax.plot(xs, [100 * y for y in ys], color=f"C{color}", alpha=0.3, lw=1)
+        common = sorted(set.intersection(*(set(xs) for xs, _ in group))) if group else []
+        if common:
+            mean = [100 * statistics.fmean(dict(zip(xs, ys))[s] for xs, ys in group) for s in common]
+            ax.plot(common, mean, color=f"C{color}", lw=2.2, marker="o", ms=3,
+                    label=f"{REGIME_LABELS.get(label, label)} (mean of {len(group)})")
+    ax.set_title(f"held-out avg@{k} over training (Figure 1)")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(f"avg@{k} (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = os.path.join(out_dir, "accuracy_over_steps.png")
     fig.savefig(path, dpi=120)
     plt.close(fig)
-    return [path], {"r_c": r_c, "r_v2": r_v, "n": len(pts)}
+    return [path]
 
 
-def build_report(run_dirs, out_dir, title="mtprl comparison", command=None) -> str:
-    """Write `<out_dir>/report.md` and its PNG figures; returns the report path."""
+def _plot_abs_lambda(runs, out_dir):
+    """The paper's Figure 4: |lambda_t| of head 1 over training for the OCC arms."""
+    occ = [r for r in runs if r.regime == "occ"]
+    if not occ:
+        return []
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    labels = list(_by_label(occ))
+    for run in occ:
+        xs, ys = run.series("mtp/lambda/1")
+        color = f"C{labels.index(run.label)}"
+        ax.plot(xs, _smooth([abs(y) for y in ys], 9), color=color, alpha=0.85,
+                label=f"{REGIME_LABELS.get(run.label, run.label)} s{run.seed}")
+    ax.set_title("|lambda_t| of head 1 over training (Figure 4; moving average of 9 logs)")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("|lambda_t|")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = os.path.join(out_dir, "abs_lambda.png")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return [path]
+
+
+def _read_start(start):
+    if start and os.path.isfile(start):
+        with open(start) as f:
+            return json.load(f)
+    return None
+
+
+def build_report(run_dirs, out_dir, title="mtprl comparison", command=None, baseline=None, start=None) -> str:
+    """Write `<out_dir>/report.md` and its PNG figures; returns the report path. `baseline`: the label of the arm
+    the others are compared with (default: the first detach arm, else the first arm); `start`: the starting
+    model's eval.json (step 0 of the accuracy curves, and each arm's gain over it)."""
     os.makedirs(out_dir, exist_ok=True)
     runs, skipped = load_runs(run_dirs)
-    rows = table_rows(runs)
-    figures = []
-    for key, name, ylabel in (("reward", "reward.png", "mean reward (smoothed)"),
+    groups = _by_label(runs)
+    if baseline is None and groups:
+        baseline = next((label for label, g in groups.items() if g[0].regime == "detach"), next(iter(groups)))
+    start_eval = _read_start(start)
+    rows = table_rows(runs, baseline=baseline, start=start_eval)
+    figures = _plot_accuracy(runs, out_dir, start_eval)
+    for key, name, ylabel in (("reward", "reward.png", "mean training reward (smoothed)"),
                               ("mtp/accept/1", "acceptance.png", "expected acceptance, head 1")):
         path = os.path.join(out_dir, name)
-        if _plot_per_label(runs, key, path, f"{ylabel} per regime", ylabel):
+        if _plot_per_label(runs, key, path, f"{ylabel} per arm", ylabel):
             figures.append(path)
+    figures += _plot_abs_lambda(runs, out_dir)
     figures += _plot_occ(runs, out_dir)
-    fid_figs, fidelity = _plot_fidelity(runs, out_dir)
-    figures += fid_figs
+    fidelity = fidelity_table(runs)
+    figures += _plot_fidelity(runs, out_dir)
+    figures += _plot_dynamics(runs, out_dir)
 
     lines = [f"# {title}", ""]
     if command:
         lines += [f"Made by `{command}`.", ""]
-    lines += ["## Accuracy on held-out questions (mean ± std over seeds)", "", markdown_table(rows), ""]
-    lines += ["## Step time", "", step_time_table(rows), ""]
+    lines += ["## Accuracy on held-out questions (mean ± std over seeds)", "",
+              markdown_table(rows, baseline=baseline if len(groups) > 1 else None, start=start_eval), "",
+              "Intervals: paired bootstrap over seeds and questions (mtprl.stats), 95%; \"better\" / \"worse\" "
+              "only when the interval excludes 0, otherwise \"no detectable difference\".", ""]
+    lines += ["## Step time", "", step_time_table(rows, baseline), ""]
     if fidelity:
-        lines += ["## Proxy fidelity", "",
-                  f"Pearson r between the log-prob proxies and the exact gradient statistics over {fidelity['n']} "
-                  f"points: c: {fidelity['r_c']:.3f}, v2: {fidelity['r_v2']:.3f}.", ""]
+        lines += ["## Estimators against the exact statistics", "",
+                  "Every estimator's c and v2 beside the exact ones (gradients over the main model) on the same "
+                  "micro-batches (`occ_fidelity_every`), all runs and heads pooled.", "",
+                  fidelity_markdown(fidelity), ""]
     lines += ["## Figures", ""] + [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in figures] + [""]
     if skipped:
         lines += ["## Skipped runs", ""] + [f"- {s}" for s in skipped] + [""]
     report = os.path.join(out_dir, "report.md")
     with open(report, "w") as f:
         f.write("\n".join(lines))
+    for row in rows:
+        for key in ("vs_baseline", "vs_start"):
+            if row[key] is not None:
+                row[key] = dict(row[key]._asdict(), verdict=row[key].verdict)
     with open(os.path.join(out_dir, "report.json"), "w") as f:
-        json.dump({"rows": rows, "fidelity": fidelity, "skipped": skipped, "figures": figures}, f, indent=2,
-                  default=float)
+        json.dump({"rows": rows, "baseline": baseline, "fidelity": fidelity, "skipped": skipped,
+                   "figures": figures}, f, indent=2, default=float)
     return report
