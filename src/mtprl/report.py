@@ -224,7 +224,7 @@ def _interval(diff) -> str:
 
 
 def markdown_table(rows, baseline=None, start=None) -> str:
-    k = next((r["k"] for r in rows if r["k"]), "k")
+    k = next((r["k"] for r in rows if r["k"]), (start or {}).get("k", "k"))
 
     def shown(ms):  # what the table prints; equal printed values are equally best
         return round(ms[0] * 100, 1)
@@ -415,11 +415,10 @@ def _plot_dynamics(runs, out_dir):
     runs = [r for r in runs if any("mtp/c_exact/1" in row for row in r.rows)]
     if not runs:
         return []
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.3))
-    styles = {}
-    for run in runs:
-        kind = _head_loss_kind(run)
-        color = styles.setdefault(kind, f"C{len(styles)}")
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.6))
+    twins = [axes[0].twinx(), axes[1].twinx()]  # the proxies live on another scale: their own axis, dotted
+    for i, run in enumerate(runs):
+        kind, color = _head_loss_kind(run), f"C{i}"
         name = f"{REGIME_LABELS.get(run.label, run.label)} s{run.seed}"
         xs, c = run.series("mtp/c_exact/1")
         axes[0].plot(xs, _smooth([abs(v) for v in c], 3), color=color, label=f"|c| full model, {kind} ({name})")
@@ -427,28 +426,29 @@ def _plot_dynamics(runs, out_dir):
         axes[1].plot(xs, _smooth(v2, 3), color=color, label=f"v2 full model, {kind} ({name})")
         if kind == "policy loss":
             hx, hc = run.series("mtp/c_hat/1")
-            axes[0].plot(hx, _smooth([abs(v) for v in hc], 3), color=color, ls=":", label=f"|c_hat| proxy ({name})")
+            twins[0].plot(hx, _smooth([abs(v) for v in hc], 3), color=color, ls=":", label=f"|c_hat| proxy ({name})")
             hx, hv = run.series("mtp/v2_hat/1")
-            axes[1].plot(hx, _smooth(hv, 3), color=color, ls=":", label=f"v2_hat proxy ({name})")
+            twins[1].plot(hx, _smooth(hv, 3), color=color, ls=":", label=f"v2_hat proxy ({name})")
             lam = dict(zip(*run.series("mtp/lambda/1")))
             lam_plus = float(run.info.get("occ_lambda_plus", 1.0))
             steps = [s for s in xs if s in lam]
-            cs = dict(zip(*run.series("mtp/c_exact/1")))
-            first = [cs[s] * lam[s] for s in steps]
-            second = [dict(zip(xs, v2))[s] * lam[s] ** 2 / (2 * lam_plus) for s in steps]
-            axes[2].plot(steps, _smooth(first, 3), color=color, label=f"first order c*lambda ({name})")
-            axes[2].plot(steps, _smooth(second, 3), color=color, ls="--",
-                         label=f"second order v2*lambda^2/(2 lambda+) ({name})")
-    for ax, title in zip(axes, ("(a) alignment |c| over training", "(b) variance v2 over training",
+            cs, vs = dict(zip(*run.series("mtp/c_exact/1"))), dict(zip(xs, v2))
+            axes[2].plot(steps, _smooth([cs[s] * lam[s] for s in steps], 3), color=color,
+                         label=f"first order c*lambda ({name})")
+            axes[2].plot(steps, _smooth([vs[s] * lam[s] ** 2 / (2 * lam_plus) for s in steps], 3), color=color,
+                         ls="--", label=f"second order v2*lambda^2/(2 lambda+) ({name})")
+    for ax, title in zip(axes, ("(a) alignment |c| (solid, left) and proxy |c_hat| (dotted, right)",
+                                "(b) variance v2 (solid, left) and proxy v2_hat (dotted, right)",
                                 "(c) first-order gain vs second-order penalty")):
-        ax.set_title(title)
+        ax.set_title(title, fontsize=10)
         ax.set_xlabel("optimizer step")
         ax.grid(alpha=0.3)
-        if ax.has_data():
-            ax.legend(fontsize=7)
-    for ax in axes[:2]:
-        if all(y > 0 for line in ax.get_lines() for y in line.get_ydata()):
-            ax.set_yscale("log")
+    for ax, twin in zip(axes[:2], twins):
+        lines = ax.get_lines() + twin.get_lines()
+        if lines:
+            ax.legend(lines, [line.get_label() for line in lines], fontsize=7)
+    if axes[2].has_data():
+        axes[2].legend(fontsize=7)
     axes[2].axhline(0, color="k", lw=0.5)
     fig.tight_layout()
     path = os.path.join(out_dir, "figure2_dynamics.png")
