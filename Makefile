@@ -24,7 +24,7 @@ train: setup
 # Side by side: detach, CE, policy loss and OCC from the same warm start; writes reports/demo/report.md + PNGs.
 demo: setup
 	$(PY) -m mtprl.cli sft --config configs/tiny_sft.yaml
-	$(PY) -m mtprl.cli compare --config configs/demo.yaml --regimes detach,ce,policy,occ --seeds 0 --report_dir reports/demo
+	$(PY) -m mtprl.cli compare --config configs/demo.yaml
 
 bench: setup
 	$(PY) benchmarks/step_time.py

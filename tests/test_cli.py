@@ -237,3 +237,20 @@ def test_eval_datasets_give_per_benchmark_columns_and_their_average(tmp_path):
         assert result["benchmarks_average"][key] == pytest.approx(expected)
     assert main(["eval", *TASK, "--model_name_or_path", "tiny", "--eval_output", out,
                  "--eval_datasets", '{"x": {"split": "test"}}']) == 1
+
+
+@pytest.mark.parametrize("table", [1, 2, 3, 4])
+def test_paper_configs_parse_and_run_one_step_per_arm(tmp_path, table):
+    """configs/paper/tableN.yaml as a user runs it, shrunk to 1 step per arm and one seed on the tiny preset."""
+    import yaml
+
+    path = os.path.join(ROOT, "configs", "paper", f"table{table}.yaml")
+    arms = yaml.safe_load(open(path))["arms"]
+    report_dir = str(tmp_path / "report")
+    assert main(["compare", "--config", path, *TASK, *TINY, "--model_name_or_path", "tiny", "--seeds", "0",
+                 "--report_dir", report_dir, "--max_steps", "1", "--eval_steps", "0", "--save_strategy", "no",
+                 "--per_device_train_batch_size", "8", "--num_generations", "4", "--steps_per_generation", "2"]) == 0
+    report = json.load(open(os.path.join(report_dir, "report.json")))
+    assert len(report["rows"]) == len(arms) and report["baseline"] == "detach"
+    for row in report["rows"]:
+        assert row["label"] == "detach" or row["vs_baseline"] is not None, row["label"]
