@@ -506,11 +506,12 @@ def _plot_abs_lambda(runs, out_dir):
     if not occ:
         return []
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    labels = list(_by_label(occ))
+    labels, styles = list(_by_label(occ)), ("-", "--", ":", "-.")
     for run in occ:
         xs, ys = run.series("mtp/lambda/1")
         color = f"C{labels.index(run.label)}"
-        ax.plot(xs, _smooth([abs(y) for y in ys], 9), color=color, alpha=0.85,
+        nth = [r for r in occ if r.label == run.label].index(run)
+        ax.plot(xs, _smooth([abs(y) for y in ys], 9), color=color, alpha=0.85, ls=styles[nth % len(styles)],
                 label=f"{REGIME_LABELS.get(run.label, run.label)} s{run.seed}")
     ax.set_title("|lambda_t| of head 1 over training (Figure 4; moving average of 9 logs)")
     ax.set_xlabel("optimizer step")
