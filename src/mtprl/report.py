@@ -473,6 +473,19 @@ def accuracy_curve(run, start=None):
     return steps, [points[s] for s in steps]
 
 
+def _save_over_steps(fig, ax, title, ylabel, path):
+    """Finish a one-panel plot over optimizer steps and write it; returns [path]."""
+    ax.set_title(title)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return [path]
+
+
 def _plot_accuracy(runs, out_dir, start=None):
     """The paper's Figure 1: held-out avg@k over training, per arm (thin: seeds, thick: their mean)."""
     curves = {label: [accuracy_curve(r, start) for r in group] for label, group in _by_label(runs).items()}
@@ -488,16 +501,8 @@ def _plot_accuracy(runs, out_dir, start=None):
             mean = [100 * statistics.fmean(dict(zip(xs, ys))[s] for xs, ys in group) for s in common]
             ax.plot(common, mean, color=f"C{color}", lw=2.2, marker="o", ms=3,
                     label=f"{REGIME_LABELS.get(label, label)} (mean of {len(group)})")
-    ax.set_title(f"held-out avg@{k} over training (Figure 1)")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel(f"avg@{k} (%)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = os.path.join(out_dir, "accuracy_over_steps.png")
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return [path]
+    return _save_over_steps(fig, ax, f"held-out avg@{k} over training (Figure 1)", f"avg@{k} (%)",
+                            os.path.join(out_dir, "accuracy_over_steps.png"))
 
 
 def _plot_abs_lambda(runs, out_dir):
@@ -513,16 +518,8 @@ def _plot_abs_lambda(runs, out_dir):
         nth = [r for r in occ if r.label == run.label].index(run)
         ax.plot(xs, _smooth([abs(y) for y in ys], 9), color=color, alpha=0.85, ls=styles[nth % len(styles)],
                 label=f"{REGIME_LABELS.get(run.label, run.label)} s{run.seed}")
-    ax.set_title("|lambda_t| of head 1 over training (Figure 4; moving average of 9 logs)")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("|lambda_t|")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = os.path.join(out_dir, "abs_lambda.png")
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return [path]
+    return _save_over_steps(fig, ax, "|lambda_t| of head 1 over training (Figure 4; moving average of 9 logs)",
+                            "|lambda_t|", os.path.join(out_dir, "abs_lambda.png"))
 
 
 def _read_start(start):
