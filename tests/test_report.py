@@ -135,3 +135,31 @@ def test_fidelity_table_per_estimator(tmp_path):
     assert h["lambda_ratio_median"] == pytest.approx(np.median(ratios))
     assert h["lambda_ratio_q25"] == pytest.approx(np.quantile(ratios, 0.25))
     assert h["pearson_v2"] == pytest.approx(np.corrcoef([v for _, v in hidden], [v for _, v in exact])[0, 1])
+
+
+def test_report_command_takes_baseline_and_start(tmp_path):
+    """`mtprl report --baseline --start`: intervals against the named arm and the starting model, by the bootstrap
+    protocol, from per-question results in the runs' eval.json."""
+    from mtprl.cli import main
+    from mtprl.stats import paired_bootstrap
+
+    per_question = {("detach", 0): [2, 0, 4, 1], ("detach", 1): [1, 1, 3, 1], ("ce", 0): [4, 2, 4, 2],
+                    ("ce", 1): [3, 2, 4, 3]}
+    dirs = []
+    for (regime, seed), correct in per_question.items():
+        path = _fake_run(tmp_path, regime, seed, [0.1] * 3, sum(correct) / 16, 0.5)
+        ev = {"avg@4": sum(correct) / 16, "pass@4": 1.0, "k": 4, "correct_per_question": correct,
+              "questions_digest": "q"}
+        json.dump(ev, open(os.path.join(path, "eval.json"), "w"))
+        dirs.append(path)
+    start = tmp_path / "start.json"
+    json.dump({"avg@4": 0.25, "pass@4": 0.5, "k": 4, "correct_per_question": [1, 1, 1, 1], "questions_digest": "q"},
+              open(start, "w"))
+    assert main(["report", *dirs, "--report_dir", str(tmp_path / "r"), "--baseline", "ce", "--start", str(start)]) == 0
+    rows = {r["label"]: r for r in json.load(open(tmp_path / "r" / "report.json"))["rows"]}
+    acc = lambda regime: [[c / 4 for c in per_question[(regime, s)]] for s in (0, 1)]  # noqa: E731
+    expected = paired_bootstrap(acc("detach"), acc("ce"))
+    assert rows["detach"]["vs_baseline"]["low"] == pytest.approx(expected.low)
+    assert rows["detach"]["vs_baseline"]["mean"] == pytest.approx(np.mean(acc("detach")) - np.mean(acc("ce")))
+    assert rows["ce"]["vs_baseline"] is None
+    assert rows["ce"]["vs_start"]["mean"] == pytest.approx(np.mean(acc("ce")) - 0.25)

@@ -506,6 +506,11 @@ def cmd_compare(argv) -> str:
 class ReportArguments:
     report_dir: str | None = field(default=None, metadata={
         "help": "Where report.md and the figures go (default: the parent of the first run directory)."})
+    baseline: str | None = field(default=None, metadata={
+        "help": "Label of the arm the others are compared with (default: the first detach arm)."})
+    start: str | None = field(default=None, metadata={
+        "help": "The starting model's eval.json (compare writes <report_dir>/start/eval.json): step 0 of the "
+                "accuracy curves and each arm's gain over it."})
 
 
 def cmd_report(argv) -> str:
@@ -515,7 +520,8 @@ def cmd_report(argv) -> str:
                                                                                   return_remaining_strings=True)
     if not run_dirs:
         raise ValueError("report needs at least one run directory")
-    report = build_report(run_dirs, report_args.report_dir or os.path.dirname(os.path.abspath(run_dirs[0])))
+    report = build_report(run_dirs, report_args.report_dir or os.path.dirname(os.path.abspath(run_dirs[0])),
+                          baseline=report_args.baseline, start=report_args.start)
     phase(f"report written to {report}")
     return report
 
