@@ -26,7 +26,8 @@ REGIMES = tuple(REGIME_LABELS)
 OCC_VARIANTS = ("paper", "reference", "exact", "hidden", "last_layers", "ema")
 # Where a regime's lambda comes from (`Regime.lambda_from`): the paper's log-prob proxies (`hat`) or one of the
 # estimators of the true c and v2. Metric keys: mtp/c_<name>/k, except hat -> mtp/c_hat/k, exact -> c_exact.
-LAMBDA_SOURCES = ("hat", "ema", "hidden", "last_layers", "exact")
+GRADIENT_SOURCES = ("hidden", "last_layers", "exact")  # need gradients (a backward) of both losses
+LAMBDA_SOURCES = ("hat", "ema", *GRADIENT_SOURCES)
 
 
 class HeadTerm(NamedTuple):
@@ -98,7 +99,6 @@ class Regime:
     mtp_grad: str = "joint"  # "detach": trunk states, embeddings and lm_head enter the heads detached
     ratio_against: str = "head"  # "head": the head's own rollout-time log-probs | "main": the main head's
     estimator: str = "batch"  # OCC proxy estimator (occ.ESTIMATORS); logged for every regime
-    uses_lambda: bool = False  # the coefficient is OCC's lambda
     lambda_from: str = "hat"  # LAMBDA_SOURCES: what `estimated_lambda` computes
     needs_distill: bool = False  # the forward also computes KL(p_main || q_k) (tiled full distributions)
 
@@ -107,9 +107,9 @@ MTP_TERMS = {
     "detach": Regime(ce_on_samples, mtp_grad="detach"),
     "ce": Regime(ce_on_samples),
     "policy": Regime(policy_loss_fixed),
-    "occ:paper": Regime(occ_scaled, uses_lambda=True),
-    "occ:reference": Regime(occ_released_code, ratio_against="main", estimator="token", uses_lambda=True),
-    **{f"occ:{source}": Regime(occ_scaled, uses_lambda=True, lambda_from=source)
+    "occ:paper": Regime(occ_scaled),
+    "occ:reference": Regime(occ_released_code, ratio_against="main", estimator="token"),
+    **{f"occ:{source}": Regime(occ_scaled, lambda_from=source)
        for source in ("exact", "hidden", "last_layers", "ema")},
     "distill": Regime(distill_from_policy, mtp_grad="detach", needs_distill=True),
 }

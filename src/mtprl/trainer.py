@@ -40,7 +40,7 @@ from .mtp import INIT_CHOICES, last_layer_params
 from .objectives import LOSS_TYPES, masked_mean, mtp_ce_loss, policy_loss
 from .occ import (OCCStats, ema_statistics, gradient_statistics, lambda_from_stats, loss_gradients,
                   occ_statistics)
-from .regimes import OCC_VARIANTS, REGIMES, HeadBatch, regime_for
+from .regimes import GRADIENT_SOURCES, OCC_VARIANTS, REGIMES, HeadBatch, regime_for
 from .tasks import safe_reward
 
 
@@ -73,7 +73,7 @@ class MTPGRPOConfig(GRPOConfig):
                 "over."})
     occ_ema_beta: float = field(default=0.9, metadata={
         "help": "ema estimator: weight of the history in the running average of c_hat and v2_hat, per "
-                "micro-batch."})
+                "micro-batch. The average is not saved in checkpoints: a resumed run restarts it."})
     occ_fidelity_every: int = field(default=0, metadata={
         "help": "Every N optimizer steps also compute, on the same micro-batch, the exact c and v2 and every "
                 "estimator's (hidden, last_layers, ema, the proxies), for every regime that runs the heads: "
@@ -402,7 +402,7 @@ class MTPGRPOTrainer(MTPCheckpointMixin, GRPOTrainer):
             mtp, _, distill = head_logprobs(unwrapped, logprobs.hidden, input_ids, attention_mask,
                                             inputs["completion_ids"].size(1), self.temperature, "joint",
                                             compute_distill=self.regime.needs_distill)
-        return [self.regime.term(make_head(k, mtp[:, k], None if distill is None else distill[:, k])).loss
+        return [self.regime.term(make_head(k, mtp[:, k], None if distill is None else distill[:, k])[0]).loss
                 for k in range(mtp.shape[1])]
 
     def _mtp_term(self, rl_loss, logprobs: LogProbs, inputs):
@@ -462,13 +462,13 @@ class MTPGRPOTrainer(MTPCheckpointMixin, GRPOTrainer):
                 self._ema[head.depth] = ema_statistics(self._ema.get(head.depth), stats, args.occ_ema_beta)
         terms = [regime.term(head) for head, _ in heads]
         if fidelity:
-            joint_losses = (self._joint_head_losses(logprobs, inputs, lambda k, q, d: make_head(k, q, d)[0])
+            joint_losses = (self._joint_head_losses(logprobs, inputs, make_head)
                             if regime.mtp_grad == "detach" else None)
             for k, ((head, stats), term) in enumerate(zip(heads, terms)):
                 # c and v2 of the head's own loss with coefficient 1 (the released code's lambda sits inside it)
                 loss = (joint_losses[k] if joint_losses is not None else
                         head.policy_loss(head.logq, head.old_logq, head.advantages) if term.coef_in_loss else term.loss)
-                sources = [s for s in ("hidden", "last_layers", "exact")
+                sources = [s for s in GRADIENT_SOURCES
                            if not (s == "exact" and term.coef is None)]  # exact comes from _after_backward
                 for source in sources:
                     est = self._gradient_estimate(source, rl_loss, loss, logprobs.hidden, rl_grads)
