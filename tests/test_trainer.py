@@ -523,3 +523,38 @@ def test_occ_variants_train_two_real_steps(tmp_path, variant):
         assert all(math.isfinite(r[key]) for r in rows), key
     assert any(not torch.equal(p, before[n]) for n, p in trainer.model.named_parameters()
                if n.startswith("mtp_heads."))
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_occ_last_layers_split_backward_is_autograds_gradient(tmp_path, checkpointing):
+    """occ last_layers cuts the graph below the last layer and backpropagates one combined loss: every lambda
+    equals parameter_statistics over the last layer (1e-5), and the loss and every gradient (trunk below and
+    above the cut, heads) equal autograd's of rl + sum_k lambda_k head_k on the uncut model; with TRL's
+    gradient checkpointing too."""
+    trainer = _mtp_trainer(tmp_path, mtp_regime="occ", occ_variant="last_layers", mtp_num_heads=2, loss_type="dapo",
+                           occ_lambda_plus=0.7, gradient_checkpointing=checkpointing)
+    reference = copy.deepcopy(trainer.model)
+    inputs = _with_old_logprobs(trainer, _crafted_inputs())
+    trainer.model.train()
+    with trainer._trunk_cut() as cut:
+        assert cut is not None and cut.layer is trainer.model.model.layers[-1]
+    loss, grads = _loss_and_grads(trainer, inputs)
+
+    rl, _, out = _independent_losses(reference, inputs)
+    m = inputs["completion_mask"]
+    kw = dict(loss_type="dapo", epsilon_low=0.2, epsilon_high=0.2, normalizer=m.sum().float())
+    expected = rl
+    for k in range(2):
+        head = mtprl.policy_loss(out.mtp[:, k], inputs["old_mtp_logps"][:, k], inputs["advantages"], m, **kw)
+        stats = mtprl.occ.parameter_statistics(rl, head, mtprl.mtp.last_layer_params(reference, 1))
+        lam = 0.7 * stats.c_hat / (stats.v2_hat + 1e-8)
+        assert trainer._metrics["train"][f"mtp/lambda/{k + 1}"][-1] == pytest.approx(lam.item(), rel=1e-5)
+        assert abs(lam.item()) > 1e-4
+        expected = expected + lam.detach() * head
+    reference.zero_grad(set_to_none=True)
+    expected.backward()
+    torch.testing.assert_close(loss, expected.detach(), rtol=1e-5, atol=1e-7)
+    reference_grads = {n: p.grad for n, p in reference.named_parameters() if p.grad is not None}
+    assert set(grads) == set(reference_grads) and any(n.startswith("model.layers.0.") for n in grads)
+    for name, g in reference_grads.items():
+        torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-7, msg=name)

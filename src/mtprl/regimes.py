@@ -6,7 +6,7 @@ the command line, the report and the benchmark import it from here.
 A regime is a `Regime` entry: how the heads see the trunk (`mtp_grad`), which rollout-time log-probs head k's
 importance ratio and OCC's `delta_mtp` are taken against (`ratio_against`), which OCC estimator its proxies use,
 and a `term` function that returns head k's loss and coefficient for one micro-batch. The trainer's
-`MTPGRPOTrainer._mtp_term` is the one caller: it builds a `HeadBatch` per head, computes and all-reduces the
+`MTPGRPOTrainer._loss_with_mtp_term` is the one caller: it builds a `HeadBatch` per head, computes and all-reduces the
 proxies, logs the metrics and adds `coef * loss` to TRL's loss. Adding a regime = one function + one entry.
 """
 
@@ -36,6 +36,7 @@ class HeadTerm(NamedTuple):
     loss: torch.Tensor  # head k's loss as the regime defines it; logged as mtp/loss/k
     # its coefficient (mtp_coef or OCC's lambda); logged as mtp/lambda/k. None: lambda from the true gradients,
     # applied after the backward (occ exact: the loss is backpropagated on its own, see trainer._after_backward)
+    # or by the split backward (occ last_layers, see mtprl.split_backward)
     coef: torch.Tensor | None
     coef_in_loss: bool = False  # True: `coef` already scales the loss from inside (released code: advantages)
 

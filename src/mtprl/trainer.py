@@ -6,7 +6,9 @@ What changes against stock GRPOTrainer, and nothing else:
   (`_generate_and_score_completions`) and travel in the batch (`old_mtp_logps`) through TRL's shuffle and split;
 - `_compute_loss` adds the MTP term of the chosen regime (`mtprl.regimes`) to TRL's own loss, untouched;
   under `occ_variant=exact` the MTP term is backpropagated on its own (stashed) and added, times lambda, after
-  TRL's backward (`training_step` -> `_after_backward`): one extra backward pass, not two;
+  TRL's backward (`training_step` -> `_after_backward`): one extra backward pass, not two; under
+  `occ_variant=last_layers` the graph is cut below the last layers and TRL backpropagates one combined loss
+  (`mtprl.split_backward`);
 - checkpoints keep the heads in their own files (`mtprl.checkpoints.MTPCheckpointMixin`);
 - every log line also goes to `<output_dir>/metrics.jsonl`.
 
@@ -26,7 +28,7 @@ import math
 import os
 import types
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -36,11 +38,12 @@ from trl import GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer
 from .checkpoints import MTPCheckpointMixin, attach_or_load_heads
 from .jsonl import append_jsonl
 from .logprobs import LogProbs, forward_logprobs, head_logprobs
-from .mtp import INIT_CHOICES, last_layer_params
+from .mtp import INIT_CHOICES, decoder_of, last_layer_params
 from .objectives import LOSS_TYPES, masked_mean, mtp_ce_loss, policy_loss
 from .occ import (OCCStats, ema_statistics, gradient_statistics, lambda_from_stats, loss_gradients,
                   occ_statistics)
 from .regimes import GRADIENT_SOURCES, OCC_VARIANTS, REGIMES, HeadBatch, regime_for
+from .split_backward import TrunkCut, split_backward_loss
 from .tasks import safe_reward
 
 
@@ -210,6 +213,8 @@ class MTPGRPOTrainer(MTPCheckpointMixin, GRPOTrainer):
         self._head_params = [p for p in unwrapped.mtp_heads.parameters() if p.requires_grad]
         needs_last = self.regime.lambda_from == "last_layers" or args.occ_fidelity_every > 0
         self._last_params = last_layer_params(unwrapped, args.occ_last_layers) if needs_last else []
+        last_ids = {id(p) for p in self._last_params}
+        self._last_index = [i for i, p in enumerate(self._main_params) if id(p) in last_ids]
         self._ema: dict[int, OCCStats] = {}  # head depth -> running average of the proxies (`ema` estimator)
         if self.regime.lambda_from == "exact" and (args.fp16 or self.is_deepspeed_enabled):
             raise ValueError("occ_variant=exact adds lambda * g_MTP to the parameters' .grad after the backward; "
@@ -300,16 +305,26 @@ class MTPGRPOTrainer(MTPCheckpointMixin, GRPOTrainer):
         return loss / self.current_gradient_accumulation_steps if self.model.training else loss
 
     def _compute_loss(self, model, inputs):
-        with self._recording_forwards() as ledger:
+        with self._recording_forwards() as ledger, self._trunk_cut() as cut:
             rl_loss = super()._compute_loss(model, inputs)  # TRL's own loss, untouched
         if self.regime is None:
             return rl_loss
         logprobs = ledger.only("TRL's _compute_loss", self.args.mtp_regime)
-        mtp_loss, metrics = self._mtp_term(rl_loss, logprobs, inputs)
+        loss, metrics = self._loss_with_mtp_term(rl_loss, logprobs, inputs, cut)
         mode = "train" if self.model.training else "eval"
         for name, value in metrics.items():
             self._metrics[mode][name].append(value)
-        return rl_loss + mtp_loss
+        return loss
+
+    def _trunk_cut(self):
+        """occ last_layers on a training micro-batch: cut the graph at the input of the last `occ_last_layers`
+        layers for the loss forward (`split_backward.TrunkCut`). Not on fidelity steps: those need gradients
+        through the whole trunk for the other estimators."""
+        if (self.regime is None or self.regime.lambda_from != "last_layers" or not self.model.training
+                or not torch.is_grad_enabled() or self._fidelity_step()):
+            return nullcontext()
+        decoder = decoder_of(self.accelerator.unwrap_model(self.model))
+        return TrunkCut(decoder.layers[-self.args.occ_last_layers])
 
     def _fidelity_step(self) -> bool:
         every = self.args.occ_fidelity_every
@@ -405,8 +420,9 @@ class MTPGRPOTrainer(MTPCheckpointMixin, GRPOTrainer):
         return [self.regime.term(make_head(k, mtp[:, k], None if distill is None else distill[:, k])[0]).loss
                 for k in range(mtp.shape[1])]
 
-    def _mtp_term(self, rl_loss, logprobs: LogProbs, inputs):
-        """The regime's MTP term for this micro-batch (summed over heads), and its metrics."""
+    def _loss_with_mtp_term(self, rl_loss, logprobs: LogProbs, inputs, cut: TrunkCut | None = None):
+        """TRL's loss plus the regime's MTP term for this micro-batch (summed over heads), and its metrics.
+        `cut`: the graph was cut below the last layers (occ last_layers, see `_trunk_cut`)."""
         args, regime = self.args, self.regime
         mask = inputs["completion_mask"] if "tool_mask" not in inputs else inputs["completion_mask"] * inputs["tool_mask"]
         main, mtp = logprobs.main, logprobs.mtp
@@ -443,6 +459,8 @@ class MTPGRPOTrainer(MTPCheckpointMixin, GRPOTrainer):
                 elif source == "exact":
                     self._defer_exact(depth, head_loss)
                     return None
+                elif source == "last_layers" and cut is not None:
+                    return None  # set below, by the split backward
                 else:
                     est = self._gradient_estimate(source, rl_loss, head_loss, logprobs.hidden, rl_grads)
                 lam = lambda_from_stats(est, lambda_plus=args.occ_lambda_plus, eps=args.occ_eps, clip=args.occ_clip)
@@ -476,9 +494,12 @@ class MTPGRPOTrainer(MTPCheckpointMixin, GRPOTrainer):
                     metrics[f"mtp/v2_{source}/{head.depth}"] = est.v2_hat.item()
                 metrics[f"mtp/c_ema/{head.depth}"] = self._ema[head.depth].c_hat.item()
                 metrics[f"mtp/v2_ema/{head.depth}"] = self._ema[head.depth].v2_hat.item()
+        split = []  # (depth, head loss) whose lambda the split backward sets (occ last_layers)
         for (head, stats), term in zip(heads, terms):
             depth = head.depth
-            if term.coef is None:
+            if term.coef is None and cut is not None:
+                split.append((depth, term.loss))
+            elif term.coef is None:
                 deferred = True
             else:
                 total = total + (term.loss if term.coef_in_loss else term.coef.to(term.loss.dtype) * term.loss)
@@ -492,7 +513,25 @@ class MTPGRPOTrainer(MTPCheckpointMixin, GRPOTrainer):
                 metrics[f"mtp/accept/{depth}"] = (sums[0] / sums[1].clamp(min=1.0)).item()
         if deferred:  # keep the head parameters in this backward's graph (DDP expects every parameter used)
             total = total + sum(p.sum() for p in self._head_params) * 0.0
-        return total, metrics
+        if split:
+            loss, lambdas = split_backward_loss(rl_loss + total, [loss for _, loss in split],
+                                                self._main_params + self._head_params, cut.pairs,
+                                                lambda k, g_rl, g_head: self._last_layers_lambda(split[k][0], g_rl,
+                                                                                                 g_head))
+            for (depth, _), lam in zip(split, lambdas):
+                metrics[f"mtp/lambda/{depth}"] = lam.item()
+            return loss, metrics
+        return rl_loss + total, metrics
+
+    def _last_layers_lambda(self, depth, g_rl, g_head):
+        """lambda from c and v2 over the last layers' parameters (rank means), for `split_backward_loss`."""
+        def last(grads):  # no gradient = zeros (a last-layer parameter neither loss reaches)
+            return self._mean_across_ranks([torch.zeros_like(self._main_params[i]) if grads[i] is None else grads[i]
+                                            for i in self._last_index])
+        stats = gradient_statistics(last(g_rl), last(g_head))
+        lam = lambda_from_stats(stats, lambda_plus=self.args.occ_lambda_plus, eps=self.args.occ_eps,
+                                clip=self.args.occ_clip)
+        return self._finite_or_zero(lam, depth, stats)
 
     def _finite_or_zero(self, coef, depth, stats):
         """A NaN/inf lambda (NaN log-probs upstream) must not poison the weights: use 0 for this micro-batch,
