@@ -19,6 +19,7 @@ import os
 import torch
 
 from .mtp import MTPHeads, attach_mtp_heads, get_mtp_heads
+from .native import LAYOUT_BY_NAME, find_native_layout, heads_config, load_native_heads
 
 MTP_CONFIG_NAME = "mtp_config.json"
 MTP_WEIGHTS_NAME = "mtp_heads.safetensors"
@@ -45,7 +46,7 @@ def save_mtp_heads(heads: MTPHeads, path, state_dict: dict[str, torch.Tensor] | 
               metadata={"format": "pt"})
     with open(os.path.join(path, MTP_CONFIG_NAME), "w") as f:
         json.dump({"num_heads": heads.num_heads, "init": heads.init,
-                   "decoder_layer_class": type(heads.layers[0].mtp_block).__name__,
+                   "decoder_layer_class": type(heads.layers[0].mtp_block).__name__, "native": heads.native,
                    "layout": "transformers.modeling_layers.MtpLayer"}, f, indent=2)
 
 
@@ -105,8 +106,12 @@ def load_mtp_heads(model, path) -> MTPHeads:
         mtp_cfg = json.load(f)
     if not isinstance(mtp_cfg.get("num_heads"), int):
         raise ValueError(f"{cfg_file} has no integer 'num_heads' field")
-    heads = attach_mtp_heads(model, num_heads=mtp_cfg["num_heads"], init="random")
-    heads.init = mtp_cfg.get("init", "copy_last_layer")
+    native, n = mtp_cfg.get("native"), mtp_cfg["num_heads"]
+    if native is not None and native not in LAYOUT_BY_NAME:
+        raise ValueError(f"{cfg_file}: unknown native MTP layout {native!r} (known: {', '.join(LAYOUT_BY_NAME)})")
+    config = None if native is None else heads_config(model, LAYOUT_BY_NAME[native], n)
+    heads = attach_mtp_heads(model, num_heads=n, init="random", config=config)
+    heads.init, heads.native = mtp_cfg.get("init", "copy_last_layer"), native
     load_mtp_weights(heads, path)
     return heads
 
@@ -116,12 +121,15 @@ def attach_or_load_heads(model, num_heads: int | None = None, init: str = "copy_
     """The heads `model` trains with, in this order:
     1. heads it already carries (kept as they are);
     2. the heads stored in `source` when it is an mtprl checkpoint directory (its trained heads);
-    3. fresh heads (`num_heads`, default 1, initialised by `init`).
-    `num_heads=None` accepts whatever count 1 or 2 gives; a number that differs from it is an error."""
+    3. the model family's own MTP layers when `source` is a checkpoint that ships them (`mtprl.native`);
+    4. fresh heads (`num_heads`, default 1, initialised by `init`).
+    `num_heads=None` accepts whatever count 1-3 give; a number that differs from it is an error."""
     heads = getattr(model, "mtp_heads", None)
     origin = "the model"
     if heads is None and has_mtp_checkpoint(source):
         heads, origin = load_mtp_heads(model, source), str(source)
+    if heads is None and (layout := find_native_layout(model, source)) is not None:
+        heads, origin = load_native_heads(model, source, layout), f"{source} ({layout.name} MTP layers)"
     if heads is None:
         return attach_mtp_heads(model, num_heads or 1, init=init)
     if num_heads is not None and heads.num_heads != num_heads:

@@ -48,6 +48,8 @@ commands:
   compare  --regimes detach,ce,policy,occ --seeds 0,1 --report_dir DIR [train fields]: every regime x seed from
            the same warm start (resumable), then DIR/report.md with the table and figures
   report   RUN_DIR... [--report_dir DIR]: rebuild the report from existing runs, no training
+  export   --model_name_or_path DIR --output_dir OUT [--format native|mtprl]: hand the model and its MTP heads
+           back in the model family's own checkpoint layout (DeepSeek-V3, GLM-4.5, MiMo)
 
 `mtprl <command> --help` lists every field."""
 
@@ -526,7 +528,44 @@ def cmd_report(argv) -> str:
     return report
 
 
-COMMANDS = {"sft": cmd_sft, "train": cmd_train, "eval": cmd_eval, "compare": cmd_compare, "report": cmd_report}
+@dataclass
+class ExportArguments:
+    model_name_or_path: str = field(metadata={
+        "help": "An mtprl checkpoint, or a checkpoint with native MTP layers (what `train` / `sft` read)."})
+    output_dir: str = field(metadata={"help": "Where the exported checkpoint goes."})
+    format: str = field(default="native", metadata={
+        "help": "native: the model family's own names and layout (main model + MTP layers, read back by "
+                "transformers' and vLLM's loaders); mtprl: main model + mtp_heads.safetensors."})
+    dtype: str = field(default="auto", metadata={"help": "auto | bfloat16 | float16 | float32"})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow a model's own modelling code."})
+
+
+EXPORT_FORMATS = ("native", "mtprl")
+
+
+def cmd_export(argv) -> str:
+    from .checkpoints import save_pretrained
+    from .models import load_model
+    from .native import export_native
+
+    (args,) = TrlParser((ExportArguments,)).parse_args_and_config(list(argv))
+    if args.format not in EXPORT_FORMATS:
+        raise ValueError(f"format must be one of {', '.join(EXPORT_FORMATS)}, got {args.format!r}")
+    if os.path.abspath(args.output_dir) == os.path.abspath(args.model_name_or_path):
+        raise ValueError(f"output_dir {args.output_dir!r} is the checkpoint being read; choose another directory")
+    phase(f"loading {args.model_name_or_path}")
+    model, tokenizer = load_model(args.model_name_or_path, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+    if args.format == "native":
+        layout = export_native(model, args.output_dir, tokenizer)
+        phase(f"wrote {args.output_dir}: main model + {model.mtp_heads.num_heads} MTP layer(s) in the {layout} layout")
+    else:
+        save_pretrained(model, args.output_dir, tokenizer)
+        phase(f"wrote {args.output_dir}: main model + mtp_heads.safetensors")
+    return args.output_dir
+
+
+COMMANDS = {"sft": cmd_sft, "train": cmd_train, "eval": cmd_eval, "compare": cmd_compare, "report": cmd_report,
+            "export": cmd_export}
 
 
 def main(argv=None) -> int:

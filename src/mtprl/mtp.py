@@ -35,6 +35,7 @@ class MTPHeads(nn.Module):
         _check_num_heads(num_heads)
         self.config = config  # the base model's text config, re-indexed to K decoder layers
         self.init = init
+        self.native: str | None = None  # the model family whose own MTP weights these are (mtprl.native)
         self.layers = nn.ModuleList(
             [MtpLayer(config, decoder_layer_cls, norm_cls, layer_idx=k) for k in range(num_heads)]
         )
@@ -110,12 +111,13 @@ def get_mtp_heads(model: nn.Module) -> MTPHeads:
     return heads
 
 
-def attach_mtp_heads(model: nn.Module, num_heads: int = 1, init: str = "copy_last_layer") -> MTPHeads:
+def attach_mtp_heads(model: nn.Module, num_heads: int = 1, init: str = "copy_last_layer", config=None) -> MTPHeads:
     """Build K MTP depths for `model`, register them as `model.mtp_heads` and return them.
 
     init="copy_last_layer" copies the main model's last decoder layer into every `mtp_block` (a warm start
     that already maps hidden states to hidden states); "random" uses the model's own initialiser.
-    The projections `eh_proj` always start from the model's initialiser.
+    The projections `eh_proj` always start from the model's initialiser. `config`: the layers' config when a
+    model family prescribes one (`mtprl.native.heads_config`); by default the text config re-indexed to K layers.
     """
     _check_num_heads(num_heads)
     if init not in INIT_CHOICES:
@@ -126,9 +128,13 @@ def attach_mtp_heads(model: nn.Module, num_heads: int = 1, init: str = "copy_las
     if norm_cls is None:
         raise ValueError(f"{type(last_layer).__name__} has no norm submodule to reuse for enorm/hnorm/post_norm")
 
-    config = copy.deepcopy(model.config.get_text_config(decoder=True))
-    layer_types = getattr(config, "layer_types", None)
-    config.num_hidden_layers = num_heads
+    if config is not None:
+        config.num_hidden_layers = num_heads
+        layer_types = None
+    else:
+        config = copy.deepcopy(model.config.get_text_config(decoder=True))
+        layer_types = getattr(config, "layer_types", None)
+        config.num_hidden_layers = num_heads
     if layer_types:
         # MTP layers restart layer indexing at 0; give them the attention type of the layer they copy.
         config.layer_types = [layer_types[-1]] * num_heads
