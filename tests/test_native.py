@@ -3,6 +3,7 @@ writes by hand in each family's own names; mtprl imports them, its heads compute
 computes (written out here), one OCC step trains, export writes the family's layout, and re-import is
 bit-identical."""
 
+import copy
 import json
 import math
 import os
@@ -14,7 +15,7 @@ from datasets import Dataset
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import (DeepseekV3Config, DeepseekV3ForCausalLM, Glm4MoeConfig, Glm4MoeForCausalLM, Qwen2Config,
-                          Qwen2ForCausalLM)
+                          Qwen2ForCausalLM, Qwen3NextConfig, Qwen3NextForCausalLM)
 
 import mtprl
 from mtprl.models import char_tokenizer, load_model
@@ -51,6 +52,16 @@ def _mimo():
     return Qwen2ForCausalLM, config
 
 
+def _qwen3_next():
+    return Qwen3NextForCausalLM, Qwen3NextConfig(
+        vocab_size=V, hidden_size=H, intermediate_size=48, moe_intermediate_size=16, shared_expert_intermediate_size=16,
+        num_hidden_layers=L, num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=4,
+        num_experts_per_tok=2, layer_types=["linear_attention", "full_attention"], linear_num_value_heads=2,
+        linear_num_key_heads=2, linear_key_head_dim=8, linear_value_head_dim=8, max_position_embeddings=128,
+        attn_implementation="eager", pad_token_id=TOK.pad_token_id, bos_token_id=None, eos_token_id=TOK.eos_token_id,
+        mtp_num_hidden_layers=1, router_aux_loss_coef=0.0)  # mtprl's forward does not compute the router loss
+
+
 # The family's checkpoint names for depth k's parts (independent of mtprl.native's table), and the order of the
 # concatenation its MTP forward uses.
 FAMILIES = {
@@ -60,11 +71,35 @@ FAMILIES = {
                      proj="eh_proj", out_norm="shared_head.norm", hidden_first=False),
     "mimo": dict(make=_mimo, prefix=lambda k: f"model.mtp_layers.{k}.", enorm="token_layernorm",
                  hnorm="hidden_layernorm", proj="input_proj", out_norm="final_layernorm", hidden_first=True),
+    # one depth; its norms scale by (1 + w), as every Qwen3-Next RMSNorm does
+    "qwen3_next": dict(make=_qwen3_next, prefix=lambda k: "mtp.", block=lambda k: "mtp.layers.0.",
+                       enorm="pre_fc_norm_embedding", hnorm="pre_fc_norm_hidden", proj="fc", out_norm="norm",
+                       hidden_first=False, depths=1, one_plus=True),
 }
+
+
+def _depths(family):
+    return FAMILIES[family].get("depths", DEPTHS)
+
+
+def _block_prefix(family, k):
+    spec = FAMILIES[family]
+    return spec["block"](k) if "block" in spec else spec["prefix"](k)
 
 
 def _block_class(model):
     return type(model.model.layers[-1])
+
+
+def _block_config(config):
+    """The family's MTP block config: transformers' get_mtp_config where the family declares num_mtp_layers (MoE
+    blocks); Qwen3-Next's MTP block is a full-attention layer."""
+    if getattr(config, "num_mtp_layers", None):
+        return config.get_mtp_config()
+    config = copy.deepcopy(config)
+    if getattr(config, "layer_types", None):
+        config.layer_types = ["full_attention"] * len(config.layer_types)
+    return config
 
 
 def _write_checkpoint(path, family):
@@ -77,11 +112,11 @@ def _write_checkpoint(path, family):
     model = cls(config).eval()
     model.save_pretrained(path)
     TOK.save_pretrained(path)
-    block_config = config.get_mtp_config() if getattr(config, "num_mtp_layers", None) else config
+    block_config = _block_config(config)
     tensors = {}
     g = torch.Generator().manual_seed(1)
-    for k in range(DEPTHS):
-        p = spec["prefix"](k)
+    for k in range(_depths(family)):
+        p, b = spec["prefix"](k), _block_prefix(family, k)
         block = _block_class(model)(block_config, k)
         for name, t in block.state_dict().items():  # fresh values: an un-initialised buffer may hold NaN
             noise = torch.randn(t.shape, generator=g)
@@ -89,17 +124,17 @@ def _write_checkpoint(path, family):
             if name.endswith("mlp.experts.gate_up_proj"):  # [E, 2I, H]: gate rows then up rows per expert
                 gate, up = t.chunk(2, dim=1)
                 for e in range(t.shape[0]):
-                    tensors[f"{p}mlp.experts.{e}.gate_proj.weight"] = gate[e].contiguous()
-                    tensors[f"{p}mlp.experts.{e}.up_proj.weight"] = up[e].contiguous()
+                    tensors[f"{b}mlp.experts.{e}.gate_proj.weight"] = gate[e].contiguous()
+                    tensors[f"{b}mlp.experts.{e}.up_proj.weight"] = up[e].contiguous()
             elif name.endswith("mlp.experts.down_proj"):
                 for e in range(t.shape[0]):
-                    tensors[f"{p}mlp.experts.{e}.down_proj.weight"] = t[e].contiguous()
+                    tensors[f"{b}mlp.experts.{e}.down_proj.weight"] = t[e].contiguous()
             else:
-                tensors[p + name] = t.contiguous()
+                tensors[b + name] = t.contiguous()
         for part in ("enorm", "hnorm", "out_norm"):
             tensors[f"{p}{spec[part]}.weight"] = 1.0 + 0.3 * torch.randn(H, generator=g)
         tensors[f"{p}{spec['proj']}.weight"] = 0.2 * torch.randn(H, 2 * H, generator=g)
-        if family != "mimo":  # DeepSeek-layout checkpoints ship copies of the shared head and embedding
+        if family in ("deepseek_v3", "glm4_moe"):  # DeepSeek-layout checkpoints ship copies of the shared head and embedding
             tensors[f"{p}shared_head.head.weight"] = model.lm_head.weight.detach().clone()
             tensors[f"{p}embed_tokens.weight"] = model.model.embed_tokens.weight.detach().clone()
     main = load_file(os.path.join(path, "model.safetensors"))
@@ -107,9 +142,9 @@ def _write_checkpoint(path, family):
     return tensors
 
 
-def _rms(x, w, eps):
+def _rms(x, w, eps, one_plus=False):
     x = x.float()
-    return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+    return (1.0 + w if one_plus else w) * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
 
 
 def _fused(tensors, p, name, num_experts):
@@ -123,10 +158,10 @@ def _fused(tensors, p, name, num_experts):
 def _family_block(model, family, tensors, k):
     """Depth k's decoder block rebuilt from the checkpoint tensors by this test (not by mtprl)."""
     spec, config = FAMILIES[family], model.config
-    block_config = config.get_mtp_config() if getattr(config, "num_mtp_layers", None) else config
-    block = _block_class(model)(block_config, k).eval()
-    p = spec["prefix"](k)
-    state = {name: (_fused(tensors, p, name, config.n_routed_experts) if ".experts." in name and "shared" not in name
+    block = _block_class(model)(_block_config(config), k).eval()
+    p = _block_prefix(family, k)
+    num_experts = getattr(config, "n_routed_experts", None) or getattr(config, "num_experts", None)
+    state = {name: (_fused(tensors, p, name, num_experts) if ".experts." in name and "shared" not in name
                     else tensors[p + name]) for name in block.state_dict()}
     block.load_state_dict(state)
     return block
@@ -137,13 +172,14 @@ def _family_logprobs(model, family, tensors, ids):
     x = proj(cat[enorm(Emb(x_{t+k})), hnorm(h^{k-1}_t)]) (MiMo: [hidden, emb]); h^k = out_norm(Block(x)) at the
     positions of the embedded tokens, under a causal mask; logits = lm_head(h^k)."""
     spec, eps = FAMILIES[family], model.config.rms_norm_eps
+    one_plus = spec.get("one_plus", False)
     with torch.no_grad():
         h = model.model(input_ids=ids).last_hidden_state
         T, out = ids.shape[1], []
-        for k in range(1, DEPTHS + 1):
+        for k in range(1, _depths(family) + 1):
             p = spec["prefix"](k - 1)
-            e = _rms(model.model.embed_tokens(ids[:, k:]), tensors[f"{p}{spec['enorm']}.weight"], eps)
-            hh = _rms(h[:, : T - k], tensors[f"{p}{spec['hnorm']}.weight"], eps)
+            e = _rms(model.model.embed_tokens(ids[:, k:]), tensors[f"{p}{spec['enorm']}.weight"], eps, one_plus)
+            hh = _rms(h[:, : T - k], tensors[f"{p}{spec['hnorm']}.weight"], eps, one_plus)
             x = torch.cat([hh, e] if spec["hidden_first"] else [e, hh], dim=-1) @ tensors[f"{p}{spec['proj']}.weight"].T
             pos = torch.arange(k, T).unsqueeze(0)
             n = T - k
@@ -151,7 +187,7 @@ def _family_logprobs(model, family, tensors, ids):
             cos_sin = model.model.rotary_emb(x, pos)
             y = _family_block(model, family, tensors, k - 1)(x, attention_mask=mask, position_embeddings=cos_sin,
                                                               position_ids=pos)
-            h = _rms(y, tensors[f"{p}{spec['out_norm']}.weight"], eps)
+            h = _rms(y, tensors[f"{p}{spec['out_norm']}.weight"], eps, one_plus)
             logp = torch.log_softmax(model.lm_head(h).float(), -1)  # h[:, t] predicts x_{t+k+1}
             out.append(logp[:, :-1].gather(-1, ids[:, k + 1:, None]).squeeze(-1))  # [B, T-k-1]
     return out
@@ -175,20 +211,21 @@ def test_native_mtp_weights_import_and_heads_compute_the_familys_formula(tmp_pat
     model = _load(tmp_path)
     heads = mtprl.get_mtp_heads(model)
     spec = FAMILIES[family]
-    assert heads.num_heads == DEPTHS and heads.native == family
-    for k in range(DEPTHS):
+    assert heads.num_heads == _depths(family) and heads.native == family
+    for k in range(_depths(family)):
         p, layer = spec["prefix"](k), heads.layers[k]
         assert torch.equal(layer.enorm.weight, tensors[f"{p}{spec['enorm']}.weight"])
         assert torch.equal(layer.hnorm.weight, tensors[f"{p}{spec['hnorm']}.weight"])
         assert torch.equal(layer.eh_proj.weight, tensors[f"{p}{spec['proj']}.weight"])
         assert torch.equal(layer.post_norm.weight, tensors[f"{p}{spec['out_norm']}.weight"])
-        assert torch.equal(layer.mtp_block.input_layernorm.weight, tensors[f"{p}input_layernorm.weight"])
+        assert torch.equal(layer.mtp_block.input_layernorm.weight,
+                           tensors[f"{_block_prefix(family, k)}input_layernorm.weight"])
     ids = _ids()
     keep = 6
     ours = mtprl.forward_logprobs(model, ids, torch.ones_like(ids), keep).mtp  # [B, K, keep]
     expected = _family_logprobs(model, family, tensors, ids)
     T = ids.shape[1]
-    for k in range(1, DEPTHS + 1):
+    for k in range(1, _depths(family) + 1):
         # completion token j (position T-keep+j) is predicted by depth k from position T-keep+j-k-1
         want = expected[k - 1][:, T - keep - k - 1: T - k - 1]
         torch.testing.assert_close(ours[:, k - 1], want, rtol=1e-4, atol=1e-5, msg=f"{family} depth {k}")
@@ -202,7 +239,7 @@ def test_native_checkpoint_trains_an_occ_step_exports_and_reimports_identically(
     args = MTPGRPOConfig(output_dir=str(tmp_path / "rl"), per_device_train_batch_size=8, num_generations=4,
                          max_completion_length=6, learning_rate=1e-3, logging_steps=1, report_to=[], use_cpu=True,
                          save_strategy="no", beta=0.0, seed=0, bf16=False, max_steps=2, steps_per_generation=2,
-                         mtp_regime="occ", mtp_num_heads=DEPTHS)
+                         mtp_regime="occ", mtp_num_heads=_depths(family))
     data = Dataset.from_list([{"prompt": p} for p in ["12+3=", "7-4=", "20+2=", "9+9="] * 4])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -219,7 +256,7 @@ def test_native_checkpoint_trains_an_occ_step_exports_and_reimports_identically(
     # the family's names in the written files: the per-depth tensors under their own keys, experts one by one
     index = json.load(open(out / "model.safetensors.index.json"))["weight_map"]
     spec = FAMILIES[family]
-    for k in range(DEPTHS):
+    for k in range(_depths(family)):
         p = spec["prefix"](k)
         for part in ("enorm", "hnorm", "proj", "out_norm"):
             assert f"{p}{spec[part]}.weight" in index

@@ -3,13 +3,14 @@
 mtprl's heads are transformers' own `MtpLayer`s (`mtprl.mtp`), so a family's MTP weights are a renaming away.
 Everything that differs between families is data, one `NativeLayout` per family, checked against
 transformers' `MtpModel` (modeling_layers.py, conversion_mapping.py) and vLLM's model files
-(deepseek_mtp.py, glm4_moe_mtp.py, mimo_mtp.py):
+(deepseek_mtp.py, glm4_moe_mtp.py, mimo_mtp.py, qwen3_next_mtp.py):
 
 | family | checkpoint keys of depth k | concatenation | h^0 | output norm | read by |
 |---|---|---|---|---|---|
 | DeepSeek-V3 | model.layers.{L+k}.{enorm,hnorm,eh_proj,shared_head.norm,<block>} | [emb, hidden] | after final norm | shared_head.norm | transformers MtpModel |
 | GLM-4.5 | same as DeepSeek-V3 | [emb, hidden] | after final norm | shared_head.norm | transformers MtpModel |
 | MiMo | model.mtp_layers.{k}.{token_layernorm,hidden_layernorm,input_proj,final_layernorm,<block>} | [hidden, emb] | after final norm | final_layernorm | name map here |
+| Qwen3-Next / Qwen3.5 | mtp.{pre_fc_norm_embedding,pre_fc_norm_hidden,fc,norm}, mtp.layers.0.<block> (one depth) | [emb, hidden] | after final norm | mtp.norm | name map here |
 
 (L = num_hidden_layers; k from 0; <block> = the decoder layer's own names.) For every family depth 1 reads the
 main model's last hidden state after its final norm (what `lm_head` sees: transformers' MTP drafting takes
@@ -50,6 +51,7 @@ class NativeLayout:
     hidden_first: bool  # eh_proj input is [hnorm(h), enorm(emb)] (MiMo) instead of [enorm(emb), hnorm(h)]
     read_by_transformers: bool  # transformers.modeling_layers.MtpModel loads it (its weight conversions)
     shared_copies: tuple[tuple[str, str], ...] = ()  # per-depth copies of shared weights the family ships
+    max_depths: int | None = None  # the most depths the layout can hold
     h0: str = "after_final_norm"  # which main-model state feeds depth 1 (the only one mtprl's heads take)
     output_norm: bool = True  # each depth has its own norm before the shared lm_head
 
@@ -99,6 +101,12 @@ LAYOUTS = (
                  (("enorm", "token_layernorm."), ("hnorm", "hidden_layernorm."), ("eh_proj", "input_proj."),
                   ("post_norm", "final_layernorm."), ("mtp_block", "")),
                  "num_nextn_predict_layers", hidden_first=True, read_by_transformers=False),
+    # Qwen3-Next / Qwen3.5: one depth; fc and the three norms sit at `mtp.` and the block at `mtp.layers.0.`.
+    # (vLLM re-applies that one depth for further draft tokens; `mtp_num_hidden_layers` counts its blocks.)
+    NativeLayout("qwen3_next", ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text"), "mtp.", "0",
+                 (("enorm", "pre_fc_norm_embedding."), ("hnorm", "pre_fc_norm_hidden."), ("eh_proj", "fc."),
+                  ("post_norm", "norm."), ("mtp_block", "layers.0.")),
+                 "mtp_num_hidden_layers", hidden_first=False, read_by_transformers=False, max_depths=1),
 )
 LAYOUT_BY_NAME = {layout.name: layout for layout in LAYOUTS}
 
@@ -155,6 +163,8 @@ def heads_config(model, layout: NativeLayout, depths: int):
         config = model.config.get_mtp_config()
     else:
         config = copy.deepcopy(model.config.get_text_config(decoder=True))
+        if getattr(config, "layer_types", None):  # MTP layers restart at 0 with the last layer's attention type
+            config.layer_types = [config.layer_types[-1]] * depths
     config.num_hidden_layers = depths
     config.mtp_hidden_states_first = layout.hidden_first
     return config
@@ -172,12 +182,15 @@ def load_native_heads(model, path, layout: NativeLayout | None = None) -> MTPHea
                          f"{', '.join(LAYOUT_BY_NAME)})")
     check_h0(layout, model)
     depths = num_depths(model.config, layout)
+    if layout.max_depths is not None and depths > layout.max_depths:
+        raise ValueError(f"{path}: {layout.depth_field}={depths}, but the {layout.name} layout holds at most "
+                         f"{layout.max_depths} MTP depth(s) (one depth of several blocks is not supported)")
     heads = attach_mtp_heads(model, depths, init="random", config=heads_config(model, layout, depths))
     heads.init, heads.native = "native", layout.name
     if layout.read_by_transformers:
         state = _read_with_transformers(model, layout, depths)
     else:
-        state = _read_with_name_map(model, path, layout, depths)
+        state = _read_with_name_map(model, path, layout, heads)
     missing, unexpected = heads.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"{path}: the {layout.name} MTP weights do not match {depths} head(s): missing "
@@ -204,21 +217,35 @@ def _read_with_transformers(model, layout, depths) -> dict[str, torch.Tensor]:
     return {"layers." + name: v for name, v in mtp.layers.state_dict().items()}
 
 
-def _read_with_name_map(model, path, layout, depths) -> dict[str, torch.Tensor]:
+def _read_with_name_map(model, path, layout, heads) -> dict[str, torch.Tensor]:
+    """Each head parameter from the checkpoint tensors it is stored as. The main model's weight conversions
+    (e.g. MoE experts: one tensor per expert on disk, one fused tensor in transformers) are applied the way
+    export applies them, reversed: the parameter's element indices are sent through transformers'
+    `revert_weight_conversion` (what `save_pretrained` runs), which says where each stored element goes."""
     from safetensors import safe_open
+    from transformers.core_model_loading import revert_weight_conversion
 
     config = model.config.get_text_config(decoder=True)
-    by_file: dict[str, list[tuple[str, str]]] = {}
-    for key, file in checkpoint_keys(path).items():
-        ours = layout.from_checkpoint(config, key, depths)
-        if ours is not None:
-            by_file.setdefault(file, []).append((key, ours))
-    state = {}
-    dtype = next(model.parameters()).dtype
-    for file, names in by_file.items():
-        with safe_open(file, framework="pt") as f:
-            for key, ours in names:
-                state[ours] = f.get_tensor(key).to(dtype)
+    files, handles, state = checkpoint_keys(path), {}, {}
+    for ours, target in heads.state_dict().items():
+        stored_as = layout.to_checkpoint(config, ours)
+        ids = torch.arange(target.numel(), dtype=torch.float64).view(target.shape)
+        flat, seen = torch.empty(target.numel(), dtype=target.dtype), 0
+        for key, where in revert_weight_conversion(model, {stored_as: ids}).items():
+            if key not in files:
+                raise ValueError(f"{path}: the {layout.name} checkpoint has no tensor {key!r} (MTP head parameter "
+                                 f"{ours!r})")
+            if files[key] not in handles:
+                handles[files[key]] = safe_open(files[key], framework="pt")
+            tensor = handles[files[key]].get_tensor(key)
+            if tensor.numel() != where.numel():
+                raise ValueError(f"{files[key]}: {key} has shape {tuple(tensor.shape)}, the model's MTP layer "
+                                 f"expects {tuple(where.shape)}")
+            flat[where.reshape(-1).long()] = tensor.reshape(-1).to(target.dtype)
+            seen += where.numel()
+        if seen != target.numel():
+            raise ValueError(f"{path}: {ours!r} maps onto {seen} stored elements, expected {target.numel()}")
+        state[ours] = flat.view(target.shape)
     return state
 
 

@@ -246,8 +246,13 @@ class MTPGRPOTrainer(MTPCheckpointMixin, GRPOTrainer):
             return super()._get_per_token_logps_and_entropies(
                 model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size,
                 compute_entropy=compute_entropy, compute_aux_loss=compute_aux_loss, **kwargs)
-        if compute_aux_loss or any(v is not None for v in kwargs.values()):
-            raise NotImplementedError("MTP heads support text-only, non-MoE models")
+        if compute_aux_loss:
+            raise NotImplementedError(
+                "TRL asks for the MoE router's load-balancing loss (the model config has output_router_logits and "
+                f"router_aux_loss_coef={self.router_aux_loss_coef}); mtprl's one-forward log-probs do not compute "
+                "it: set router_aux_loss_coef to 0 in the model config to train an MoE model with MTP heads")
+        if any(v is not None for v in kwargs.values()):
+            raise NotImplementedError(f"MTP heads support text-only models (got {', '.join(kwargs)})")
         request = {"logits_to_keep": logits_to_keep, "compute_entropy": compute_entropy,
                    "mtp_grad": self.regime.mtp_grad, "compute_distill": self.regime.needs_distill,
                    "compute_accept": self.args.mtp_log_acceptance and torch.is_grad_enabled(),
