@@ -291,3 +291,17 @@ def test_export_cli_writes_the_native_layout_and_refuses_a_model_without_one(tmp
     assert "no native MTP layout" in capsys.readouterr().err and not os.path.exists(tmp_path / "x")
     assert main(["export", "--model_name_or_path", str(tmp_path / "tiny"), "--output_dir", str(tmp_path / "x"),
                  "--format", "onnx"]) == 1
+
+
+def test_a_mimo_checkpoint_loads_as_qwen2_with_its_mtp_layers_without_remote_code(tmp_path):
+    """MiMo-7B's config says model_type "mimo" (remote code = Qwen2 + MTP layers): mtprl loads it as Qwen2 and
+    its model.mtp_layers.* tensors as the heads."""
+    tensors = _write_checkpoint(tmp_path, "mimo")
+    cfg = json.load(open(tmp_path / "config.json"))
+    cfg.update(model_type="mimo", architectures=["MiMoForCausalLM"],
+               auto_map={"AutoModelForCausalLM": "modeling_mimo.MiMoForCausalLM"})
+    json.dump(cfg, open(tmp_path / "config.json", "w"))
+    model = _load(tmp_path)
+    assert type(model).__name__ == "Qwen2ForCausalLM" and model.mtp_heads.native == "mimo"
+    assert model.mtp_heads.num_heads == DEPTHS
+    assert torch.equal(model.mtp_heads.layers[1].eh_proj.weight, tensors["model.mtp_layers.1.input_proj.weight"])

@@ -64,6 +64,30 @@ def _drop_quantization(model) -> None:
         model.is_quantized = False
 
 
+# Model types whose remote code is a stock transformers class plus MTP layers that mtprl attaches itself
+# (`mtprl.native`): loaded as that class without trust_remote_code.
+STOCK_CLASS_OF = {"mimo": (Qwen2Config, "Qwen2ForCausalLM")}
+
+
+def _stock_class(name_or_path, trust_remote_code, gguf_file) -> dict:
+    """from_pretrained kwargs that load e.g. a MiMo checkpoint (model_type "mimo", remote code) as the Qwen2 model
+    it is; its `model.mtp_layers.*` tensors become mtprl's heads. Empty for everything else."""
+    if trust_remote_code or gguf_file:
+        return {}
+    from transformers import PretrainedConfig
+
+    try:
+        config_dict, _ = PretrainedConfig.get_config_dict(name_or_path)
+    except (OSError, ValueError):
+        return {}  # from_pretrained reports it
+    stock = STOCK_CLASS_OF.get(config_dict.get("model_type"))
+    if stock is None:
+        return {}
+    config_cls, _ = stock
+    fields = {k: v for k, v in config_dict.items() if k not in ("model_type", "architectures", "auto_map")}
+    return {"config": config_cls(**fields)}
+
+
 def load_base_model(name_or_path: str, *, dtype: str = "auto", attn_implementation: str | None = None,
                     trust_remote_code: bool = False, gguf_file: str | None = None):
     """(model, tokenizer) through `from_pretrained`: a hub id or a local directory, optionally a GGUF file in it.
@@ -78,7 +102,8 @@ def load_base_model(name_or_path: str, *, dtype: str = "auto", attn_implementati
     try:
         model = AutoModelForCausalLM.from_pretrained(
             name_or_path, dtype=dtype if dtype == "auto" else getattr(torch, dtype),
-            attn_implementation=attn_implementation, **kwargs)
+            attn_implementation=attn_implementation, **_stock_class(name_or_path, trust_remote_code, gguf_file),
+            **kwargs)
         tokenizer = (AutoTokenizer.from_pretrained(name_or_path, **kwargs) if gguf_file
                      else load_tokenizer(name_or_path, trust_remote_code=trust_remote_code))
     except (OSError, ValueError, ImportError) as e:
