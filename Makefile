@@ -3,7 +3,7 @@
 PY      := .venv/bin/python
 STAMP   := .venv/.mtprl-installed
 
-.PHONY: setup test test-slow test-real smollm2 train demo bench clean
+.PHONY: setup test test-multiproc test-slow test-real smollm2 train demo bench clean
 
 setup: $(STAMP)
 
@@ -30,7 +30,11 @@ bench: setup
 	$(PY) benchmarks/step_time.py
 
 test: setup
-	$(PY) -m pytest -q -m "not slow and not real"
+	$(PY) -m pytest -q -m "not slow and not real and not multiproc"
+
+# DDP on two gloo processes through `accelerate launch` (CPU): lambda agreement, identical ranks, resume.
+test-multiproc: setup
+	$(PY) -m pytest -q -m multiproc
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow

@@ -305,3 +305,19 @@ def test_a_mimo_checkpoint_loads_as_qwen2_with_its_mtp_layers_without_remote_cod
     assert type(model).__name__ == "Qwen2ForCausalLM" and model.mtp_heads.native == "mimo"
     assert model.mtp_heads.num_heads == DEPTHS
     assert torch.equal(model.mtp_heads.layers[1].eh_proj.weight, tensors["model.mtp_layers.1.input_proj.weight"])
+
+
+def test_mtprl_checkpoint_of_native_heads_keeps_their_family(tmp_path):
+    """A run's output (mtprl format) of a model with native heads reloads them with the family's block (MoE here)
+    and exports to the family's layout again."""
+    _write_checkpoint(tmp_path / "native", "deepseek_v3")
+    model = _load(tmp_path / "native")
+    mtprl.save_pretrained(model, str(tmp_path / "run"), TOK)
+    assert json.load(open(tmp_path / "run" / "mtp_config.json"))["native"] == "deepseek_v3"
+    again = _load(tmp_path / "run")
+    assert again.mtp_heads.native == "deepseek_v3"
+    assert type(again.mtp_heads.layers[0].mtp_block.mlp).__name__ == "DeepseekV3MoE"
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+    assert export_native(again, str(tmp_path / "out"), TOK) == "deepseek_v3"
+    final = _load(tmp_path / "out")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), final.state_dict().values()))

@@ -348,7 +348,7 @@ class MTPGRPOTrainer(MTPCheckpointMixin, GRPOTrainer):
         if self.accelerator.num_processes == 1 or not tensors:
             return tensors
         flat = self.accelerator.reduce(torch.cat([t.reshape(-1) for t in tensors]), reduction="mean")
-        return list(flat.split([t.numel() for t in tensors]))
+        return [piece.view_as(t) for piece, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
 
     def _gradient_estimate(self, source, rl_loss, head_loss, hidden, rl_grads) -> OCCStats:
         """c and v2 of the `hidden`, `last_layers` or `exact` estimator (occ.py) for one head loss. d rl_loss / d X
