@@ -42,7 +42,7 @@ def _trainer(model, tok, dataset, regime, extra, args, output_dir, **overrides):
     kw = dict(output_dir=output_dir, mtp_regime=regime.split("-")[0], mtp_num_heads=model.mtp_heads.num_heads,
               per_device_train_batch_size=args.batch, num_generations=8, max_completion_length=args.completion,
               steps_per_generation=2, learning_rate=1e-5, report_to=[], save_strategy="no", logging_steps=1,
-              use_cpu=not torch.cuda.is_available(), bf16=False, beta=0.0, mtp_log_acceptance=False, seed=0)
+              use_cpu=not torch.cuda.is_available(), bf16=args.bf16, beta=0.0, mtp_log_acceptance=False, seed=0)
     kw.update(extra)
     kw.update(overrides)
     with warnings.catch_warnings():
@@ -108,6 +108,7 @@ def main():
     p.add_argument("--whole_steps", type=int, default=4, help="optimizer steps per regime for the whole-step time")
     p.add_argument("--regimes", default=DEFAULT_ARMS, help=f"comma-separated, from {', '.join(ARMS)}")
     p.add_argument("--json", default=None, help="also write the table as JSON to this path")
+    p.add_argument("--bf16", action="store_true", help="model and heads in bfloat16, TRL's bf16 autocast (GPU)")
     args = p.parse_args()
     arms = [a.strip() for a in args.regimes.split(",")]
     unknown = [a for a in arms if a not in ARMS]
@@ -126,7 +127,7 @@ def main():
         mtprl.attach_mtp_heads(base, args.heads)
     else:
         base, tok = load_model(args.model, num_heads=args.heads)
-    base.to(device)
+    base.to(device=device, dtype=torch.bfloat16 if args.bf16 else None)
     train, _ = load_task_splits("reasoning_gym:chain_sum", 256, 8, 0, min_terms=2, max_terms=3, min_digits=1,
                                 max_digits=1)
     batch = _rollout_batch(base, tok, train, args, device)

@@ -151,3 +151,45 @@ def test_optimal_lambda_maximises_one_step_gain_on_a_quadratic(alignment):
     # The extra gain at the optimum is Eq. 27: (1 - L eta)^2 c^2 / (2 L v^2).
     extra = (1 - smooth * eta) ** 2 * c.item() ** 2 / (2 * smooth * v2.item())
     assert gain(lam_star) - gain(0.0) == pytest.approx(extra, rel=1e-4)
+
+
+def test_bf16_inputs_give_a_float32_lambda_equal_to_the_float64_computation():
+    """bf16 training: log-prob changes and gradients arrive in bf16; lambda and its sums are float32 and equal the
+    float64 computation on the same bf16 values to 1e-3 (relative)."""
+    from mtprl.occ import gradient_statistics
+
+    g = torch.Generator().manual_seed(0)
+    d_rl = (1e-2 * torch.randn(16, 512, generator=g)).bfloat16()
+    d_mtp = (1e-2 * torch.randn(16, 512, generator=g) + 0.3 * d_rl.float()).bfloat16()
+    mask = torch.rand(16, 512, generator=g) > 0.2
+    lam = occ_coefficient(d_rl, d_mtp, mask, lambda_plus=0.7)
+    m = mask.double()
+    want = 0.7 * (d_rl.double() * d_mtp.double() * m).sum() / ((d_mtp.double() ** 2 * m).sum() + 1e-8)
+    assert lam.dtype == torch.float32
+    assert abs(lam.item() - want.item()) <= 1e-3 * abs(want.item())
+
+    g_rl = [(torch.randn(256, 64, generator=g)).bfloat16() for _ in range(3)]
+    g_mtp = [(0.5 * a.float() + torch.randn(256, 64, generator=g)).bfloat16() for a in g_rl]
+    stats = gradient_statistics(g_rl, g_mtp)
+    c = sum((a.double() * b.double()).sum() for a, b in zip(g_rl, g_mtp))
+    v2 = sum((b.double() ** 2).sum() for b in g_mtp)
+    assert stats.c_hat.dtype == stats.v2_hat.dtype == torch.float32
+    assert abs(stats.c_hat.item() - c.item()) <= 1e-3 * abs(c.item())
+    assert abs(stats.v2_hat.item() - v2.item()) <= 1e-3 * v2.item()
+
+
+def test_a_bf16_model_gets_bf16_heads_and_a_float32_lambda():
+    from mtprl.models import char_tokenizer, tiny_model
+
+    tok = char_tokenizer()
+    model = tiny_model(tok, seed=0, hidden_size=32, intermediate_size=64, num_hidden_layers=2).to(torch.bfloat16)
+    mtprl.attach_mtp_heads(model, 2)
+    assert all(p.dtype == torch.bfloat16 for p in model.mtp_heads.parameters())
+    ids = torch.randint(3, len(tok), (4, 12), generator=torch.Generator().manual_seed(1))
+    out = mtprl.forward_logprobs(model, ids, torch.ones_like(ids), 6)
+    old = mtprl.forward_logprobs(model, ids, torch.ones_like(ids), 6)
+    d_rl = out.main - (old.main - 0.01 * torch.rand(old.main.shape, generator=torch.Generator().manual_seed(2)))
+    d_mtp = out.mtp[:, 0] - (old.mtp[:, 0] - 0.01 * torch.rand(old.main.shape, generator=torch.Generator().manual_seed(3)))
+    lam = occ_coefficient(d_rl.bfloat16(), d_mtp.bfloat16(), torch.ones_like(ids[:, -6:]))
+    want = (d_rl.bfloat16().double() * d_mtp.bfloat16().double()).sum() / ((d_mtp.bfloat16().double() ** 2).sum() + 1e-8)
+    assert lam.dtype == torch.float32 and abs(lam.item() - want.item()) <= 1e-3 * abs(want.item())
