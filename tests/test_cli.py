@@ -254,3 +254,25 @@ def test_paper_configs_parse_and_run_one_step_per_arm(tmp_path, table):
     assert len(report["rows"]) == len(arms) and report["baseline"] == "detach"
     for row in report["rows"]:
         assert row["label"] == "detach" or row["vs_baseline"] is not None, row["label"]
+
+
+def test_sft_answer_suffix_fraction_writes_that_share_of_completions_in_the_rejected_format():
+    from datasets import Dataset
+
+    from mtprl.cli import _sft_completions
+    from mtprl.tasks import TaskReward
+    from mtprl.trainer import MTPSFTConfig
+
+    rows = Dataset.from_list([{"prompt": f"{i}+1=", "answer": str(i + 1), "x": 0} for i in range(400)])
+    out = _sft_completions(rows, 0.5, seed=0)
+    assert out.column_names == ["prompt", "completion"]
+    suffixed = [c.endswith("!") for c in out["completion"]]
+    assert 160 < sum(suffixed) < 240  # a seeded half
+    assert [c.rstrip("!") for c in out["completion"]] == rows["answer"]
+    assert _sft_completions(rows, 0.5, seed=0)["completion"] == out["completion"]
+    assert not any(c.endswith("!") for c in _sft_completions(rows, 0.0, seed=0)["completion"])
+    reward = TaskReward()  # the verifier gives the suffixed format partial credit only: avg@k counts it wrong
+    assert reward.score("12", "12", "reasoning_gym:chain_sum") == 1.0
+    assert 0 < reward.score("12!", "12", "reasoning_gym:chain_sum") < 1.0
+    with pytest.raises(ValueError, match="answer_suffix_fraction"):
+        MTPSFTConfig(output_dir="x", answer_suffix_fraction=1.5)

@@ -220,6 +220,16 @@ def _self_distillation_data(model, tokenizer, train_ds, cfg):
     return Dataset.from_list(rows)
 
 
+def _sft_completions(train_ds, suffix_fraction: float, seed: int):
+    """prompt + the reference answer as the completion; a seeded `suffix_fraction` of them written '<answer>!'
+    (`answer_suffix_fraction`: an answer format the verifier does not fully accept)."""
+    import numpy as np
+
+    suffixed = np.random.default_rng(seed).random(len(train_ds)) < suffix_fraction
+    return train_ds.map(lambda r, i: {"completion": r["answer"] + ("!" if suffixed[i] else "")},
+                        with_indices=True).select_columns(["prompt", "completion"])
+
+
 def cmd_sft(argv) -> dict | None:
     from .checkpoints import is_complete_checkpoint
     from .trainer import MTPSFTConfig, MTPSFTTrainer
@@ -238,7 +248,7 @@ def cmd_sft(argv) -> dict | None:
                                "model before the head warm-up")
         train_ds = _self_distillation_data(model, tokenizer, train_ds, cfg)
     else:
-        train_ds = train_ds.map(lambda r: {"completion": r["answer"]}).select_columns(["prompt", "completion"])
+        train_ds = _sft_completions(train_ds, cfg.answer_suffix_fraction, cfg.seed)
     phase(f"sft: {cfg.max_steps} steps, {cfg.mtp_num_heads} MTP head(s), "
           f"{'heads only (main model frozen)' if cfg.mtp_only else 'main + heads'}, output {cfg.output_dir}")
     trainer = MTPSFTTrainer(model=model, args=cfg, train_dataset=train_ds, processing_class=tokenizer)

@@ -569,9 +569,16 @@ class MTPSFTConfig(SFTConfig):
                 "samples of the dataset's prompts (self-distillation)."})
     mtp_only_max_new_tokens: int = field(default=64, metadata={
         "help": "mtp_only: tokens sampled per prompt for the self-distillation text."})
+    answer_suffix_fraction: float = field(default=0.0, metadata={
+        "help": "Fraction of the warm-start completions written '<answer>!', a format the verifier does not fully "
+                "accept (reasoning-gym gives partial credit; avg@k counts it wrong): a stand-in for the "
+                "answer-format errors that RL from verifiable rewards fixes in real models (a missing \\boxed{}), "
+                "so that RL has a behaviour to learn that transfers across questions. 0 = clean answers."})
 
     def __post_init__(self):
         _check_choice("mtp_init", self.mtp_init, INIT_CHOICES)
+        if not 0.0 <= self.answer_suffix_fraction <= 1.0:
+            raise ValueError(f"answer_suffix_fraction must be in [0, 1], got {self.answer_suffix_fraction!r}")
         if isinstance(self.mtp_num_heads, bool) or not isinstance(self.mtp_num_heads, int) or self.mtp_num_heads < 1:
             raise ValueError(f"mtp_num_heads must be an integer >= 1, got {self.mtp_num_heads!r}")
         if not math.isfinite(self.mtp_coef):
