@@ -276,3 +276,30 @@ def test_sft_answer_suffix_fraction_writes_that_share_of_completions_in_the_reje
     assert 0 < reward.score("12!", "12", "reasoning_gym:chain_sum") < 1.0
     with pytest.raises(ValueError, match="answer_suffix_fraction"):
         MTPSFTConfig(output_dir="x", answer_suffix_fraction=1.5)
+
+
+def test_compare_evaluates_the_start_again_when_the_starting_model_changed(tmp_path, capsys):
+    """start/eval.json is step 0 of every curve and the reference of every 'avg@k - start': kept while the
+    starting model is the same, evaluated again when it was rewritten (e.g. a new warm start)."""
+    import mtprl
+    from mtprl.cli import TaskArguments, _evaluate_start, start_fingerprint
+    from mtprl.models import load_model
+    from mtprl.trainer import MTPGRPOConfig
+
+    model, tok = load_model("tiny")
+    start = str(tmp_path / "start-model")
+    mtprl.save_pretrained(model, start, tok)
+    task_args = TaskArguments(model_name_or_path=start, eval_size=8, eval_k=1, eval_max_new_tokens=4)
+    cfg = MTPGRPOConfig(output_dir=str(tmp_path / "o"), mtp_num_heads=1, use_cpu=True, report_to=[])
+    path = tmp_path / "cmp" / "start" / "eval.json"
+    _evaluate_start(task_args, cfg, str(tmp_path / "cmp"))
+    first = json.load(open(path))
+    assert first["start_model"] == start_fingerprint(start) and "avg@1" in first
+    mtime = os.path.getmtime(path)
+    _evaluate_start(task_args, cfg, str(tmp_path / "cmp"))  # same model: kept
+    assert os.path.getmtime(path) == mtime
+    capsys.readouterr()
+    mtprl.save_pretrained(load_model("tiny", seed=1)[0], start, tok)  # a new warm start in the same place
+    _evaluate_start(task_args, cfg, str(tmp_path / "cmp"))
+    assert "evaluating it again" in capsys.readouterr().out
+    assert json.load(open(path))["start_model"] == start_fingerprint(start) != first["start_model"]

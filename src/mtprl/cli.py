@@ -460,15 +460,36 @@ class CompareArguments:
             raise ValueError(f"--seeds must be comma-separated integers, got {self.seeds!r}") from e
 
 
+def start_fingerprint(model_name_or_path: str) -> dict:
+    """What identifies the starting model: its name, and for a local directory the size and modification time
+    of each file in it (a re-run warm start rewrites them), so a stale step-0 evaluation is noticed."""
+    files = {}
+    if os.path.isdir(model_name_or_path):
+        for name in sorted(os.listdir(model_name_or_path)):
+            full = os.path.join(model_name_or_path, name)
+            if os.path.isfile(full) and name.endswith((".safetensors", ".json", ".bin")):
+                stat = os.stat(full)
+                files[name] = [stat.st_size, stat.st_mtime_ns]
+    return {"model_name_or_path": model_name_or_path, "files": files}
+
+
 def _evaluate_start(task_args, cfg, report_dir) -> None:
     """The starting model, evaluated once: every arm and seed starts from it and is evaluated on the same
-    questions with the same sampling seed, so one evaluation is step 0 of every accuracy curve."""
+    questions with the same sampling seed, so one evaluation is step 0 of every accuracy curve. Evaluated again
+    when the starting model changed since (its fingerprint is stored beside the result)."""
+    from .evaluation import write_eval
+
     path = os.path.join(report_dir, "start", "eval.json")
+    fingerprint = start_fingerprint(task_args.model_name_or_path)
     if os.path.isfile(path):
-        return
+        with open(path) as f:
+            if json.load(f).get("start_model") == fingerprint:
+                return
+        phase(f"{path} was made from another starting model (or an older copy of it): evaluating it again")
     model, tokenizer = _load(task_args, cfg.mtp_num_heads, cfg.mtp_init, seed=0, trust_remote_code=cfg.trust_remote_code)
     _, eval_ds = _splits(task_args, tokenizer)
-    _evaluate(model, tokenizer, eval_ds, task_args, path, "starting model")
+    result = _evaluate(model, tokenizer, eval_ds, task_args, path, "starting model")
+    write_eval({**result, "start_model": fingerprint}, path)
 
 
 def cmd_compare(argv) -> str:
