@@ -303,3 +303,22 @@ def test_compare_evaluates_the_start_again_when_the_starting_model_changed(tmp_p
     _evaluate_start(task_args, cfg, str(tmp_path / "cmp"))
     assert "evaluating it again" in capsys.readouterr().out
     assert json.load(open(path))["start_model"] == start_fingerprint(start) != first["start_model"]
+
+
+def test_compare_refuses_to_keep_a_run_made_from_another_starting_model(tmp_path):
+    import mtprl
+    from mtprl.cli import _check_same_start, start_fingerprint
+    from mtprl.models import load_model
+
+    model, tok = load_model("tiny")
+    start = str(tmp_path / "start-model")
+    mtprl.save_pretrained(model, start, tok)
+    run = tmp_path / "runs" / "detach-s0"
+    run.mkdir(parents=True)
+    (run / "run_info.json").write_text(json.dumps({"start_model": start_fingerprint(start)}))
+    _check_same_start(str(run), start)  # same start: kept
+    mtprl.save_pretrained(load_model("tiny", seed=1)[0], start, tok)
+    with pytest.raises(ValueError, match="detach-s0 was trained from another starting model"):
+        _check_same_start(str(run), start)
+    (run / "run_info.json").write_text(json.dumps({"label": "detach"}))  # written before fingerprints: kept
+    _check_same_start(str(run), start)

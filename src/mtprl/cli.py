@@ -293,7 +293,8 @@ def run_training(task_args: TaskArguments, cfg, label: str | None = None) -> dic
                    "label": label or cfg.mtp_regime, "model": task_args.model_name_or_path,
                    "task": task_args.dataset_name or task_args.task,
                    "max_steps": cfg.max_steps, "loss_type": cfg.loss_type, "mtp_coef": cfg.mtp_coef,
-                   "occ_lambda_plus": cfg.occ_lambda_plus}, f, indent=2)
+                   "occ_lambda_plus": cfg.occ_lambda_plus,
+                   "start_model": start_fingerprint(task_args.model_name_or_path)}, f, indent=2)
     trainer.train(resume_from_checkpoint=cfg.resume_from_checkpoint)
     trainer.save_model(cfg.output_dir)
     phase(f"train: done, metrics in {os.path.join(cfg.output_dir, 'metrics.jsonl')}")
@@ -473,6 +474,19 @@ def start_fingerprint(model_name_or_path: str) -> dict:
     return {"model_name_or_path": model_name_or_path, "files": files}
 
 
+def _check_same_start(run_dir: str, model_name_or_path: str) -> None:
+    """A run kept from an earlier compare must have started from the same model as the runs made now."""
+    info = os.path.join(run_dir, "run_info.json")
+    if not os.path.isfile(info):
+        return
+    with open(info) as f:
+        recorded = json.load(f).get("start_model")
+    if recorded is not None and recorded != start_fingerprint(model_name_or_path):
+        raise ValueError(f"{run_dir} was trained from another starting model than {model_name_or_path!r} is now "
+                         "(a new warm start?); remove that run directory, or choose another --report_dir, to run it "
+                         "again")
+
+
 def _evaluate_start(task_args, cfg, report_dir) -> None:
     """The starting model, evaluated once: every arm and seed starts from it and is evaluated on the same
     questions with the same sampling seed, so one evaluation is step 0 of every accuracy curve. Evaluated again
@@ -513,6 +527,8 @@ def cmd_compare(argv) -> str:
             extra = arm.cli_args() + ["--seed", str(seed), "--output_dir", run_dir, "--eval_before", "false"]
             _, task_args, cfg = parser.parse_args_and_config(list(argv) + extra)
             state = run_state(run_dir, cfg.max_steps)
+            if state.kind != "fresh":
+                _check_same_start(run_dir, task_args.model_name_or_path)
             if state.kind == "finished":
                 phase(f"compare: {run_dir} is finished; not running it again")
                 continue
