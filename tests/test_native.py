@@ -321,3 +321,17 @@ def test_mtprl_checkpoint_of_native_heads_keeps_their_family(tmp_path):
     assert export_native(again, str(tmp_path / "out"), TOK) == "deepseek_v3"
     final = _load(tmp_path / "out")
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), final.state_dict().values()))
+
+
+def test_fresh_heads_on_a_family_that_declares_mtp_layers_have_its_mtp_block_and_export_natively(tmp_path):
+    """A DeepSeek-V3 model without MTP weights gets fresh heads built from transformers' get_mtp_config (an MoE
+    block, as the family's MTP layer is), so they export to the family's layout and load back identically."""
+    cls, config = _deepseek()
+    torch.manual_seed(0)
+    model = cls(config).eval()
+    heads = mtprl.attach_mtp_heads(model, 1)
+    assert type(heads.layers[0].mtp_block.mlp).__name__ == "DeepseekV3MoE" and heads.native is None
+    assert export_native(model, str(tmp_path / "out"), TOK) == "deepseek_v3"
+    again = _load(tmp_path / "out")
+    assert again.mtp_heads.native == "deepseek_v3"
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))

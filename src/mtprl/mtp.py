@@ -111,13 +111,29 @@ def get_mtp_heads(model: nn.Module) -> MTPHeads:
     return heads
 
 
+def mtp_layers_config(model: nn.Module, num_heads: int):
+    """The config K MTP depths are built from: transformers' own `get_mtp_config` where the model's config
+    declares `num_mtp_layers` (DeepSeek-V3, GLM-4.5: layer types re-indexed, MoE blocks for MoE families), else
+    the text config re-indexed to K layers, each of the last main layer's attention type (MTP layers restart
+    layer indexing at 0)."""
+    text = model.config.get_text_config(decoder=True)
+    if getattr(text, "num_mtp_layers", None):
+        config = model.config.get_mtp_config()
+    else:
+        config = copy.deepcopy(text)
+        if getattr(config, "layer_types", None):
+            config.layer_types = [config.layer_types[-1]] * num_heads
+    config.num_hidden_layers = num_heads
+    return config
+
+
 def attach_mtp_heads(model: nn.Module, num_heads: int = 1, init: str = "copy_last_layer", config=None) -> MTPHeads:
     """Build K MTP depths for `model`, register them as `model.mtp_heads` and return them.
 
     init="copy_last_layer" copies the main model's last decoder layer into every `mtp_block` (a warm start
     that already maps hidden states to hidden states); "random" uses the model's own initialiser.
     The projections `eh_proj` always start from the model's initialiser. `config`: the layers' config when a
-    model family prescribes one (`mtprl.native.heads_config`); by default the text config re-indexed to K layers.
+    model family prescribes one (`mtprl.native.heads_config`); by default `mtp_layers_config`.
     """
     _check_num_heads(num_heads)
     if init not in INIT_CHOICES:
@@ -128,17 +144,8 @@ def attach_mtp_heads(model: nn.Module, num_heads: int = 1, init: str = "copy_las
     if norm_cls is None:
         raise ValueError(f"{type(last_layer).__name__} has no norm submodule to reuse for enorm/hnorm/post_norm")
 
-    if config is not None:
-        config.num_hidden_layers = num_heads
-        layer_types = None
-    else:
-        config = copy.deepcopy(model.config.get_text_config(decoder=True))
-        layer_types = getattr(config, "layer_types", None)
-        config.num_hidden_layers = num_heads
-    if layer_types:
-        # MTP layers restart layer indexing at 0; give them the attention type of the layer they copy.
-        config.layer_types = [layer_types[-1]] * num_heads
-
+    config = mtp_layers_config(model, num_heads) if config is None else config
+    config.num_hidden_layers = num_heads
     heads = MTPHeads(config, type(last_layer), norm_cls, num_heads, init=init)
     if hasattr(model, "_init_weights"):
         heads.apply(model._init_weights)

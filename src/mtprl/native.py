@@ -19,7 +19,7 @@ main model's last hidden state after its final norm (what `lm_head` sees: transf
 
 - `find_native_layout(model, path)`: which family's MTP weights a checkpoint directory carries (None: none).
 - `load_native_heads(model, path)`: attach heads holding them (the count from the config's depth field).
-- `export_native(model, tokenizer, out)`: write main model + heads in the family's own names and layout.
+- `export_native(model, out, tokenizer)`: write main model + heads in the family's own names and layout.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .mtp import MTPHeads, attach_mtp_heads, decoder_of, get_mtp_heads
+from .mtp import MTPHeads, attach_mtp_heads, decoder_of, get_mtp_heads, mtp_layers_config
 
 INDEX_NAME = "model.safetensors.index.json"
 MTP_SHARD_NAME = "model-mtp.safetensors"
@@ -53,7 +53,6 @@ class NativeLayout:
     shared_copies: tuple[tuple[str, str], ...] = ()  # per-depth copies of shared weights the family ships
     max_depths: int | None = None  # the most depths the layout can hold
     h0: str = "after_final_norm"  # which main-model state feeds depth 1 (the only one mtprl's heads take)
-    output_norm: bool = True  # each depth has its own norm before the shared lm_head
 
     def index(self, config, k: int) -> int:
         return (config.num_hidden_layers if self.first_index == "num_hidden_layers" else 0) + k
@@ -71,19 +70,6 @@ class NativeLayout:
             if rest.startswith(part + "."):
                 return self.key_prefix(config, k) + theirs + rest[len(part) + 1:]
         raise ValueError(f"{self.name}: no checkpoint name for head parameter {ours!r}")
-
-    def from_checkpoint(self, config, key: str, num_depths: int) -> str | None:
-        """The checkpoint key -> our `layers.{k}....` name (None: not an MTP weight of this layout)."""
-        for k in range(num_depths):
-            prefix = self.key_prefix(config, k)
-            if not key.startswith(prefix):
-                continue
-            rest = key[len(prefix):]
-            # the longest matching checkpoint name wins ("" = the block, matches everything)
-            for part, theirs in sorted(self.parts, key=lambda p: -len(p[1])):
-                if rest.startswith(theirs):
-                    return f"layers.{k}.{part}.{rest[len(theirs):]}"
-        return None
 
 
 _DEEPSEEK_PARTS = (("enorm", "enorm."), ("hnorm", "hnorm."), ("eh_proj", "eh_proj."),
@@ -154,18 +140,9 @@ def find_native_layout(model, path) -> NativeLayout | None:
 
 
 def heads_config(model, layout: NativeLayout, depths: int):
-    """The config the family's MTP layers are built from: transformers' `get_mtp_config` where the family
-    declares `num_mtp_layers` (it re-indexes layer types and makes MoE families' MTP blocks MoE), the text
-    config re-indexed to `depths` layers otherwise; plus the concatenation order."""
-    import copy
-
-    if getattr(model.config.get_text_config(decoder=True), "num_mtp_layers", None):
-        config = model.config.get_mtp_config()
-    else:
-        config = copy.deepcopy(model.config.get_text_config(decoder=True))
-        if getattr(config, "layer_types", None):  # MTP layers restart at 0 with the last layer's attention type
-            config.layer_types = [config.layer_types[-1]] * depths
-    config.num_hidden_layers = depths
+    """The config the family's MTP layers are built from (`mtp.mtp_layers_config`) plus its concatenation order
+    (read by transformers' `MtpLayer`)."""
+    config = mtp_layers_config(model, depths)
     config.mtp_hidden_states_first = layout.hidden_first
     return config
 
