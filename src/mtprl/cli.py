@@ -131,6 +131,10 @@ class EvalArguments:
     """`mtprl eval` has no training config; `trust_remote_code` is otherwise TRL's (TrainingArguments') field."""
 
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow a model's own modelling code."})
+    mtp_draft_tokens: int = field(default=0, metadata={
+        "help": "The model's MTP heads draft up to this many tokens per trunk forward (lossless speculative "
+                "sampling: the same avg@k law, faster where drafting pays). 0 = plain model.generate."})
+    mtp_draft_policy: str = field(default="fixed", metadata={"help": "fixed | adaptive (see mtprl.rollout)."})
 
 
 def phase(message: str) -> None:
@@ -179,26 +183,38 @@ def _benchmarks(task_args: TaskArguments, tokenizer) -> dict:
     return out
 
 
-def _evaluate(model, tokenizer, eval_ds, task_args, path, label):
-    """Held-out avg@k / pass@k, plus every `eval_datasets` benchmark and their average (Table 1's columns)."""
+def draft_policy(num_draft_tokens: int, name: str, model=None):
+    """The rollout policy of `mtp_draft_tokens` / `mtp_draft_policy` (None: plain generate)."""
+    from .rollout import make_draft_policy
+    from .trainer import check_draft_options
+
+    heads = getattr(model, "mtp_heads", None)
+    check_draft_options(num_draft_tokens, name, heads.num_heads if heads is not None else num_draft_tokens)
+    return make_draft_policy(name, num_draft_tokens) if num_draft_tokens else None
+
+
+def _evaluate(model, tokenizer, eval_ds, task_args, path, label, draft=None):
+    """Held-out avg@k / pass@k, plus every `eval_datasets` benchmark and their average (Table 1's columns).
+    `draft`: the heads draft the samples (`draft_policy`)."""
     from .evaluation import evaluate, write_eval
 
     k = task_args.eval_k
     keys = (f"avg@{k}", f"pass@{k}")
     phase(f"evaluating {label}: {len(eval_ds)} questions x {k} samples")
-    result = evaluate(model, tokenizer, eval_ds, k=k, max_new_tokens=task_args.eval_max_new_tokens)
+    result = evaluate(model, tokenizer, eval_ds, k=k, max_new_tokens=task_args.eval_max_new_tokens, draft=draft)
     benchmarks = _benchmarks(task_args, tokenizer)
     if benchmarks:
         result["benchmarks"] = {}
         for name, data in benchmarks.items():
             phase(f"evaluating {label} on {name}: {len(data)} questions x {k} samples")
-            bench = evaluate(model, tokenizer, data, k=k, max_new_tokens=task_args.eval_max_new_tokens)
+            bench = evaluate(model, tokenizer, data, k=k, max_new_tokens=task_args.eval_max_new_tokens, draft=draft)
             result["benchmarks"][name] = {key: bench[key] for key in (*keys, "num_questions", "correct_per_question",
                                                                        "questions_digest")}
         result["benchmarks_average"] = {key: sum(b[key] for b in result["benchmarks"].values()) / len(benchmarks)
                                         for key in keys}
     write_eval(result, path)
-    accept = " ".join(f"{key}={v:.3f}" for key, v in result.items() if key.startswith("mtp/accept"))
+    accept = " ".join(f"{key}={v:.3f}" for key, v in result.items()
+                      if key.startswith("mtp/accept") or key in ("rollout/spec_accept_length", "rollout/tokens_per_s"))
     bench_line = "".join(f" {name}: avg@{k}={b[keys[0]]:.3f}" for name, b in result.get("benchmarks", {}).items())
     phase(f"{label}: avg@{k}={result[keys[0]]:.3f} pass@{k}={result[keys[1]]:.3f} {accept}{bench_line} -> {path}")
     return result
@@ -214,7 +230,8 @@ def _self_distillation_data(model, tokenizer, train_ds, cfg):
     phase(f"sft --mtp_only: sampling {len(train_ds)} completions of up to {cfg.mtp_only_max_new_tokens} tokens "
           "from the model itself")
     prompts = list(train_ds["prompt"])
-    texts = sample_completions(model, tokenizer, prompts, max_new_tokens=cfg.mtp_only_max_new_tokens, seed=cfg.seed)
+    texts = sample_completions(model, tokenizer, prompts, max_new_tokens=cfg.mtp_only_max_new_tokens, seed=cfg.seed,
+                               draft=draft_policy(cfg.mtp_draft_tokens, cfg.mtp_draft_policy, model))
     rows = [{"prompt": p, "completion": [{"role": "assistant", "content": t}] if isinstance(p, list) else t}
             for p, t in zip(prompts, texts) if t.strip()]
     return Dataset.from_list(rows)
@@ -242,10 +259,11 @@ def cmd_sft(argv) -> dict | None:
                              trust_remote_code=cfg.trust_remote_code)
     train_ds, eval_ds = _splits(task_args, tokenizer)
     before = None
+    draft = draft_policy(cfg.mtp_draft_tokens, cfg.mtp_draft_policy, model)
     if cfg.mtp_only:
         if task_args.eval_after:
             before = _evaluate(model, tokenizer, eval_ds, task_args, os.path.join(cfg.output_dir, "eval_before.json"),
-                               "model before the head warm-up")
+                               "model before the head warm-up", draft)
         train_ds = _self_distillation_data(model, tokenizer, train_ds, cfg)
     else:
         train_ds = _sft_completions(train_ds, cfg.answer_suffix_fraction, cfg.seed)
@@ -256,7 +274,8 @@ def cmd_sft(argv) -> dict | None:
     trainer.save_model(cfg.output_dir)
     if not task_args.eval_after:
         return None
-    after = _evaluate(model, tokenizer, eval_ds, task_args, os.path.join(cfg.output_dir, "eval.json"), "sft model")
+    after = _evaluate(model, tokenizer, eval_ds, task_args, os.path.join(cfg.output_dir, "eval.json"), "sft model",
+                      draft)
     if before is not None:
         record = {key: {"before": before.get(key), "after": after[key]} for key in after
                   if key.startswith("mtp/accept/")}
@@ -276,16 +295,18 @@ def run_training(task_args: TaskArguments, cfg, label: str | None = None) -> dic
     model, tokenizer = _load(task_args, cfg.mtp_num_heads, cfg.mtp_init, seed=cfg.seed,
                              trust_remote_code=cfg.trust_remote_code)
     train_ds, eval_ds = _splits(task_args, tokenizer)
+    draft = draft_policy(cfg.mtp_draft_tokens, cfg.mtp_draft_policy, model)
     if task_args.eval_before:
         _evaluate(model, tokenizer, eval_ds, task_args, os.path.join(cfg.output_dir, "eval_before.json"),
-                  "starting model")
+                  "starting model", draft)
     phase(f"train: regime={cfg.mtp_regime} variant={cfg.occ_variant} loss={cfg.loss_type} "
           f"steps={cfg.max_steps} output={cfg.output_dir}")
     trainer = MTPGRPOTrainer(model=model, reward_funcs=[TaskReward()], args=cfg, train_dataset=train_ds,
                              processing_class=tokenizer)
     every = _eval_every(cfg)
     if every:
-        trainer.add_callback(PeriodicEvalCallback(every, lambda m: _periodic_eval(m, tokenizer, eval_ds, task_args),
+        trainer.add_callback(PeriodicEvalCallback(every, lambda m: _periodic_eval(m, tokenizer, eval_ds, task_args,
+                                                                                  draft),
                                                   cfg.output_dir))
     os.makedirs(cfg.output_dir, exist_ok=True)
     with open(os.path.join(cfg.output_dir, "run_info.json"), "w") as f:
@@ -300,7 +321,7 @@ def run_training(task_args: TaskArguments, cfg, label: str | None = None) -> dic
     phase(f"train: done, metrics in {os.path.join(cfg.output_dir, 'metrics.jsonl')}")
     if task_args.eval_after:
         return _evaluate(model, tokenizer, eval_ds, task_args, os.path.join(cfg.output_dir, "eval.json"),
-                         "trained model")
+                         "trained model", draft)
     return None
 
 
@@ -313,14 +334,14 @@ def _eval_every(cfg) -> int:
     return max(1, round(steps * cfg.max_steps)) if steps < 1 else int(steps)
 
 
-def _periodic_eval(model, tokenizer, eval_ds, task_args) -> dict:
+def _periodic_eval(model, tokenizer, eval_ds, task_args, draft=None) -> dict:
     """Held-out avg@k / pass@k and every benchmark's, flattened to metric keys `eval/...`."""
     from .evaluation import evaluate
 
     k = task_args.eval_k
     row = {}
     for name, data in [(None, eval_ds), *_benchmarks(task_args, tokenizer).items()]:
-        result = evaluate(model, tokenizer, data, k=k, max_new_tokens=task_args.eval_max_new_tokens)
+        result = evaluate(model, tokenizer, data, k=k, max_new_tokens=task_args.eval_max_new_tokens, draft=draft)
         prefix = "eval/" if name is None else f"eval/{name}/"
         row[f"{prefix}avg@{k}"], row[f"{prefix}pass@{k}"] = result[f"avg@{k}"], result[f"pass@{k}"]
     return row
@@ -357,7 +378,8 @@ def cmd_eval(argv) -> dict:
     default = os.path.join(task_args.model_name_or_path, "eval.json") if os.path.isdir(
         task_args.model_name_or_path) else "eval.json"
     return _evaluate(model, tokenizer, eval_ds, task_args, task_args.eval_output or default,
-                     task_args.model_name_or_path)
+                     task_args.model_name_or_path,
+                     draft_policy(eval_args.mtp_draft_tokens, eval_args.mtp_draft_policy, model))
 
 
 def _latest_checkpoint(run_dir):

@@ -14,6 +14,7 @@ import os
 import torch
 
 from .logprobs import forward_logprobs
+from .rollout import merged_rollout_metrics, repeat_rows, sample_with_heads
 from .tasks import TaskReward, prompt_text
 
 
@@ -28,10 +29,25 @@ def _sample_acceptance(model, sequences, prompt_mask, eos_token_id):
     return (out.accept * keep).sum(dim=(0, 2)), keep.sum()
 
 
+def _sample(model, tokenizer, enc, k, draft, rollouts, **options):
+    """generate(**enc, num_return_sequences=k, **options), or the same law through the heads' drafts when `draft`
+    (a `mtprl.rollout` policy) is given; each drafted rollout's counts are appended to `rollouts`."""
+    if draft is None or getattr(model, "mtp_heads", None) is None:
+        return model.generate(**enc, do_sample=True, top_k=0, num_return_sequences=k,
+                              pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **options)
+    ids, mask = repeat_rows(enc["input_ids"], enc["attention_mask"], k)
+    out = sample_with_heads(model, ids, mask, draft, do_sample=True, top_k=0, pad_token_id=tokenizer.pad_token_id,
+                            eos_token_id=tokenizer.eos_token_id, **options)
+    rollouts.append(out)
+    return out.sequences
+
+
 @torch.no_grad()
 def evaluate(model, tokenizer, dataset, *, k: int = 4, temperature: float = 1.0, top_p: float = 0.7,
              max_new_tokens: int = 16, batch_size: int = 64, seed: int = 0, num_examples: int = 5,
-             reward: TaskReward | None = None) -> dict:
+             reward: TaskReward | None = None, draft=None) -> dict:
+    """avg@k / pass@k (see the module docstring). `draft`: a `mtprl.rollout` policy; the heads then draft the
+    samples (lossless, so the numbers keep their meaning) and the result also holds the rollout metrics."""
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     for column in ("prompt", "answer"):
@@ -46,14 +62,14 @@ def evaluate(model, tokenizer, dataset, *, k: int = 4, temperature: float = 1.0,
     correct, rewards, examples = [], [], []
     has_heads = getattr(model, "mtp_heads", None) is not None
     accept_sum, accept_count = None, 0.0
+    rollouts = []
     n = len(dataset)
     for start in range(0, n, batch_size):
         rows = dataset[start:start + batch_size]
         enc = tokenizer([prompt_text(tokenizer, p) for p in rows["prompt"]], return_tensors="pt", padding=True,
                         padding_side="left", add_special_tokens=False).to(device)
-        out = model.generate(**enc, do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
-                             max_new_tokens=max_new_tokens, num_return_sequences=k,
-                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        out = _sample(model, tokenizer, enc, k, draft, rollouts, temperature=temperature, top_p=top_p,
+                      max_new_tokens=max_new_tokens)
         texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
         if has_heads and out.shape[1] > enc["input_ids"].shape[1]:
             sums, count = _sample_acceptance(model, out, enc["attention_mask"].repeat_interleave(k, dim=0),
@@ -80,7 +96,7 @@ def evaluate(model, tokenizer, dataset, *, k: int = 4, temperature: float = 1.0,
     total = max(len(correct) * k, 1)
     acceptance = {} if accept_sum is None else {
         f"mtp/accept/{i + 1}": float(v) / max(accept_count, 1.0) for i, v in enumerate(accept_sum)}
-    return {**acceptance,
+    return {**acceptance, **merged_rollout_metrics(rollouts),
         f"avg@{k}": sum(map(sum, correct)) / total,
         f"pass@{k}": sum(any(c) for c in correct) / max(len(correct), 1),
         "mean_reward": sum(map(sum, rewards)) / total,
@@ -107,7 +123,7 @@ def write_eval(result: dict, path: str) -> None:
 
 @torch.no_grad()
 def sample_completions(model, tokenizer, prompts, *, max_new_tokens: int = 64, temperature: float = 1.0,
-                       top_p: float = 1.0, batch_size: int = 32, seed: int = 0) -> list[str]:
+                       top_p: float = 1.0, batch_size: int = 32, seed: int = 0, draft=None) -> list[str]:
     """One sampled completion per prompt (text, special tokens removed): the model's own text, e.g. for the
     self-distillation of fresh heads (`mtprl sft --mtp_only true`)."""
     was_training = model.training
@@ -122,9 +138,8 @@ def sample_completions(model, tokenizer, prompts, *, max_new_tokens: int = 64, t
         batch = [prompt_text(tokenizer, p) for p in prompts[start:start + batch_size]]
         enc = tokenizer(batch, return_tensors="pt", padding=True, padding_side="left",
                         add_special_tokens=False).to(device)
-        out = model.generate(**enc, do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
-                             max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                             eos_token_id=tokenizer.eos_token_id)
+        out = _sample(model, tokenizer, enc, 1, draft, [], temperature=temperature, top_p=top_p,
+                      max_new_tokens=max_new_tokens)
         texts += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
     torch.random.set_rng_state(generator_state)
     model.train(was_training)

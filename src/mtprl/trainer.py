@@ -43,6 +43,7 @@ from .objectives import LOSS_TYPES, masked_mean, mtp_ce_loss, policy_loss
 from .occ import (OCCStats, ema_statistics, gradient_statistics, lambda_from_stats, loss_gradients,
                   occ_statistics)
 from .regimes import GRADIENT_SOURCES, OCC_VARIANTS, REGIMES, HeadBatch, regime_for
+from .rollout import DRAFT_POLICIES, drafted_generate, make_draft_policy
 from .split_backward import TrunkCut, split_backward_loss
 from .tasks import safe_reward
 
@@ -84,9 +85,25 @@ class MTPGRPOConfig(GRPOConfig):
     mtp_log_acceptance: bool = field(default=True, metadata={
         "help": "Log mtp/accept/k, the expected speculative acceptance sum_v min(p_main, p_head) on completion "
                 "tokens (no gradient; one extra LM-head pass per head)."})
+    mtp_draft_tokens: int = field(default=0, metadata={
+        "help": "Rollouts: the live MTP heads draft up to this many tokens per trunk forward and the policy verifies "
+                "them by speculative sampling (lossless: completions follow the policy's own sampling law). 0 = "
+                "plain model.generate. At most mtp_num_heads."})
+    mtp_draft_policy: str = field(default="fixed", metadata={
+        "help": "fixed: always mtp_draft_tokens drafts | adaptive: per rollout, the draft count in "
+                "0..mtp_draft_tokens with the most expected tokens per second (live acceptance, measured costs)."})
 
     def __post_init__(self):
         _check_choice("mtp_regime", self.mtp_regime, REGIMES)
+        check_draft_options(self.mtp_draft_tokens, self.mtp_draft_policy, self.mtp_num_heads)
+        if self.mtp_draft_tokens and self.mtp_regime == "none":
+            raise ValueError("mtp_draft_tokens > 0 drafts with the MTP heads, which mtp_regime=none does not attach; "
+                             "use e.g. mtp_regime=detach (heads trained, policy untouched)")
+        if self.mtp_draft_tokens and getattr(self, "use_vllm", False):
+            raise ValueError("mtp_draft_tokens > 0 with use_vllm=true is not supported: the heads draft through "
+                             "transformers generation; set use_vllm=false or mtp_draft_tokens=0")
+        if self.mtp_draft_tokens and getattr(self, "use_transformers_paged", False):
+            raise ValueError("mtp_draft_tokens > 0 with use_transformers_paged=true is not supported")
         _check_choice("occ_variant", self.occ_variant, OCC_VARIANTS)
         _check_choice("mtp_init", self.mtp_init, INIT_CHOICES)
         if isinstance(self.mtp_num_heads, bool) or not isinstance(self.mtp_num_heads, int) or self.mtp_num_heads < 1:
@@ -111,6 +128,15 @@ class MTPGRPOConfig(GRPOConfig):
     @property
     def needs_mtp(self) -> bool:
         return self.mtp_regime != "none"
+
+
+def check_draft_options(num_draft_tokens, policy, num_heads) -> None:
+    """mtp_draft_tokens in 0..mtp_num_heads, mtp_draft_policy one of DRAFT_POLICIES (shared by train, sft, eval)."""
+    if isinstance(num_draft_tokens, bool) or not isinstance(num_draft_tokens, int) or \
+            not 0 <= num_draft_tokens <= num_heads:
+        raise ValueError(f"mtp_draft_tokens must be an integer in 0..{num_heads} (mtp_num_heads), "
+                         f"got {num_draft_tokens!r}")
+    _check_choice("mtp_draft_policy", policy, DRAFT_POLICIES)
 
 
 def _check_choice(name, value, choices, why=""):
@@ -203,6 +229,8 @@ class MTPGRPOTrainer(MTPCheckpointMixin, GRPOTrainer):
         self.regime = regime_for(args.mtp_regime, args.occ_variant)  # None: plain GRPO
         self._ledger: ForwardLedger | None = None
         self._deferred: list[DeferredHead] = []  # occ exact: stashed MTP gradients awaiting TRL's backward
+        self._draft_policy = (make_draft_policy(args.mtp_draft_policy, args.mtp_draft_tokens)
+                              if args.mtp_draft_tokens else None)
         if self.regime is None:
             return
         unwrapped = self.accelerator.unwrap_model(self.model)
@@ -228,6 +256,24 @@ class MTPGRPOTrainer(MTPCheckpointMixin, GRPOTrainer):
                 "rollout is used for exactly one optimizer step, so logp - logp_old = 0 and lambda = 0 throughout "
                 "(OCC degenerates to detach without its CE). Set steps_per_generation > gradient_accumulation_steps "
                 "or num_iterations > 1.", stacklevel=2)
+
+    # ------------------------------------------------------------------------------------------ rollout
+    def _generate_single_turn(self, *args, **kwargs):
+        """TRL's generation, with the live heads drafting (`mtp_draft_tokens`): the heads trained a moment ago."""
+        if self._draft_policy is None:
+            return super()._generate_single_turn(*args, **kwargs)
+        train = self._metrics["train"]
+        self._draft_policy.observe_acceptance(
+            [train[f"mtp/accept/{k}"][-1] if train.get(f"mtp/accept/{k}") else None
+             for k in range(1, self.args.mtp_draft_tokens + 1)])
+        mode = "train" if self.model.training else "eval"
+
+        def log(out):
+            for name, value in out.metrics().items():
+                self._metrics[mode][name].append(value)
+
+        with drafted_generate(self.accelerator.unwrap_model(self.model), self._draft_policy, log):
+            return super()._generate_single_turn(*args, **kwargs)
 
     # ------------------------------------------------------------------------------------------ forward
     @contextmanager
@@ -569,6 +615,10 @@ class MTPSFTConfig(SFTConfig):
                 "samples of the dataset's prompts (self-distillation)."})
     mtp_only_max_new_tokens: int = field(default=64, metadata={
         "help": "mtp_only: tokens sampled per prompt for the self-distillation text."})
+    mtp_draft_tokens: int = field(default=0, metadata={
+        "help": "mtp_only self-sampling and the evaluations: heads draft up to this many tokens per trunk forward "
+                "(lossless speculative sampling, as in MTPGRPOConfig). 0 = plain model.generate."})
+    mtp_draft_policy: str = field(default="fixed", metadata={"help": "fixed | adaptive (as in MTPGRPOConfig)."})
     answer_suffix_fraction: float = field(default=0.0, metadata={
         "help": "Fraction of the warm-start completions written '<answer>!', a format the verifier does not fully "
                 "accept (reasoning-gym gives partial credit; avg@k counts it wrong): a stand-in for the "
@@ -577,6 +627,7 @@ class MTPSFTConfig(SFTConfig):
 
     def __post_init__(self):
         _check_choice("mtp_init", self.mtp_init, INIT_CHOICES)
+        check_draft_options(self.mtp_draft_tokens, self.mtp_draft_policy, self.mtp_num_heads)
         if not 0.0 <= self.answer_suffix_fraction <= 1.0:
             raise ValueError(f"answer_suffix_fraction must be in [0, 1], got {self.answer_suffix_fraction!r}")
         if isinstance(self.mtp_num_heads, bool) or not isinstance(self.mtp_num_heads, int) or self.mtp_num_heads < 1:

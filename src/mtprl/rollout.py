@@ -1,0 +1,167 @@
+"""Rollouts drafted by the live MTP heads: how many drafts per verify forward (`fixed` | `adaptive`), and the hook
+that sends TRL's `model.generate(...)` call through `mtprl.speculative.speculative_generate`.
+
+The adaptive policy (the RL stacks fix the draft length) picks, per rollout, the number of drafts D in
+0..mtp_draft_tokens that maximises expected tokens per second,
+
+    tokens/s(D) = (1 + a_1 + a_1 a_2 + ... + a_1...a_D) / seconds per verify cycle with D drafts,
+
+from the live per-depth acceptance a_k (what the sampler measured, and `mtp/accept/k` of the training step) and the
+measured seconds of a verify cycle (one trunk forward of D+1 tokens per row plus the D draft steps) at the current
+batch size. Every D is measured once per batch-size bucket before it is trusted; when the verify forward is
+compute-bound (large batches on a CPU), D = 0 wins and the policy stays there.
+"""
+
+from __future__ import annotations
+
+import math
+import types
+from contextlib import contextmanager
+
+import torch
+
+from .speculative import SpeculativeOutput, check_generation_options, speculative_generate
+
+DRAFT_POLICIES = ("fixed", "adaptive")
+
+
+class FixedDraft:
+    """Always `num_draft_tokens` drafts."""
+
+    def __init__(self, num_draft_tokens: int):
+        self.num_draft_tokens = num_draft_tokens
+
+    def choose(self, batch_size: int) -> int:
+        return self.num_draft_tokens
+
+    def observe(self, out: SpeculativeOutput, batch_size: int) -> None:
+        pass
+
+    def observe_acceptance(self, rates: list[float]) -> None:
+        pass
+
+
+def _bucket(batch_size: int) -> int:
+    """Batch sizes within a factor of two share cost measurements."""
+    return 1 << max(0, math.ceil(math.log2(max(batch_size, 1))))
+
+
+class AdaptiveDraft:
+    """Drafts chosen per rollout from live acceptance and measured cycle costs (see the module docstring)."""
+
+    def __init__(self, max_draft_tokens: int, beta: float = 0.7):
+        self.max_draft_tokens = max_draft_tokens
+        self.beta = beta  # weight of the history in the running averages
+        self.accept: list[float | None] = [None] * max_draft_tokens  # conditional acceptance per depth
+        self.cycle_seconds: dict[tuple[int, int], float] = {}  # (batch bucket, D) -> seconds per verify cycle
+
+    def _ema(self, old, new):
+        return new if old is None else self.beta * old + (1 - self.beta) * new
+
+    def expected_tokens(self, drafts: int) -> float:
+        """Tokens per verify cycle: 1 + a_1 + a_1 a_2 + ... (unmeasured depths count as 0)."""
+        total, run = 1.0, 1.0
+        for a in self.accept[:drafts]:
+            run *= a or 0.0
+            total += run
+        return total
+
+    def predicted_tokens_per_s(self, drafts: int, batch_size: int) -> float | None:
+        seconds = self.cycle_seconds.get((_bucket(batch_size), drafts))
+        return None if seconds is None else self.expected_tokens(drafts) / seconds
+
+    def choose(self, batch_size: int) -> int:
+        options = range(self.max_draft_tokens + 1)
+        for drafts in options:  # measure every option once at this batch size
+            if (_bucket(batch_size), drafts) not in self.cycle_seconds:
+                return drafts
+        return max(options, key=lambda d: self.predicted_tokens_per_s(d, batch_size))
+
+    def observe(self, out: SpeculativeOutput, batch_size: int) -> None:
+        cycles = out.verify_forwards - 1  # the prefill is common to every D
+        if cycles > 0:
+            key = (_bucket(batch_size), out.num_draft_tokens)
+            self.cycle_seconds[key] = self._ema(self.cycle_seconds.get(key), out.loop_seconds / cycles)
+        for k in range(out.num_draft_tokens):
+            if out.reached[k]:
+                self.accept[k] = self._ema(self.accept[k], out.accepted[k] / out.reached[k])
+
+    def observe_acceptance(self, rates: list[float]) -> None:
+        """Expected acceptance of each head on the latest training batch (`mtp/accept/k`)."""
+        for k, rate in enumerate(rates[: self.max_draft_tokens]):
+            if rate is not None and math.isfinite(rate):
+                self.accept[k] = self._ema(self.accept[k], rate)
+
+
+def make_draft_policy(name: str, num_draft_tokens: int):
+    if name not in DRAFT_POLICIES:
+        raise ValueError(f"mtp_draft_policy must be one of {', '.join(DRAFT_POLICIES)}, got {name!r}")
+    return FixedDraft(num_draft_tokens) if name == "fixed" else AdaptiveDraft(num_draft_tokens)
+
+
+def sample_with_heads(model, input_ids, attention_mask, policy, **options) -> SpeculativeOutput:
+    """One rollout: the policy picks the drafts for this batch size, the sampler runs, the policy learns from it."""
+    batch = input_ids.shape[0]
+    out = speculative_generate(model, input_ids, attention_mask, num_draft_tokens=policy.choose(batch), **options)
+    policy.observe(out, batch)
+    return out
+
+
+def options_from_generation_config(config, **overrides) -> dict:
+    """speculative_generate's options from a `GenerationConfig` (TRL's), refusing what the sampler does not do."""
+    values = {**config.to_dict(), **overrides}
+    check_generation_options(values)
+    return {"max_new_tokens": values["max_new_tokens"], "do_sample": bool(values.get("do_sample")),
+            "temperature": values.get("temperature") or 1.0, "top_p": values.get("top_p") or 1.0,
+            "top_k": values.get("top_k") or 0, "eos_token_id": values.get("eos_token_id"),
+            "pad_token_id": values["pad_token_id"]}
+
+
+@contextmanager
+def drafted_generate(model, policy, on_output):
+    """Within the block, `model.generate(input_ids=..., attention_mask=..., generation_config=...)` (TRL's call)
+    samples through the heads; `on_output(SpeculativeOutput)` sees each rollout's counts."""
+
+    def generate(self, input_ids=None, attention_mask=None, generation_config=None, **kwargs):
+        extra = {k: v for k, v in kwargs.items() if v is not None}
+        if extra:
+            raise ValueError(f"speculative rollouts: unsupported generate() inputs {sorted(extra)}")
+        out = sample_with_heads(self, input_ids, attention_mask, policy,
+                                **options_from_generation_config(generation_config))
+        on_output(out)
+        return out.sequences
+
+    had_own = "generate" in model.__dict__
+    original = model.__dict__.get("generate")
+    model.generate = types.MethodType(generate, model)
+    try:
+        yield
+    finally:
+        if had_own:
+            model.generate = original
+        else:
+            del model.generate
+
+
+def repeat_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, k: int):
+    """`num_return_sequences=k` for the sampler: each prompt row k times, in generate's order."""
+    return input_ids.repeat_interleave(k, dim=0), attention_mask.repeat_interleave(k, dim=0)
+
+
+def merged_rollout_metrics(outputs: list[SpeculativeOutput]) -> dict[str, float]:
+    """The rollout metrics of several sampler calls taken together (sums of counts, not means of ratios)."""
+    if not outputs:
+        return {}
+    drafts = max(o.num_draft_tokens for o in outputs)
+    total = SpeculativeOutput(sequences=outputs[0].sequences, num_draft_tokens=drafts, drafted=[0] * drafts,
+                              reached=[0] * drafts, accepted=[0] * drafts)
+    for o in outputs:
+        for name in ("verify_forwards", "row_cycles", "committed_tokens", "prefill_seconds", "loop_seconds"):
+            setattr(total, name, getattr(total, name) + getattr(o, name))
+        for k in range(o.num_draft_tokens):
+            total.drafted[k] += o.drafted[k]
+            total.reached[k] += o.reached[k]
+            total.accepted[k] += o.accepted[k]
+    metrics = total.metrics()
+    metrics["rollout/draft_tokens"] = sum(o.num_draft_tokens for o in outputs) / len(outputs)
+    return metrics

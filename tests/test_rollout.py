@@ -1,0 +1,125 @@
+"""Rollouts through the heads: TRL's generation path samples with the live heads, the config refuses what it cannot
+do, the adaptive policy picks the draft count with the most expected tokens per second, evaluation drafts."""
+
+import json
+import warnings
+
+import pytest
+import torch
+from conftest import trained_drafter
+from datasets import Dataset
+from test_trainer import COMMON, PROMPTS, _mtp_trainer, _small_model
+
+from mtprl.evaluation import evaluate
+from mtprl.rollout import AdaptiveDraft, FixedDraft, make_draft_policy
+from mtprl.speculative import SpeculativeOutput, speculative_generate
+from mtprl.trainer import MTPGRPOConfig
+
+
+def test_trl_generation_samples_through_the_live_heads(tmp_path):
+    """`_generate_single_turn` (TRL's transformers path) returns what speculative_generate draws with the same
+    random stream and the trainer's own heads, and logs the rollout metrics."""
+    model, tok = _small_model()
+    trainer = _mtp_trainer(tmp_path, model=(model, tok), mtp_draft_tokens=2, max_completion_length=8)
+    prompt_ids = [tok(p, add_special_tokens=False).input_ids for p in PROMPTS[:5]]
+    torch.manual_seed(11)
+    completions, _ = trainer._generate_single_turn(prompt_ids, None, {}, 1)
+
+    width = max(map(len, prompt_ids))
+    ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in prompt_ids])
+    mask = (torch.arange(width) >= torch.tensor([width - len(p) for p in prompt_ids]).unsqueeze(1)).long()
+    torch.manual_seed(11)
+    ref = speculative_generate(trainer.model, ids, mask, max_new_tokens=8, num_draft_tokens=2,
+                               temperature=1.0, top_p=1.0, eos_token_id=tok.eos_token_id,
+                               pad_token_id=tok.pad_token_id).sequences[:, width:]
+    for row, completion in zip(ref.tolist(), completions):
+        assert row[:len(completion)] == completion
+    metrics = trainer._metrics["train"]
+    assert metrics["rollout/draft_tokens"] == [2.0]
+    assert metrics["rollout/spec_accept_length"][0] >= 1.0
+    assert set(metrics) >= {"rollout/spec_accept_rate", "rollout/spec_accept_rate/1", "rollout/spec_accept_rate/2",
+                            "rollout/tokens_per_s"}
+
+
+def test_training_with_drafting_logs_rollout_metrics(tmp_path):
+    trainer = _mtp_trainer(tmp_path, mtp_draft_tokens=1, mtp_regime="detach", max_steps=2,
+                           steps_per_generation=1)
+    trainer.train()
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    drafted = [r for r in rows if "rollout/spec_accept_length" in r]
+    assert len(drafted) == 2 and all(r["rollout/draft_tokens"] == 1.0 for r in drafted)
+    assert all(0.0 <= r["rollout/spec_accept_rate/1"] <= 1.0 for r in drafted)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (dict(mtp_draft_tokens=3), "mtp_draft_tokens must be an integer in 0..2"),
+    (dict(mtp_draft_tokens=1, mtp_draft_policy="greedy"), "mtp_draft_policy must be one of fixed, adaptive"),
+    (dict(mtp_draft_tokens=1, mtp_regime="none"), "mtp_regime=none does not attach"),
+    (dict(mtp_draft_tokens=1, use_vllm=True), "use_vllm=true is not supported"),
+])
+def test_config_refuses_bad_draft_options(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        MTPGRPOConfig(**dict(COMMON, output_dir=str(tmp_path), mtp_num_heads=2, **overrides))
+
+
+def test_repetition_penalty_is_a_clear_error_in_rollouts(tmp_path):
+    trainer = _mtp_trainer(tmp_path, mtp_draft_tokens=1, repetition_penalty=1.3)
+    with pytest.raises(ValueError, match="repetition_penalty=1.3"):
+        trainer._generate_single_turn([[5, 6, 7]], None, {}, 1)
+
+
+def _fake_output(drafts, loop_seconds, cycles, accepted, reached):
+    return SpeculativeOutput(sequences=torch.zeros(1, 1), num_draft_tokens=drafts, verify_forwards=cycles + 1,
+                             loop_seconds=loop_seconds, drafted=list(reached), reached=list(reached),
+                             accepted=list(accepted))
+
+
+def test_adaptive_policy_explores_then_maximises_tokens_per_second():
+    policy = AdaptiveDraft(2)
+    # a cheap verify (latency-bound): every cycle costs about the same whatever D -> more drafts win
+    costs = {0: 1.0, 1: 1.1, 2: 1.2}
+    for expected in (0, 1, 2):
+        assert policy.choose(8) == expected  # each option is measured once at this batch size
+        policy.observe(_fake_output(expected, costs[expected] * 10, 10, [8, 6][:expected], [10, 8][:expected]), 8)
+    # a1 = 0.8, a2 = 0.75: tokens per cycle 1, 1.8, 2.4 -> per second 1, 1.64, 2.0
+    assert policy.expected_tokens(2) == pytest.approx(1 + 0.8 + 0.8 * 0.75)
+    assert policy.choose(8) == 2
+    # a compute-bound verify at batch 32: the cost grows with the tokens verified -> plain sampling wins
+    for d, cost in ((0, 1.0), (1, 2.0), (2, 3.0)):
+        assert policy.choose(32) == d
+        policy.observe(_fake_output(d, cost * 10, 10, [8, 6][:d], [10, 8][:d]), 32)
+    assert policy.choose(32) == 0
+    # live acceptance from training moves the choice: heads that stop agreeing with the policy stop drafting
+    for _ in range(10):
+        policy.observe_acceptance([0.05, 0.05])
+    assert policy.choose(8) == 0
+    assert isinstance(make_draft_policy("fixed", 2), FixedDraft) and make_draft_policy("fixed", 2).choose(64) == 2
+
+
+def test_evaluation_with_drafting_keeps_the_law_and_reports_rollout_metrics():
+    """Same avg@k machinery, heads drafting: rollout metrics appear; greedy-equivalent inputs agree on shape."""
+    model = trained_drafter(num_heads=2)
+
+    class Tok:  # a minimal tokenizer over the drafter's 40 tokens: token i <-> chr(ord('A') + i)
+        pad_token_id, eos_token_id, chat_template = 0, 1, None
+
+        def __call__(self, texts, **kwargs):
+            rows = [[ord(c) - 65 for c in t] for t in texts]
+            width = max(map(len, rows))
+            ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
+            mask = (ids != 0).long()
+
+            class Enc(dict):
+                def to(self, device):
+                    return self
+            return Enc(input_ids=ids, attention_mask=mask)
+
+        def batch_decode(self, rows, skip_special_tokens=True):
+            return ["".join(chr(65 + t) for t in r if t > 1) for r in rows.tolist()]
+
+    data = Dataset.from_list([{"prompt": "CDEFG", "answer": "HIJ"}, {"prompt": "KLMN", "answer": "OPQ"}])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = evaluate(model, Tok(), data, k=4, max_new_tokens=12, draft=make_draft_policy("fixed", 2))
+    assert result["rollout/draft_tokens"] == 2.0 and result["rollout/spec_accept_length"] > 1.5
+    assert result["k"] == 4 and result["num_questions"] == 2
