@@ -184,10 +184,12 @@ def main():
             times[name].append(time.perf_counter() - t0)
 
     # Whole optimizer step, rollout included: trainer.train over a few steps, regimes in alternating order.
-    progress(f"timing whole steps (rollout included): {args.whole_steps} steps x {len(setups)} regimes x 2 rounds")
+    # --whole_steps 0 skips it (those columns then read "–").
     whole = {name: [] for name in setups}
     order = list(setups)
-    for rnd in range(2):
+    if args.whole_steps:
+        progress(f"timing whole steps (rollout included): {args.whole_steps} steps x {len(setups)} regimes x 2 rounds")
+    for rnd in range(2 if args.whole_steps else 0):
         for name in order if rnd == 0 else order[::-1]:
             extra = ARMS[name]
             trainer = _trainer(copy.deepcopy(base), tok, train, name, extra, args, f"/tmp/mtprl-bench/w-{name}",
@@ -197,14 +199,16 @@ def main():
             whole[name].append((time.perf_counter() - t0) / args.whole_steps)
 
     med = {n: statistics.median(t) for n, t in times.items()}
-    wmed = {n: statistics.median(t) for n, t in whole.items()}
+    wmed = {n: statistics.median(t) if t else float("nan") for n, t in whole.items()}
     print(f"\n| regime | training step (ms, median of {args.repeats}) | / detach | whole step incl. rollout (ms) "
           f"| / detach | saved for backward (MB) | stashed gradients (MB) | peak GPU memory (MB) |")
     print("|---|---|---|---|---|---|---|---|")
     for name in setups:
         gpu = "–" if peak[name] != peak[name] else f"{peak[name] / 2**20:.0f}"
-        print(f"| {name} | {1000 * med[name]:.1f} | {med[name] / med['detach']:.3f} | {1000 * wmed[name]:.0f} | "
-              f"{wmed[name] / wmed['detach']:.3f} | {saved[name] / 2**20:.1f} | {stash[name] / 2**20:.1f} | {gpu} |")
+        whole_ms = "–" if wmed[name] != wmed[name] else f"{1000 * wmed[name]:.0f}"
+        whole_ratio = "–" if wmed[name] != wmed[name] else f"{wmed[name] / wmed['detach']:.3f}"
+        print(f"| {name} | {1000 * med[name]:.1f} | {med[name] / med['detach']:.3f} | {whole_ms} | "
+              f"{whole_ratio} | {saved[name] / 2**20:.1f} | {stash[name] / 2**20:.1f} | {gpu} |")
     main_mb = sum(p.numel() * p.element_size() for n, p in base.named_parameters()
                   if not n.startswith("mtp_heads.")) / 2**20
     print(f"\nmain-model gradients: {main_mb:.1f} MB (occ-exact stashes one copy of them plus the heads')")
@@ -214,7 +218,8 @@ def main():
               f"{med['occ'] / med['none']:.3f}; one extra decoder layer per head over {layers} trunk layers would "
               f"be about {1 + args.heads / layers:.3f}")
     if args.json:
-        table = {name: {"train_step_ms": 1000 * med[name], "whole_step_ms": 1000 * wmed[name],
+        table = {name: {"train_step_ms": 1000 * med[name],
+                        "whole_step_ms": None if wmed[name] != wmed[name] else 1000 * wmed[name],
                         "saved_mb": saved[name] / 2**20, "stashed_grad_mb": stash[name] / 2**20,
                         "peak_gpu_mb": None if peak[name] != peak[name] else peak[name] / 2**20} for name in setups}
         with open(args.json, "w") as f:

@@ -163,3 +163,30 @@ def test_report_command_takes_baseline_and_start(tmp_path):
     assert rows["detach"]["vs_baseline"]["mean"] == pytest.approx(np.mean(acc("detach")) - np.mean(acc("ce")))
     assert rows["ce"]["vs_baseline"] is None
     assert rows["ce"]["vs_start"]["mean"] == pytest.approx(np.mean(acc("ce")) - 0.25)
+
+
+def test_rollout_table_and_figure_from_drafted_runs(tmp_path):
+    """Accept length and tokens/s early and late in training, per arm, against the runs' own rows."""
+    from mtprl.report import rollout_rows
+
+    dirs = [_fake_run(tmp_path, "detach", s, [0.1] * 8, 0.3, 0.6) for s in (0, 1)]
+    dirs.append(_fake_run(tmp_path, "occ", 0, [0.1] * 8, 0.3, 0.6))
+    accept = {"detach-s0": [1.8, 1.8, 1.7, 1.7, 1.6, 1.6, 1.5, 1.5], "detach-s1": [2.0] * 8,
+              "occ-s0": [1.8, 1.7, 1.6, 1.5, 1.4, 1.3, 1.2, 1.1]}
+    for path in dirs:
+        name = os.path.basename(path)
+        with open(os.path.join(path, "metrics.jsonl"), "a") as f:
+            for step, a in enumerate(accept[name], start=1):
+                f.write(json.dumps({"step": step, "rollout/spec_accept_length": a, "rollout/tokens_per_s": 100 * a,
+                                    "rollout/draft_tokens": 2.0, "rollout/spec_accept_rate/1": a - 1.0,
+                                    "rollout/spec_accept_rate/2": (a - 1.0) / 2}) + "\n")
+    rows = {r["label"]: r for r in rollout_rows(load_runs(dirs)[0])}
+    # first / last quarter of 8 rollouts = 2 values each; then the mean over seeds
+    assert rows["detach"]["accept_early"] == pytest.approx(np.mean([1.8, 2.0]))
+    assert rows["detach"]["accept_late"] == pytest.approx(np.mean([1.5, 2.0]))
+    assert rows["occ"]["accept_late"] == pytest.approx(1.15) and rows["occ"]["tps_early"] == pytest.approx(175.0)
+    assert rows["occ"]["rate_late/2"] == pytest.approx(0.075) and rows["detach"]["seeds"] == 2
+    report = build_report(dirs, str(tmp_path / "report"))
+    text = open(report).read()
+    assert "## Rollouts drafted by the heads" in text and "| OCC | 1 | 2.00 | 1.750 | 1.150 | 175 | 115 | 0.150 | 0.075 |" in text
+    assert os.path.getsize(tmp_path / "report" / "rollouts.png") > 10_000

@@ -267,6 +267,80 @@ def step_time_table(rows, baseline=None) -> str:
     return "\n".join(lines)
 
 
+def _early_late(values, share=0.25):
+    """Means of the first and the last `share` of a series (at least one value each)."""
+    n = max(1, int(len(values) * share))
+    return statistics.fmean(values[:n]), statistics.fmean(values[-n:])
+
+
+def rollout_rows(runs) -> list[dict]:
+    """Per arm, for runs whose rollouts the heads drafted (`mtp_draft_tokens`): tokens per verify forward and
+    tokens/s early and late in training (first and last quarter of the rollouts, mean over seeds), and the
+    per-depth acceptance rate over the last quarter."""
+    rows = []
+    for label, group in _by_label(runs).items():
+        series = [(run.series("rollout/spec_accept_length")[1], run.series("rollout/tokens_per_s")[1], run)
+                  for run in group]
+        series = [s for s in series if s[0]]
+        if not series:
+            continue
+        accept = [_early_late(a) for a, _, _ in series]
+        speed = [_early_late(t) for _, t, _ in series]
+        row = {"label": label, "seeds": len(series),
+               "draft_tokens": statistics.fmean(statistics.fmean(r.series("rollout/draft_tokens")[1])
+                                                for _, _, r in series),
+               "accept_early": statistics.fmean(a[0] for a in accept), "accept_late": statistics.fmean(a[1] for a in accept),
+               "tps_early": statistics.fmean(t[0] for t in speed), "tps_late": statistics.fmean(t[1] for t in speed)}
+        depth = 1
+        while any(run.series(f"rollout/spec_accept_rate/{depth}")[1] for _, _, run in series):
+            row[f"rate_late/{depth}"] = statistics.fmean(_early_late(run.series(f"rollout/spec_accept_rate/{depth}")[1])[1]
+                                                         for _, _, run in series
+                                                         if run.series(f"rollout/spec_accept_rate/{depth}")[1])
+            depth += 1
+        rows.append(row)
+    return rows
+
+
+def rollout_markdown(rows) -> str:
+    depths = sorted({int(k.split("/")[1]) for r in rows for k in r if k.startswith("rate_late/")})
+    lines = ["| arm | seeds | drafts per verify (mean) | accept length, first quarter | accept length, last quarter | "
+             "tokens/s, first quarter | tokens/s, last quarter | " +
+             " | ".join(f"accept rate depth {d}, last quarter" for d in depths) + " |",
+             "|---" * (7 + len(depths)) + "|"]
+    for r in rows:
+        rates = " | ".join(f"{r[f'rate_late/{d}']:.3f}" if f"rate_late/{d}" in r else "–" for d in depths)
+        lines.append(f"| {REGIME_LABELS.get(r['label'], r['label'])} | {r['seeds']} | {r['draft_tokens']:.2f} | "
+                     f"{r['accept_early']:.3f} | {r['accept_late']:.3f} | {r['tps_early']:.0f} | {r['tps_late']:.0f} | "
+                     f"{rates} |")
+    return "\n".join(lines)
+
+
+def _plot_rollouts(runs, out_dir) -> list[str]:
+    """Accept length and tokens/s of the drafted rollouts over training, one colour per arm (seeds drawn thin)."""
+    if not any(run.series("rollout/spec_accept_length")[0] for run in runs):
+        return []
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    for ax, key, ylabel in ((axes[0], "rollout/spec_accept_length", "tokens per verify forward (accept length)"),
+                            (axes[1], "rollout/tokens_per_s", "rollout completion tokens / s")):
+        for color, (label, group) in enumerate(_by_label(runs).items()):
+            for i, run in enumerate(group):
+                xs, ys = run.series(key)
+                if xs:
+                    ax.plot(xs, _smooth(ys, 5), color=f"C{color}", alpha=0.9, lw=1.5,
+                            label=REGIME_LABELS.get(label, label) if i == 0 else None)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    axes[0].set_title("Do the heads stay good drafters while RL moves the policy?")
+    axes[1].set_title("Rollout throughput (drafted, lossless)")
+    axes[0].legend()
+    fig.tight_layout()
+    path = os.path.join(out_dir, "rollouts.png")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return [path]
+
+
 def _smooth(ys, window=5):
     out = []
     for i in range(len(ys)):
@@ -551,6 +625,8 @@ def build_report(run_dirs, out_dir, title="mtprl comparison", command=None, base
     fidelity = fidelity_table(runs)
     figures += _plot_fidelity(runs, out_dir)
     figures += _plot_dynamics(runs, out_dir)
+    figures += _plot_rollouts(runs, out_dir)
+    rollouts = rollout_rows(runs)
 
     lines = [f"# {title}", ""]
     if command:
@@ -560,6 +636,11 @@ def build_report(run_dirs, out_dir, title="mtprl comparison", command=None, base
               "Intervals: paired bootstrap over seeds and questions (mtprl.stats), 95%; \"better\" / \"worse\" "
               "only when the interval excludes 0, otherwise \"no detectable difference\".", ""]
     lines += ["## Step time", "", step_time_table(rows, baseline), ""]
+    if rollouts:
+        lines += ["## Rollouts drafted by the heads", "",
+                  "Each arm's own heads draft its rollouts (`mtp_draft_tokens`, lossless speculative sampling): the "
+                  "accept length is the tokens committed per trunk forward (1 = the heads never help), early and "
+                  "late in training. See rollouts.png.", "", rollout_markdown(rollouts), ""]
     if fidelity:
         lines += ["## Estimators against the exact statistics", "",
                   "Every estimator's c and v2 beside the exact ones (gradients over the main model) on the same "
@@ -576,6 +657,6 @@ def build_report(run_dirs, out_dir, title="mtprl comparison", command=None, base
             if row[key] is not None:
                 row[key] = dict(row[key]._asdict(), verdict=row[key].verdict)
     with open(os.path.join(out_dir, "report.json"), "w") as f:
-        json.dump({"rows": rows, "baseline": baseline, "fidelity": fidelity, "skipped": skipped,
+        json.dump({"rows": rows, "baseline": baseline, "fidelity": fidelity, "skipped": skipped, "rollouts": rollouts,
                    "figures": figures}, f, indent=2, default=float)
     return report

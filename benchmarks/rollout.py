@@ -1,0 +1,238 @@
+"""Rollout throughput: completion tokens per second of TRL's plain `model.generate` path against the heads drafting
+(`mtprl.speculative_generate` with 0, 1, 2 drafts and the adaptive policy), in one process on the same prompts.
+
+    python benchmarks/rollout.py [--setups tiny,drafter,smollm2] [--batches 1,8,32] [--repeats 5] [--json PATH]
+
+Setups (each skipped with a line when its model is absent):
+  tiny     the demo's warm start (runs/tiny-sft: `mtprl sft --config configs/tiny_sft.yaml`), the demo's chain-sum
+           prompts and settings (6 new tokens, temperature 1, top-p 1)
+  drafter  drafting cheap and right: an 8-layer trunk (hidden 256) and two heads trained together here for a few
+           hundred steps on a noisy cycle language (acceptance ~0.8), 64 new tokens, no EOS
+  smollm2  SmolLM2-135M-Instruct with its warmed head (runs/smollm2-heads: `configs/smollm2_heads.yaml`), chat
+           prompts of the arithmetic file, up to 128 new tokens
+Methods are interleaved inside every repeat (machine noise hits them alike); the median per method is reported with
+its ratio to `generate`. Per drafting method also: the measured acceptance length (tokens per verify forward), the
+relative cost of one verify cycle (seconds per cycle / plain sampler's), and the ideal ratio = accept length / cost
+(what the sampler would give if the prefill were free). The adaptive policy first measures every draft count once
+(its exploration, not timed), then is timed like the others.
+JSON: {"rows": [{"setup", "batch", "method", "tokens_per_s", "ratio", "accept_length", "cycle_cost", "ideal",
+"draft_tokens"}], "device", "date", ...}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import sys
+import time
+import warnings
+
+import torch
+
+import mtprl
+from mtprl.rollout import AdaptiveDraft, sample_with_heads
+from mtprl.speculative import speculative_generate
+
+
+def progress(message):
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def _tiny(args):
+    from mtprl.models import load_model
+    from mtprl.tasks import load_task_splits, prompt_text
+
+    if not os.path.isdir(args.tiny_model):
+        return None
+    model, tok = load_model(args.tiny_model)
+    train, _ = load_task_splits("reasoning_gym:chain_sum", 256, 16, 0, min_terms=2, max_terms=3, min_digits=1,
+                                max_digits=1)
+    prompts = [prompt_text(tok, p) for p in train["prompt"]]
+    return model, tok, prompts, dict(max_new_tokens=6, temperature=1.0, top_p=1.0), tok.eos_token_id
+
+
+def _smollm2(args):
+    from mtprl.models import load_model
+    from mtprl.tasks import load_math_splits, prompt_text
+
+    if not (os.path.isdir(args.smollm2_model) and os.path.isfile(args.math_file)):
+        return None
+    model, tok = load_model(args.smollm2_model)
+    train, _ = load_math_splits(args.math_file, 256, 16, 0, prompt_format="chat")
+    prompts = [prompt_text(tok, p) for p in train["prompt"]]
+    return model, tok, prompts, dict(max_new_tokens=128, temperature=1.0, top_p=1.0), tok.eos_token_id
+
+
+def _drafter(args):
+    """An 8-layer trunk with two heads trained jointly (main CE + heads CE) on a noisy cycle language."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    vocab, noise = 64, 0.05
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=vocab, hidden_size=256, intermediate_size=768, num_hidden_layers=8,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=True)
+    model = Qwen2ForCausalLM(config)
+    mtprl.attach_mtp_heads(model, num_heads=2)
+    g = torch.Generator().manual_seed(0)
+
+    def batch(n, length):
+        start = torch.randint(0, vocab - 2, (n, 1), generator=g)
+        ids = 2 + (start + torch.arange(length)) % (vocab - 2)
+        flip = torch.rand(n, length, generator=g) < noise
+        return torch.where(flip, torch.randint(2, vocab, (n, length), generator=g), ids)
+
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    progress(f"drafter: training the 8-layer trunk and its 2 heads for {args.drafter_steps} steps")
+    for _ in range(args.drafter_steps):
+        ids = batch(16, 64)
+        out = mtprl.forward_logprobs(model, ids, None, 60)
+        loss = -out.main.mean() - out.mtp.mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        ids = batch(32, 64)
+        accept = mtprl.forward_logprobs(model, ids, None, 60, compute_accept=True).accept.mean(dim=(0, 2))
+    progress(f"drafter: expected acceptance per head {[round(a, 3) for a in accept.tolist()]}")
+
+    class Tok:
+        pad_token_id, eos_token_id = 0, None
+
+    prompts = batch(256, 12)
+    return model, Tok(), prompts, dict(max_new_tokens=64, temperature=1.0, top_p=1.0), None
+
+
+SETUPS = {"tiny": _tiny, "drafter": _drafter, "smollm2": _smollm2}
+
+
+def _encode(tok, prompts, batch, device):
+    if isinstance(prompts, torch.Tensor):
+        ids = prompts[:batch].to(device)
+        return ids, torch.ones_like(ids)
+    enc = tok(prompts[:batch], return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+    return enc["input_ids"].to(device), enc["attention_mask"].to(device)
+
+
+def _completion_tokens(sequences, prompt_len, pad_token_id, eos_token_id):
+    """Generated tokens up to and including each row's EOS (what TRL keeps)."""
+    gen = sequences[:, prompt_len:]
+    if eos_token_id is None:
+        return gen.numel()
+    is_eos = gen == eos_token_id
+    after = (is_eos.cumsum(1) - is_eos.long()) > 0
+    return int((~after).sum())
+
+
+def run_setup(name, setup, args, device):
+    model, tok, prompts, sampling, eos = setup
+    model.to(device).eval()
+    heads = model.mtp_heads.num_heads
+    drafts = [d for d in (0, 1, 2) if d <= heads]
+    rows = []
+    for batch in args.batches:
+        ids, mask = _encode(tok, prompts, batch, device)
+        pad = tok.pad_token_id
+        opts = dict(sampling, do_sample=True, eos_token_id=eos, pad_token_id=pad)
+        adaptive = AdaptiveDraft(max(drafts))
+        for _ in range(len(drafts)):  # the adaptive policy's exploration: every draft count measured once
+            sample_with_heads(model, ids, mask, adaptive, **opts)
+
+        def plain():
+            out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, top_k=0,
+                                 max_new_tokens=sampling["max_new_tokens"], temperature=sampling["temperature"],
+                                 top_p=sampling["top_p"], pad_token_id=pad, eos_token_id=eos)
+            return out, None
+
+        methods = {"generate": plain}
+        for d in drafts:
+            methods[f"drafts={d}"] = lambda d=d: (None, speculative_generate(model, ids, mask, num_draft_tokens=d,
+                                                                             **opts))
+        methods["adaptive"] = lambda: (None, sample_with_heads(model, ids, mask, adaptive, **opts))
+        times = {m: [] for m in methods}
+        tokens = {m: [] for m in methods}
+        stats = {m: [] for m in methods}
+        with torch.no_grad():
+            for rep in range(args.repeats + 1):
+                for m, fn in methods.items():
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                    seqs, out = fn()
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+                    elapsed = time.perf_counter() - t0
+                    if rep == 0:
+                        continue  # warm-up round
+                    seqs = seqs if out is None else out.sequences
+                    times[m].append(elapsed)
+                    tokens[m].append(_completion_tokens(seqs, ids.shape[1], pad, eos))
+                    if out is not None:
+                        stats[m].append(out)
+        tps = {m: sum(tokens[m]) / sum(times[m]) for m in methods}
+        base_cycle = statistics.median(o.loop_seconds / max(o.verify_forwards - 1, 1) for o in stats["drafts=0"])
+        for m in methods:
+            row = {"setup": name, "batch": batch, "method": m, "tokens_per_s": tps[m],
+                   "ratio": tps[m] / tps["generate"], "median_seconds": statistics.median(times[m])}
+            if stats[m]:
+                outs = stats[m]
+                accept = sum(o.committed_tokens for o in outs) / sum(o.row_cycles for o in outs)
+                cycle = statistics.median(o.loop_seconds / max(o.verify_forwards - 1, 1) for o in outs)
+                row.update(accept_length=accept, cycle_cost=cycle / base_cycle, ideal=accept / (cycle / base_cycle),
+                           draft_tokens=statistics.mean(o.num_draft_tokens for o in outs),
+                           prefill_share=sum(o.prefill_seconds for o in outs) / sum(o.seconds for o in outs))
+            rows.append(row)
+            extra = "" if not stats[m] else (f"  accept length {row['accept_length']:.2f}  cycle cost "
+                                             f"{row['cycle_cost']:.2f}  ideal {row['ideal']:.2f}x  drafts "
+                                             f"{row['draft_tokens']:.1f}  prefill {row['prefill_share']:.0%}")
+            progress(f"{name} batch {batch:3d} {m:10s} {tps[m]:9.1f} tok/s  {row['ratio']:.3f}x{extra}")
+    return rows
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--setups", default="tiny,drafter,smollm2")
+    p.add_argument("--batches", default="1,8,32")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--tiny_model", default="runs/tiny-sft")
+    p.add_argument("--smollm2_model", default="runs/smollm2-heads")
+    p.add_argument("--math_file", default="runs/data/arith_gsm8k.jsonl")
+    p.add_argument("--drafter_steps", type=int, default=300)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    args.batches = [int(b) for b in args.batches.split(",")]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    warnings.filterwarnings("ignore")
+    rows = []
+    for name in args.setups.split(","):
+        if name not in SETUPS:
+            sys.exit(f"unknown setup {name!r} (choose from {', '.join(SETUPS)})")
+        setup = SETUPS[name](args)
+        if setup is None:
+            progress(f"{name}: model or data absent, skipped (see the docstring)")
+            continue
+        rows += run_setup(name, setup, args, device)
+    print("\n| setup | batch | method | tokens/s | / generate | accept length | cycle cost | ideal | drafts |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        extra = (f"{r['accept_length']:.2f} | {r['cycle_cost']:.2f} | {r['ideal']:.2f}x | {r['draft_tokens']:.1f}"
+                 if "accept_length" in r else "– | – | – | –")
+        print(f"| {r['setup']} | {r['batch']} | {r['method']} | {r['tokens_per_s']:.0f} | {r['ratio']:.3f} | {extra} |")
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump({"rows": rows, "device": str(device), "threads": torch.get_num_threads(),
+                       "date": time.strftime("%Y-%m-%d"), "repeats": args.repeats, "torch": torch.__version__}, f,
+                      indent=2)
+        progress(f"table written to {args.json}")
+
+
+if __name__ == "__main__":
+    main()
