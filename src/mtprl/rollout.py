@@ -15,6 +15,7 @@ compute-bound (large batches on a CPU), D = 0 wins and the policy stays there.
 from __future__ import annotations
 
 import math
+import statistics
 import types
 from contextlib import contextmanager
 
@@ -47,13 +48,23 @@ def _bucket(batch_size: int) -> int:
 
 
 class AdaptiveDraft:
-    """Drafts chosen per rollout from live acceptance and measured cycle costs (see the module docstring)."""
+    """Drafts chosen per rollout from live acceptance and measured cycle costs (see the module docstring).
 
-    def __init__(self, max_draft_tokens: int, beta: float = 0.7):
+    Costs: the median of the last `window` measured seconds per verify cycle, per (batch-size bucket, D). Every D is
+    measured `explore` times at a batch size before the choice is trusted (a first call is often slow), and every
+    `recheck_every` rollouts at that batch size the least recently measured D is measured again, so that an option
+    judged on an unlucky measurement is not given up for good."""
+
+    def __init__(self, max_draft_tokens: int, beta: float = 0.7, window: int = 5, explore: int = 2,
+                 recheck_every: int = 16):
         self.max_draft_tokens = max_draft_tokens
-        self.beta = beta  # weight of the history in the running averages
+        self.beta = beta  # weight of the history in the running average of the acceptance
+        self.window, self.explore, self.recheck_every = window, explore, recheck_every
         self.accept: list[float | None] = [None] * max_draft_tokens  # conditional acceptance per depth
-        self.cycle_seconds: dict[tuple[int, int], float] = {}  # (batch bucket, D) -> seconds per verify cycle
+        self.cycle_seconds: dict[tuple[int, int], list[float]] = {}  # (batch bucket, D) -> recent seconds per cycle
+        self.last_measured: dict[tuple[int, int], int] = {}  # (bucket, D) -> rollout count when last measured
+        self.rollouts: dict[int, int] = {}  # bucket -> rollouts chosen
+        self.first_kept: dict[tuple[int, int], bool] = {}  # the warm-up measurement is still in the list
 
     def _ema(self, old, new):
         return new if old is None else self.beta * old + (1 - self.beta) * new
@@ -67,21 +78,30 @@ class AdaptiveDraft:
         return total
 
     def predicted_tokens_per_s(self, drafts: int, batch_size: int) -> float | None:
-        seconds = self.cycle_seconds.get((_bucket(batch_size), drafts))
-        return None if seconds is None else self.expected_tokens(drafts) / seconds
+        seconds = self.cycle_seconds.get((_bucket(batch_size), drafts), [])
+        seconds = seconds[1:] if self.first_kept.get((_bucket(batch_size), drafts)) else seconds
+        return None if not seconds else self.expected_tokens(drafts) / statistics.median(seconds)
 
     def choose(self, batch_size: int) -> int:
+        bucket = _bucket(batch_size)
+        count = self.rollouts[bucket] = self.rollouts.get(bucket, 0) + 1
         options = range(self.max_draft_tokens + 1)
-        for drafts in options:  # measure every option once at this batch size
-            if (_bucket(batch_size), drafts) not in self.cycle_seconds:
+        for drafts in options:  # measure every option `explore` times at this batch size
+            if len(self.cycle_seconds.get((bucket, drafts), [])) < self.explore:
                 return drafts
+        if count % self.recheck_every == 0:
+            return min(options, key=lambda d: self.last_measured.get((bucket, d), 0))
         return max(options, key=lambda d: self.predicted_tokens_per_s(d, batch_size))
 
     def observe(self, out: SpeculativeOutput, batch_size: int) -> None:
         cycles = out.verify_forwards - 1  # the prefill is common to every D
         if cycles > 0:
             key = (_bucket(batch_size), out.num_draft_tokens)
-            self.cycle_seconds[key] = self._ema(self.cycle_seconds.get(key), out.loop_seconds / cycles)
+            seconds = self.cycle_seconds.get(key, []) + [out.loop_seconds / cycles]
+            # an option's first measurement is a warm-up (allocations, caches): it counts only while it is alone
+            self.first_kept[key] = len(seconds) <= self.window + 1 and len(seconds) > 1
+            self.cycle_seconds[key] = seconds[-(self.window + 1):] if self.first_kept[key] else seconds[-self.window:]
+            self.last_measured[key] = self.rollouts.get(key[0], 0)
         for k in range(out.num_draft_tokens):
             if out.reached[k]:
                 self.accept[k] = self._ema(self.accept[k], out.accepted[k] / out.reached[k])
