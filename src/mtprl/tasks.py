@@ -368,34 +368,64 @@ class TaskReward:
         return rewards
 
 
+def _one_sample_calls(kwargs):
+    """The batch call's keyword arguments split into one call per sample (per-sample lists sliced)."""
+    n = len(kwargs["completions"])
+    for i in range(n):
+        yield {k: (v[i:i + 1] if isinstance(v, list) and len(v) == n else v) for k, v in kwargs.items()}
+
+
+def _report_failures(func, batch_error, failed, total, log_metric):
+    warnings.warn(f"reward function {getattr(func, '__name__', func)!r} raised "
+                  f"({type(batch_error).__name__}: {batch_error}); {failed}/{total} samples scored 0")
+    if log_metric is not None:
+        log_metric("rewards/failures", float(failed))
+
+
 def safe_reward(func):
     """Wrap a TRL reward function so that an exception never stops training: if the batch call raises, each
-    sample is scored alone and the ones that still raise get 0. Failures are logged as `rewards/failures`."""
+    sample is scored alone and the ones that still raise get 0. Failures are logged as `rewards/failures`.
+    An async reward function (TRL runs those concurrently on its event loop) stays async."""
+    from trl.trainer.utils import is_async_callable
+
     if isinstance(func, TaskReward) or getattr(func, "_mtprl_safe", False):
         return func
 
-    @functools.wraps(func)
-    def wrapper(*args, log_metric=None, **kwargs):
-        try:
-            rewards = func(*args, log_metric=log_metric, **kwargs)
+    if is_async_callable(func):
+        @functools.wraps(func)
+        async def wrapper(*args, log_metric=None, **kwargs):
+            try:
+                rewards = await func(*args, log_metric=log_metric, **kwargs)
+            except Exception as batch_error:  # noqa: BLE001
+                rewards, failed = [], 0
+                for one in _one_sample_calls(kwargs):
+                    try:
+                        rewards.append((await func(log_metric=None, **one))[0])
+                    except Exception:  # noqa: BLE001
+                        failed += 1
+                        rewards.append(0.0)
+                _report_failures(func, batch_error, failed, len(rewards), log_metric)
+                return rewards
             if log_metric is not None:
                 log_metric("rewards/failures", 0.0)
             return rewards
-        except Exception as batch_error:  # noqa: BLE001
-            prompts, completions = kwargs["prompts"], kwargs["completions"]
-            rewards, failed = [], 0
-            for i in range(len(completions)):
-                one = {k: (v[i:i + 1] if isinstance(v, list) and len(v) == len(completions) else v)
-                       for k, v in kwargs.items()}
-                try:
-                    rewards.append(func(log_metric=None, **one)[0])
-                except Exception:  # noqa: BLE001
-                    failed += 1
-                    rewards.append(0.0)
-            warnings.warn(f"reward function {getattr(func, '__name__', func)!r} raised "
-                          f"({type(batch_error).__name__}: {batch_error}); {failed}/{len(prompts)} samples scored 0")
+    else:
+        @functools.wraps(func)
+        def wrapper(*args, log_metric=None, **kwargs):
+            try:
+                rewards = func(*args, log_metric=log_metric, **kwargs)
+            except Exception as batch_error:  # noqa: BLE001
+                rewards, failed = [], 0
+                for one in _one_sample_calls(kwargs):
+                    try:
+                        rewards.append(func(log_metric=None, **one)[0])
+                    except Exception:  # noqa: BLE001
+                        failed += 1
+                        rewards.append(0.0)
+                _report_failures(func, batch_error, failed, len(rewards), log_metric)
+                return rewards
             if log_metric is not None:
-                log_metric("rewards/failures", float(failed))
+                log_metric("rewards/failures", 0.0)
             return rewards
 
     wrapper._mtprl_safe = True

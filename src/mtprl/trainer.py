@@ -216,14 +216,17 @@ class ForwardLedger:
 class MTPGRPOTrainer(MTPCheckpointMixin, GRPOTrainer):
     """GRPOTrainer whose model carries MTP heads trained under `args.mtp_regime` (see MTPGRPOConfig)."""
 
-    def __init__(self, model, reward_funcs, args: MTPGRPOConfig | None = None, **kwargs):
+    def __init__(self, model, reward_funcs=None, args: MTPGRPOConfig | None = None, **kwargs):
         if args is None:
             args = MTPGRPOConfig("mtprl-output")
         if not isinstance(args, MTPGRPOConfig):
             raise TypeError(f"args must be an MTPGRPOConfig, got {type(args).__name__}")
-        # A reward function that raises scores 0 for the samples it fails on, instead of stopping the run.
-        funcs = reward_funcs if isinstance(reward_funcs, list) else [reward_funcs]
-        reward_funcs = [safe_reward(f) if callable(f) and not isinstance(f, torch.nn.Module) else f for f in funcs]
+        # A reward function that raises scores 0 for the samples it fails on, instead of stopping the run (sync or
+        # async). None: no reward functions (environment-owned rewards), as TRL allows; TRL checks the source.
+        if reward_funcs is not None:
+            funcs = reward_funcs if isinstance(reward_funcs, list) else [reward_funcs]
+            reward_funcs = [safe_reward(f) if callable(f) and not isinstance(f, torch.nn.Module) else f
+                            for f in funcs]
         super().__init__(model=model, reward_funcs=reward_funcs, args=args, **kwargs)
         self.add_callback(MetricsJsonlCallback(args.output_dir))
         self.regime = regime_for(args.mtp_regime, args.occ_variant)  # None: plain GRPO
