@@ -1,6 +1,7 @@
 """MTPGRPOTrainer as a drop-in for TRL's GRPOTrainer: the constructor surface TRL 1.16 offers."""
 
 import asyncio
+import math
 import json
 import warnings
 
@@ -53,3 +54,43 @@ def test_reward_funcs_are_optional_as_in_trl(tmp_path):
     # no reward source at all: TRL's own error, not a TypeError about a missing argument
     with pytest.raises(ValueError, match="reward"):
         MTPGRPOTrainer(model=model, args=args, train_dataset=_dataset(), processing_class=tok)
+
+
+def test_prompt_of_k_tokens_or_fewer_masks_the_heads_without_context():
+    """A one-token prompt with K=2 heads: head k has no context for the first k completion tokens; those are masked
+    (0), and every other entry equals what the same tokens give with enough left padding in front."""
+    import torch
+    from conftest import tiny_causal_lm
+
+    import mtprl
+
+    model = tiny_causal_lm()
+    mtprl.attach_mtp_heads(model, num_heads=2)
+    ids = torch.tensor([[5, 7, 9, 11, 13], [6, 8, 10, 12, 14]])  # prompt = 1 token, 4 completion tokens
+    short = mtprl.forward_logprobs(model, ids, None, 4)
+    expected_context = torch.tensor([[False, True, True, True], [False, False, True, True]])
+    assert torch.equal(short.mtp_mask[0], expected_context) and torch.equal(short.mtp_mask[1], expected_context)
+    assert (short.mtp[~short.mtp_mask] == 0).all()
+    padded_ids = torch.cat([torch.zeros(2, 3, dtype=torch.long), ids], 1)
+    padded_mask = torch.cat([torch.zeros(2, 3, dtype=torch.long), torch.ones_like(ids)], 1)
+    padded = mtprl.forward_logprobs(model, padded_ids, padded_mask, 4)
+    torch.testing.assert_close(short.main, padded.main, atol=1e-5, rtol=1e-5)
+    assert torch.equal(padded.mtp_mask, short.mtp_mask)
+    torch.testing.assert_close(short.mtp, padded.mtp, atol=1e-5, rtol=1e-5)
+
+
+def test_training_on_one_token_prompts(tmp_path):
+    """The `logits_to_keep=...` error mid-training is gone: OCC trains on prompts shorter than K+1 tokens."""
+    from datasets import Dataset
+
+    model, tok = _small_model()
+    args = MTPGRPOConfig(**dict(COMMON, output_dir=str(tmp_path / "run"), mtp_num_heads=2, mtp_regime="occ",
+                                max_steps=2, steps_per_generation=2))
+    data = Dataset.from_list([{"prompt": p} for p in ["7", "9", "3", "1"] * 4])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = MTPGRPOTrainer(model=model, reward_funcs=[digit_reward], args=args, train_dataset=data,
+                                 processing_class=tok)
+    trainer.train()
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert all(math.isfinite(r["mtp/loss/2"]) for r in rows if "mtp/loss/2" in r)

@@ -240,7 +240,7 @@ def test_bad_inputs_have_clear_errors():
         mtprl.forward_logprobs(tiny_causal_lm(), ids, mask, KEEP)
     model = _model(heads=2)
     with pytest.raises(ValueError, match="logits_to_keep"):
-        mtprl.forward_logprobs(model, ids, mask, ids.shape[1] - 2)
+        mtprl.forward_logprobs(model, ids, mask, ids.shape[1])  # no prompt token at all
     with pytest.raises(ValueError, match="attention_mask shape"):
         mtprl.forward_logprobs(model, ids, mask[:, 1:], KEEP)
     with pytest.raises(ValueError, match="mtp_grad"):

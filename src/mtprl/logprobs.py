@@ -38,6 +38,9 @@ class LogProbs(ModelOutput):
     accept: torch.Tensor | None = None  # [B, K, L] sum_v min(p_main, p_head), no grad (compute_accept=True)
     distill: torch.Tensor | None = None  # [B, K, L] KL(p_main || q_head), grad into the heads only (compute_distill)
     hidden: torch.Tensor | None = None  # [B, T, H] trunk output states, live graph (return_hidden=True)
+    # [B, K, L] head k has context for token j: position j-k-1 is a real token (a prompt of K tokens or fewer, or a
+    # short left-padded row, leaves the first tokens without one; their mtp / accept / distill entries hold 0)
+    mtp_mask: torch.Tensor | None = None
 
 
 
@@ -143,28 +146,46 @@ def _check_inputs(model, input_ids, attention_mask, logits_to_keep, mtp_grad) ->
     if attention_mask is not None and attention_mask.shape != input_ids.shape:
         raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
                          f"{tuple(input_ids.shape)}")
-    num_heads, seq_len, keep = get_mtp_heads(model).num_heads, input_ids.shape[1], int(logits_to_keep)
-    if not 1 <= keep <= seq_len - num_heads - 1:
-        raise ValueError(
-            f"logits_to_keep={keep} with seq_len={seq_len} and {num_heads} MTP head(s): head K scores completion "
-            f"token j from position j-K-1, so the prompt must be longer than K (need 1 <= logits_to_keep <= "
-            f"{seq_len - num_heads - 1})"
-        )
+    seq_len, keep = input_ids.shape[1], int(logits_to_keep)
+    if not 1 <= keep <= seq_len - 1:
+        raise ValueError(f"logits_to_keep={keep} with seq_len={seq_len}: the main head scores completion token j "
+                         f"from position j-1, so the prompt needs a token (need 1 <= logits_to_keep <= {seq_len - 1})")
     return keep
+
+
+def _with_head_context(h0, input_ids, attention_mask, keep, num_heads):
+    """Head K scores completion token j from position j-K-1: when the sequence is too short for that (a prompt of K
+    tokens or fewer), pad it on the left with masked positions, for the heads only (the trunk never sees them).
+    Returns (h0, input_ids, attention_mask, context [B, K, keep]): head k has a real token at position j-k-1."""
+    batch, seq_len = input_ids.shape
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    missing = keep + num_heads + 1 - seq_len
+    if missing > 0:
+        h0 = torch.nn.functional.pad(h0, (0, 0, missing, 0))
+        input_ids = torch.nn.functional.pad(input_ids, (missing, 0))
+        attention_mask = torch.nn.functional.pad(attention_mask, (missing, 0))
+        seq_len += missing
+    context = torch.stack([attention_mask[:, seq_len - keep - 1 - k: seq_len - 1 - k]
+                           for k in range(1, num_heads + 1)], dim=1).bool()
+    return h0, input_ids, attention_mask, context
 
 
 def head_logprobs(model, h0, input_ids, attention_mask, logits_to_keep, temperature=1.0, mtp_grad="joint", *,
                   compute_distill=False):
     """The MTP heads on the trunk's output states `h0` [B, T, H]: (log-probs [B, K, L] of the last
     `logits_to_keep` tokens, each head's hidden states over those positions, KL(p_main || q_k) [B, K, L] or
-    None). Called by `forward_logprobs`, and by the trainer to re-run detached heads on the live trunk when it
-    measures gradient statistics (`occ_fidelity_every`). Pad positions are not masked here."""
+    None, context [B, K, L]: head k has a real token at position j-k-1). Called by `forward_logprobs`, and by the
+    trainer to re-run detached heads on the live trunk when it measures gradient statistics
+    (`occ_fidelity_every`). Pad positions and positions without context are not masked here."""
     keep = _check_inputs(model, input_ids, attention_mask, logits_to_keep, mtp_grad)
-    heads, decoder, seq_len = get_mtp_heads(model), decoder_of(model), input_ids.shape[1]
+    heads, decoder = get_mtp_heads(model), decoder_of(model)
+    main_hidden = h0[:, input_ids.shape[1] - keep - 1: input_ids.shape[1] - 1]
+    h0, input_ids, attention_mask, context = _with_head_context(h0, input_ids, attention_mask, keep, heads.num_heads)
+    seq_len = input_ids.shape[1]
     lm_head = model.get_output_embeddings()
     weight, bias = lm_head.weight, lm_head.bias
     softcap, scale = _logit_transform(model)
-    main_hidden = h0[:, seq_len - keep - 1: seq_len - 1]
     embed = model.get_input_embeddings()
     if mtp_grad == "detach":
         h0, weight = h0.detach(), weight.detach()
@@ -186,7 +207,7 @@ def head_logprobs(model, h0, input_ids, attention_mask, logits_to_keep, temperat
     if compute_distill:
         distill = torch.stack([distill_kl(h, main_hidden, weight, bias, temperature, softcap, scale)
                                for h in head_hidden], dim=1)
-    return mtp, head_hidden, distill
+    return mtp, head_hidden, distill, context
 
 
 def forward_logprobs(model, input_ids, attention_mask, logits_to_keep, temperature=1.0, mtp_grad="joint", *,
@@ -210,18 +231,19 @@ def forward_logprobs(model, input_ids, attention_mask, logits_to_keep, temperatu
     main_hidden = h0[:, seq_len - keep - 1: seq_len - 1]
     main, entropy = _token_logprobs(main_hidden, weight, bias, input_ids[:, -keep:], temperature, softcap, scale,
                                     entropy=compute_entropy)
-    mtp, head_hidden, distill = head_logprobs(model, h0, input_ids, attention_mask, keep, temperature, mtp_grad,
-                                              compute_distill=compute_distill)
+    mtp, head_hidden, distill, context = head_logprobs(model, h0, input_ids, attention_mask, keep, temperature,
+                                                       mtp_grad, compute_distill=compute_distill)
     accept = None
     if compute_accept:
         accept = _expected_acceptance(main_hidden.detach(), [h.detach() for h in head_hidden], weight.detach(),
                                       None if bias is None else bias.detach(), temperature, softcap, scale)
-    if attention_mask is not None:
-        pad = attention_mask[:, -keep:] == 0
+    pad = None if attention_mask is None else attention_mask[:, -keep:] == 0
+    if pad is not None:
         main = main.masked_fill(pad, 0.0)
-        mtp = mtp.masked_fill(pad.unsqueeze(1), 0.0)
         entropy = None if entropy is None else entropy.masked_fill(pad, 0.0)
-        accept = None if accept is None else accept.masked_fill(pad.unsqueeze(1), 0.0)
-        distill = None if distill is None else distill.masked_fill(pad.unsqueeze(1), 0.0)
+    head_pad = ~context if pad is None else pad.unsqueeze(1) | ~context
+    mtp = mtp.masked_fill(head_pad, 0.0)
+    accept = None if accept is None else accept.masked_fill(head_pad, 0.0)
+    distill = None if distill is None else distill.masked_fill(head_pad, 0.0)
     return LogProbs(main=main, mtp=mtp, entropy=entropy, accept=accept, distill=distill,
-                    hidden=h0 if return_hidden else None)
+                    hidden=h0 if return_hidden else None, mtp_mask=~head_pad)

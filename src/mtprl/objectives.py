@@ -86,9 +86,13 @@ def policy_loss(logps, old_logps, advantages, mask, *, loss_type: str = "dapo",
 def mtp_ce_loss(mtp_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean negative log-likelihood of the sampled completion tokens over masked positions.
 
-    mtp_logps [B, L] -> scalar; [B, K, L] (all heads) -> [K], one loss per head.
+    mtp_logps [B, L] -> scalar; [B, K, L] (all heads) -> [K], one loss per head, with a mask [B, L] shared by the
+    heads or [B, K, L], one per head.
     """
     if mtp_logps.dim() == 3:
+        if mask.dim() == 3:
+            _check_same_shape(mtp_logps=mtp_logps, mask=mask)
+            return torch.stack([-masked_mean(mtp_logps[:, k], mask[:, k]) for k in range(mtp_logps.shape[1])])
         _check_same_shape(mtp_logps=mtp_logps[:, 0], mask=mask)
         return torch.stack([-masked_mean(mtp_logps[:, k], mask) for k in range(mtp_logps.shape[1])])
     _check_same_shape(mtp_logps=mtp_logps, mask=mask)

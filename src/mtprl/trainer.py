@@ -316,7 +316,7 @@ class MTPGRPOTrainer(MTPCheckpointMixin, GRPOTrainer):
                                     mtp_logprobs=request))
         logprobs = LogProbs(**{name: None if getattr(chunks[0], name) is None else
                                torch.cat([getattr(c, name) for c in chunks], dim=0)
-                               for name in ("main", "mtp", "entropy", "accept", "distill")})
+                               for name in ("main", "mtp", "entropy", "accept", "distill", "mtp_mask")})
         if len(chunks) == 1:  # the very states the losses were computed from (a concatenation would be a copy)
             logprobs.hidden = chunks[0].hidden
         if self._ledger is not None:
@@ -468,7 +468,7 @@ class MTPGRPOTrainer(MTPCheckpointMixin, GRPOTrainer):
         input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
         attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
         with self.accelerator.autocast():
-            mtp, _, distill = head_logprobs(unwrapped, logprobs.hidden, input_ids, attention_mask,
+            mtp, _, distill, _ = head_logprobs(unwrapped, logprobs.hidden, input_ids, attention_mask,
                                             inputs["completion_ids"].size(1), self.temperature, "joint",
                                             compute_distill=self.regime.needs_distill)
         return [self.regime.term(make_head(k, mtp[:, k], None if distill is None else distill[:, k])[0]).loss
@@ -478,7 +478,8 @@ class MTPGRPOTrainer(MTPCheckpointMixin, GRPOTrainer):
         """TRL's loss plus the regime's MTP term for this micro-batch (summed over heads), and its metrics.
         `cut`: the graph was cut below the last layers (occ last_layers, see `_trunk_cut`)."""
         args, regime = self.args, self.regime
-        mask = inputs["completion_mask"] if "tool_mask" not in inputs else inputs["completion_mask"] * inputs["tool_mask"]
+        token_mask = (inputs["completion_mask"] if "tool_mask" not in inputs
+                      else inputs["completion_mask"] * inputs["tool_mask"])
         main, mtp = logprobs.main, logprobs.mtp
         old_main = inputs.get("old_per_token_logps")
         old_main = main.detach() if old_main is None else old_main
@@ -492,6 +493,8 @@ class MTPGRPOTrainer(MTPCheckpointMixin, GRPOTrainer):
 
         def make_head(k, logq, distill):
             depth = k + 1
+            # the tokens head k has context for (a prompt of K tokens or fewer leaves the first ones without)
+            mask = token_mask if logprobs.mtp_mask is None else token_mask * logprobs.mtp_mask[:, k].to(token_mask.dtype)
             old_logq = old_main if regime.ratio_against == "main" else old_mtp[:, k]
             # Logged for every regime: the proxies are how the regimes differ.
             stats = self._reduced_stats(delta_rl, (logq - old_logq).detach(), mask, regime.estimator)
@@ -563,7 +566,8 @@ class MTPGRPOTrainer(MTPCheckpointMixin, GRPOTrainer):
             metrics[f"mtp/loss/{depth}"] = term.loss.item()
             if logprobs.accept is not None:
                 acc = logprobs.accept[:, depth - 1]
-                sums = self.accelerator.reduce(torch.stack([(acc * mask).sum(), mask.sum().float()]), reduction="sum")
+                sums = self.accelerator.reduce(torch.stack([(acc * head.mask).sum(), head.mask.sum().float()]),
+                                               reduction="sum")
                 metrics[f"mtp/accept/{depth}"] = (sums[0] / sums[1].clamp(min=1.0)).item()
         if deferred:  # keep the head parameters in this backward's graph (DDP expects every parameter used)
             total = total + sum(p.sum() for p in self._head_params) * 0.0
@@ -664,11 +668,12 @@ class MTPSFTTrainer(MTPCheckpointMixin, SFTTrainer):
                     mtp_logprobs={"logits_to_keep": keep, "compute_accept": self.args.mtp_log_acceptance,
                                   "compute_distill": mtp_only, "mtp_grad": "detach" if mtp_only else "joint"})
         mask = (labels[:, -keep:] != -100) & (attention_mask[:, -keep:] == 1)
+        head_mask = mask.unsqueeze(1) & out.mtp_mask  # [B, K, L]: a left-padded short row gives some heads no context
         main_ce = -masked_mean(out.main, mask)
-        head_ce = mtp_ce_loss(out.mtp, mask)
+        head_ce = mtp_ce_loss(out.mtp, head_mask)
         mode = "train" if self.model.training else "eval"
         if mtp_only:
-            head_kl = torch.stack([masked_mean(out.distill[:, k], mask) for k in range(num_heads)])
+            head_kl = torch.stack([masked_mean(out.distill[:, k], head_mask[:, k]) for k in range(num_heads)])
             loss = head_kl.mean()
             for k in range(num_heads):
                 self._metrics[mode][f"mtp/distill/{k + 1}"].append(head_kl[k].item())
@@ -678,5 +683,5 @@ class MTPSFTTrainer(MTPCheckpointMixin, SFTTrainer):
         for k in range(num_heads):
             self._metrics[mode][f"mtp/loss/{k + 1}"].append(head_ce[k].item())
             if out.accept is not None:
-                self._metrics[mode][f"mtp/accept/{k + 1}"].append(masked_mean(out.accept[:, k], mask).item())
+                self._metrics[mode][f"mtp/accept/{k + 1}"].append(masked_mean(out.accept[:, k], head_mask[:, k]).item())
         return (loss, out) if return_outputs else loss
