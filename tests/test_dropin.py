@@ -94,3 +94,32 @@ def test_training_on_one_token_prompts(tmp_path):
     trainer.train()
     rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     assert all(math.isfinite(r["mtp/loss/2"]) for r in rows if "mtp/loss/2" in r)
+
+
+def test_sync_ref_model_with_heads(tmp_path):
+    """sync_ref_model mixes the policy into TRL's reference model every step: the main model's parameters only
+    (the reference has no heads); the reference then equals alpha * policy + (1 - alpha) * before."""
+    import copy
+
+    import torch
+
+    import mtprl
+
+    model, tok = _small_model()
+    mtprl.attach_mtp_heads(model, num_heads=2)
+    mtprl.save_pretrained(model, str(tmp_path / "start"), tokenizer=tok)
+    model, tok = mtprl.load_pretrained(str(tmp_path / "start"))
+    args = MTPGRPOConfig(**dict(COMMON, output_dir=str(tmp_path / "run"), mtp_num_heads=2, mtp_regime="ce",
+                                max_steps=1, beta=0.04, sync_ref_model=True, ref_model_sync_steps=1,
+                                ref_model_mixup_alpha=0.5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = MTPGRPOTrainer(model=model, reward_funcs=[digit_reward], args=args, train_dataset=_dataset(),
+                                 processing_class=tok)
+    ref_before = copy.deepcopy(dict(trainer.ref_model.named_parameters()))
+    trainer.train()
+    policy = dict(trainer.model.named_parameters())
+    for name, p in trainer.ref_model.named_parameters():
+        expected = 0.5 * policy[name].detach() + 0.5 * ref_before[name].detach()
+        torch.testing.assert_close(p.detach(), expected)
+    assert not any(n.startswith("mtp_heads.") for n, _ in trainer.ref_model.named_parameters())

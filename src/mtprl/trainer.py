@@ -46,6 +46,7 @@ from .regimes import GRADIENT_SOURCES, OCC_VARIANTS, REGIMES, HeadBatch, regime_
 from .rollout import DRAFT_POLICIES, drafted_generate, make_draft_policy
 from .split_backward import TrunkCut, split_backward_loss
 from .tasks import safe_reward
+from .trl_compat import replace_ref_model_sync
 
 
 @dataclass
@@ -239,6 +240,7 @@ class MTPGRPOTrainer(MTPCheckpointMixin, GRPOTrainer):
         unwrapped = self.accelerator.unwrap_model(self.model)
         attach_or_load_heads(unwrapped, args.mtp_num_heads, init=args.mtp_init, source=unwrapped.config._name_or_path)
         _add_mtp_forward(unwrapped, self.temperature)
+        replace_ref_model_sync(self)
         self._main_params = [p for n, p in unwrapped.named_parameters()
                              if p.requires_grad and not n.startswith("mtp_heads.")]
         self._head_params = [p for p in unwrapped.mtp_heads.parameters() if p.requires_grad]
