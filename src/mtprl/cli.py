@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from transformers import TrainerCallback
 from trl import TrlParser
 
-from .jsonl import append_jsonl
+from .jsonl import append_jsonl, atomic_write_json
 
 USAGE = """usage: mtprl <command> [--config FILE.yaml] [--field value ...]
 
@@ -279,8 +279,7 @@ def cmd_sft(argv) -> dict | None:
     if before is not None:
         record = {key: {"before": before.get(key), "after": after[key]} for key in after
                   if key.startswith("mtp/accept/")}
-        with open(os.path.join(cfg.output_dir, "acceptance.json"), "w") as f:
-            json.dump(record, f, indent=2)
+        atomic_write_json(os.path.join(cfg.output_dir, "acceptance.json"), record)
         phase("sft --mtp_only: acceptance " + ", ".join(
             f"head {key.rsplit('/', 1)[1]} {v['before']:.3f} -> {v['after']:.3f}" for key, v in record.items()))
     return after
@@ -309,13 +308,15 @@ def run_training(task_args: TaskArguments, cfg, label: str | None = None) -> dic
                                                                                   draft),
                                                   cfg.output_dir))
     os.makedirs(cfg.output_dir, exist_ok=True)
-    with open(os.path.join(cfg.output_dir, "run_info.json"), "w") as f:
-        json.dump({"mtp_regime": cfg.mtp_regime, "occ_variant": cfg.occ_variant, "seed": cfg.seed,
-                   "label": label or cfg.mtp_regime, "model": task_args.model_name_or_path,
-                   "task": task_args.dataset_name or task_args.task,
-                   "max_steps": cfg.max_steps, "loss_type": cfg.loss_type, "mtp_coef": cfg.mtp_coef,
-                   "occ_lambda_plus": cfg.occ_lambda_plus,
-                   "start_model": start_fingerprint(task_args.model_name_or_path)}, f, indent=2)
+    atomic_write_json(os.path.join(cfg.output_dir, "run_info.json"), {
+        "mtp_regime": cfg.mtp_regime, "occ_variant": cfg.occ_variant, "seed": cfg.seed,
+        "label": label or cfg.mtp_regime, "model": task_args.model_name_or_path,
+        "task": task_args.dataset_name or task_args.task, "max_steps": cfg.max_steps, "loss_type": cfg.loss_type,
+        "mtp_coef": cfg.mtp_coef, "occ_lambda_plus": cfg.occ_lambda_plus, "mtp_draft_tokens": cfg.mtp_draft_tokens,
+        "start_model": start_fingerprint(task_args.model_name_or_path)})
+    resume = _resume_point(cfg.output_dir, cfg.resume_from_checkpoint)
+    if resume is not None:  # one resume rule: the log is cut back to the checkpoint's step
+        _truncate_metrics(cfg.output_dir, resume[1])
     trainer.train(resume_from_checkpoint=cfg.resume_from_checkpoint)
     trainer.save_model(cfg.output_dir)
     phase(f"train: done, metrics in {os.path.join(cfg.output_dir, 'metrics.jsonl')}")
@@ -382,21 +383,61 @@ def cmd_eval(argv) -> dict:
                      draft_policy(eval_args.mtp_draft_tokens, eval_args.mtp_draft_policy, model))
 
 
+def _resume_point(run_dir, resume_from_checkpoint):
+    """(checkpoint dir, step) a `--resume_from_checkpoint` (a path, or true for the latest) resumes from."""
+    if not resume_from_checkpoint or str(resume_from_checkpoint).lower() == "false":
+        return None
+    if str(resume_from_checkpoint).lower() == "true":
+        checkpoint, step = _latest_checkpoint(run_dir)
+        return (checkpoint, step) if checkpoint else None
+    state = os.path.join(resume_from_checkpoint, "trainer_state.json")
+    if not os.path.isfile(state):
+        return None  # the Trainer reports a bad checkpoint itself
+    with open(state) as f:
+        return resume_from_checkpoint, int(json.load(f).get("global_step", 0))
+
+
+def _checkpoint_problem(path) -> str | None:
+    """Why a checkpoint directory cannot be resumed from (None: it can). The Trainer writes trainer_state.json
+    after the model, the heads, the optimizer and the RNG state, so a kill during a save leaves it missing."""
+    from .checkpoints import is_complete_checkpoint
+
+    state = os.path.join(path, "trainer_state.json")
+    if not os.path.isfile(state):
+        return "no trainer_state.json (killed during the save?)"
+    try:
+        with open(state) as f:
+            json.load(f)
+    except (OSError, ValueError):
+        return "trainer_state.json is cut short (killed while writing it?)"
+    if not is_complete_checkpoint(path):
+        return "model or MTP head weights missing"
+    return None
+
+
 def _latest_checkpoint(run_dir):
-    steps = [int(d.split("-")[1]) for d in os.listdir(run_dir) if d.startswith("checkpoint-") and
-             os.path.isfile(os.path.join(run_dir, d, "trainer_state.json"))] if os.path.isdir(run_dir) else []
-    return (os.path.join(run_dir, f"checkpoint-{max(steps)}"), max(steps)) if steps else (None, 0)
+    """(path, step) of the last complete checkpoint-N in `run_dir` ((None, 0) if none); incomplete ones are
+    skipped, saying which and why."""
+    if not os.path.isdir(run_dir):
+        return None, 0
+    steps = sorted((int(d.split("-")[1]) for d in os.listdir(run_dir)
+                    if d.startswith("checkpoint-") and d.split("-")[1].isdigit()), reverse=True)
+    for step in steps:
+        path = os.path.join(run_dir, f"checkpoint-{step}")
+        problem = _checkpoint_problem(path)
+        if problem is None:
+            return path, step
+        phase(f"resume: skipping {path}: {problem}")
+    return None, 0
 
 
 def _truncate_metrics(run_dir, step):
-    """Drop metric rows logged after `step` (a resumed run logs them again)."""
-    path = os.path.join(run_dir, "metrics.jsonl")
-    if not os.path.isfile(path):
-        return
-    with open(path) as f:
-        kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
-    with open(path, "w") as f:
-        f.writelines(kept)
+    """Drop metric rows logged after `step` (a resumed run logs them again) and a torn last line."""
+    from .jsonl import truncate_log_to_step
+
+    dropped = truncate_log_to_step(os.path.join(run_dir, "metrics.jsonl"), step)
+    if dropped:
+        phase(f"resume: {run_dir}/metrics.jsonl cut back to step {step} ({dropped} later rows dropped)")
 
 
 @dataclass

@@ -13,6 +13,7 @@ import os
 
 import torch
 
+from .jsonl import atomic_write_json
 from .logprobs import forward_logprobs
 from .rollout import merged_rollout_metrics, repeat_rows, sample_with_heads
 from .tasks import TaskReward, prompt_text
@@ -116,9 +117,8 @@ def questions_digest(dataset) -> str:
 
 
 def write_eval(result: dict, path: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(result, f, indent=2)
+    """Atomic: a kill during the write leaves the previous file or none, never half of one."""
+    atomic_write_json(path, result)
 
 
 @torch.no_grad()

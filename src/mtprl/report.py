@@ -19,7 +19,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .jsonl import read_jsonl  # noqa: E402
+from .jsonl import atomic_write_json, atomic_write_text, read_jsonl  # noqa: E402
 from .regimes import REGIME_LABELS  # noqa: E402
 from .stats import paired_bootstrap  # noqa: E402
 
@@ -88,7 +88,7 @@ class Run:
         self.path = path
         info_file = os.path.join(path, "run_info.json")
         metrics_file = os.path.join(path, "metrics.jsonl")
-        self.rows = [row for _, row in read_jsonl(metrics_file, "metrics file")]
+        self.rows = [row for _, row in read_jsonl(metrics_file, "metrics file", tolerate_torn_tail=True)]
         info = {}
         if os.path.isfile(info_file):
             with open(info_file) as f:
@@ -650,13 +650,12 @@ def build_report(run_dirs, out_dir, title="mtprl comparison", command=None, base
     if skipped:
         lines += ["## Skipped runs", ""] + [f"- {s}" for s in skipped] + [""]
     report = os.path.join(out_dir, "report.md")
-    with open(report, "w") as f:
-        f.write("\n".join(lines))
+    atomic_write_text(report, "\n".join(lines))
     for row in rows:
         for key in ("vs_baseline", "vs_start"):
             if row[key] is not None:
                 row[key] = dict(row[key]._asdict(), verdict=row[key].verdict)
-    with open(os.path.join(out_dir, "report.json"), "w") as f:
-        json.dump({"rows": rows, "baseline": baseline, "fidelity": fidelity, "skipped": skipped, "rollouts": rollouts,
-                   "figures": figures}, f, indent=2, default=float)
+    atomic_write_json(os.path.join(out_dir, "report.json"),
+                      {"rows": rows, "baseline": baseline, "fidelity": fidelity, "skipped": skipped,
+                       "rollouts": rollouts, "figures": figures}, default=float)
     return report
