@@ -5,6 +5,7 @@ from .checkpoints import attach_or_load_heads, load_mtp_heads, load_pretrained, 
 from .logprobs import LogProbs, forward_logprobs
 from .mtp import MTPHeads, attach_mtp_heads, get_mtp_heads
 from .objectives import mtp_ce_loss, policy_loss
+from .speculative import SpeculativeOutput, speculative_generate
 from .occ import OCCStats, exact_occ_coefficient, lambda_from_stats, occ_coefficient, occ_statistics
 from .tasks import load_task, load_task_splits
 from .trainer import MTPGRPOConfig, MTPGRPOTrainer, MTPSFTConfig, MTPSFTTrainer

@@ -565,7 +565,8 @@ def _evaluate_start(task_args, cfg, report_dir) -> None:
         phase(f"{path} was made from another starting model (or an older copy of it): evaluating it again")
     model, tokenizer = _load(task_args, cfg.mtp_num_heads, cfg.mtp_init, seed=0, trust_remote_code=cfg.trust_remote_code)
     _, eval_ds = _splits(task_args, tokenizer)
-    result = _evaluate(model, tokenizer, eval_ds, task_args, path, "starting model")
+    result = _evaluate(model, tokenizer, eval_ds, task_args, path, "starting model",
+                       draft_policy(cfg.mtp_draft_tokens, cfg.mtp_draft_policy, model))
     write_eval({**result, "start_model": fingerprint}, path)
 
 
