@@ -123,3 +123,55 @@ def test_sync_ref_model_with_heads(tmp_path):
         expected = 0.5 * policy[name].detach() + 0.5 * ref_before[name].detach()
         torch.testing.assert_close(p.detach(), expected)
     assert not any(n.startswith("mtp_heads.") for n, _ in trainer.ref_model.named_parameters())
+
+
+TRL_LOSS_TYPES = [("grpo", "token"), ("bnpo", "token"), ("dr_grpo", "token"), ("dapo", "token"), ("cispo", "token"),
+                  ("sapo", "token"), ("luspo", "sequence"), ("vespo", "token")]
+
+
+@pytest.mark.parametrize("loss_type,level", TRL_LOSS_TYPES)
+def test_head_policy_loss_equals_trls_loss_for_every_loss_type(tmp_path, loss_type, level):
+    """The heads' policy loss for each loss type TRL 1.16 offers, given the main head's inputs, equals the loss
+    stock GRPOTrainer computes for its main head on the same batch; TRL's metrics are not polluted by it."""
+    import copy
+
+    import torch
+    from test_trainer import _crafted_inputs, _mtp_trainer
+    from trl import GRPOConfig, GRPOTrainer
+
+    import mtprl
+
+    model, tok = _small_model()
+    inputs = _crafted_inputs()
+    inputs["old_per_token_logps"] = -torch.rand(8, 5) * 4  # off-policy: ratios move, some clip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        stock = GRPOTrainer(model=copy.deepcopy(model), reward_funcs=[digit_reward], train_dataset=_dataset(),
+                            args=GRPOConfig(output_dir=str(tmp_path / "stock"), loss_type=loss_type,
+                                            importance_sampling_level=level, **COMMON), processing_class=tok)
+        trainer = _mtp_trainer(tmp_path, model=(model, tok), mtp_regime="policy", loss_type=loss_type,
+                               importance_sampling_level=level)
+    for t in (stock, trainer):
+        t.model.train()
+        t.current_gradient_accumulation_steps = 1
+    ref = stock._compute_loss(stock.model, inputs)
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+    mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+    main = mtprl.forward_logprobs(trainer.model, ids, mask, 5).main
+    before = {mode: dict(values) for mode, values in trainer._metrics.items()}
+    ours = trainer._policy_loss(main, inputs["old_per_token_logps"], inputs["advantages"], inputs["completion_mask"],
+                                inputs)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-4)
+    assert {mode: dict(values) for mode, values in trainer._metrics.items()} == before
+    assert trainer.beta == 0.0 and "_get_per_token_logps_and_entropies" not in trainer.__dict__
+
+
+def test_heads_train_with_a_loss_type_trl_added(tmp_path):
+    import torch
+    from test_trainer import _mtp_trainer
+
+    trainer = _mtp_trainer(tmp_path, mtp_regime="policy", mtp_coef=1.0, loss_type="cispo", max_steps=1)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if n.startswith("mtp_heads.")}
+    trainer.train()
+    after = dict(trainer.model.named_parameters())
+    assert any(not torch.equal(before[n], after[n]) for n in before)

@@ -46,7 +46,7 @@ from .regimes import GRADIENT_SOURCES, OCC_VARIANTS, REGIMES, HeadBatch, regime_
 from .rollout import DRAFT_POLICIES, drafted_generate, make_draft_policy
 from .split_backward import TrunkCut, split_backward_loss
 from .tasks import safe_reward
-from .trl_compat import replace_ref_model_sync
+from .trl_compat import TRL_LOSS_TYPES, replace_ref_model_sync, trl_head_loss
 
 
 @dataclass
@@ -97,6 +97,7 @@ class MTPGRPOConfig(GRPOConfig):
     def __post_init__(self):
         _check_choice("mtp_regime", self.mtp_regime, REGIMES)
         check_draft_options(self.mtp_draft_tokens, self.mtp_draft_policy, self.mtp_num_heads)
+        _check_choice("loss_type", self.loss_type, TRL_LOSS_TYPES)
         if self.mtp_draft_tokens and self.mtp_regime == "none":
             raise ValueError("mtp_draft_tokens > 0 drafts with the MTP heads, which mtp_regime=none does not attach; "
                              "use e.g. mtp_regime=detach (heads trained, policy untouched)")
@@ -122,8 +123,6 @@ class MTPGRPOConfig(GRPOConfig):
             raise ValueError(f"occ_ema_beta must be in [0, 1), got {self.occ_ema_beta!r}")
         if not isinstance(self.occ_fidelity_every, int) or self.occ_fidelity_every < 0:
             raise ValueError(f"occ_fidelity_every must be an integer >= 0, got {self.occ_fidelity_every!r}")
-        if self.mtp_regime != "none":
-            _check_choice("loss_type", self.loss_type, LOSS_TYPES, why=" with MTP heads")
         super().__post_init__()
 
     @property
@@ -340,8 +339,11 @@ class MTPGRPOTrainer(MTPCheckpointMixin, GRPOTrainer):
 
     # ------------------------------------------------------------------------------------------ loss
     def _policy_loss(self, logps, old_logps, advantages, mask, inputs):
-        """objectives.policy_loss scaled exactly as TRL scales its own loss for gradient accumulation."""
+        """objectives.policy_loss scaled exactly as TRL scales its own loss for gradient accumulation; the loss
+        types it does not implement (cispo, sapo, luspo, vespo, any newer one) through TRL's own code path."""
         args, train = self.args, self.model.training
+        if args.loss_type not in LOSS_TYPES:
+            return trl_head_loss(self, logps, old_logps, advantages, mask, inputs)
         normalizer = None
         if args.loss_type == "dapo":
             normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
