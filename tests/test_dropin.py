@@ -175,3 +175,41 @@ def test_heads_train_with_a_loss_type_trl_added(tmp_path):
     trainer.train()
     after = dict(trainer.model.named_parameters())
     assert any(not torch.equal(before[n], after[n]) for n in before)
+
+
+def test_moe_router_loss_with_heads_equals_trls(tmp_path):
+    """A tiny Qwen3-MoE with its router load-balancing loss (router_aux_loss_coef 0.1): the loss and the trunk
+    gradients with heads at mtp_coef 0 equal stock GRPOTrainer's, router loss included; the aux loss is logged."""
+    import copy
+
+    import torch
+    from test_trainer import _crafted_inputs, _loss_and_grads
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+    from trl import GRPOConfig, GRPOTrainer
+
+    _, tok = _small_model()
+    torch.manual_seed(0)
+    config = Qwen3MoeConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, num_experts=4,
+                            num_experts_per_tok=2, output_router_logits=True, router_aux_loss_coef=0.1,
+                            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    model = Qwen3MoeForCausalLM(config)
+    inputs = _crafted_inputs()
+    inputs["old_per_token_logps"] = -torch.rand(8, 5) * 4
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        stock = GRPOTrainer(model=copy.deepcopy(model), reward_funcs=[digit_reward], train_dataset=_dataset(),
+                            args=GRPOConfig(output_dir=str(tmp_path / "stock"), **COMMON), processing_class=tok)
+        ours = MTPGRPOTrainer(model=model, reward_funcs=[digit_reward], train_dataset=_dataset(),
+                              args=MTPGRPOConfig(output_dir=str(tmp_path / "ours"), mtp_num_heads=1,
+                                                 mtp_regime="policy", mtp_coef=0.0, **COMMON),
+                              processing_class=tok)
+    assert stock.aux_loss_enabled and ours.aux_loss_enabled
+    ref_loss, ref_grads = _loss_and_grads(stock, inputs)
+    loss, grads = _loss_and_grads(ours, dict(inputs, old_mtp_logps=-torch.rand(8, 1, 5)))
+    torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-5)
+    router = [n for n in ref_grads if "gate" in n and "mlp" in n]
+    assert router  # the router weights get gradient (from the load-balancing loss and the experts' outputs)
+    for name, g in ref_grads.items():
+        torch.testing.assert_close(grads[name], g, atol=1e-6, rtol=1e-4, msg=name)
+    assert ours._metrics["train"]["aux_loss"] == pytest.approx(stock._metrics["train"]["aux_loss"])

@@ -59,7 +59,7 @@ def _qwen3_next():
         num_experts_per_tok=2, layer_types=["linear_attention", "full_attention"], linear_num_value_heads=2,
         linear_num_key_heads=2, linear_key_head_dim=8, linear_value_head_dim=8, max_position_embeddings=128,
         attn_implementation="eager", pad_token_id=TOK.pad_token_id, bos_token_id=None, eos_token_id=TOK.eos_token_id,
-        mtp_num_hidden_layers=1, router_aux_loss_coef=0.0)  # mtprl's forward does not compute the router loss
+        mtp_num_hidden_layers=1, router_aux_loss_coef=0.0)
 
 
 # The family's checkpoint names for depth k's parts (independent of mtprl.native's table), and the order of the

@@ -41,6 +41,7 @@ class LogProbs(ModelOutput):
     # [B, K, L] head k has context for token j: position j-k-1 is a real token (a prompt of K tokens or fewer, or a
     # short left-padded row, leaves the first tokens without one; their mtp / accept / distill entries hold 0)
     mtp_mask: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None  # MoE router load-balancing loss of the trunk (compute_aux_loss=True)
 
 
 
@@ -210,9 +211,28 @@ def head_logprobs(model, h0, input_ids, attention_mask, logits_to_keep, temperat
     return mtp, head_hidden, distill, context
 
 
+def router_aux_loss(model, router_logits, attention_mask) -> torch.Tensor:
+    """The MoE load-balancing loss exactly as the model's own forward computes it (`load_balancing_loss_func` of
+    its modelling module, with its expert counts), from the trunk's router logits."""
+    import sys
+
+    module = sys.modules[type(model).__module__]
+    loss_func = getattr(module, "load_balancing_loss_func", None)
+    cfg = model.config.get_text_config()
+    experts = getattr(model, "num_experts", None) or getattr(cfg, "num_experts", None) or \
+        getattr(cfg, "num_local_experts", None)
+    top_k = getattr(model, "num_experts_per_tok", None) or getattr(cfg, "num_experts_per_tok", None)
+    if loss_func is None or experts is None or top_k is None:
+        raise NotImplementedError(
+            f"{cfg.model_type}: the router load-balancing loss with MTP heads needs the modelling module's "
+            "load_balancing_loss_func and the expert counts (num_experts, num_experts_per_tok); set "
+            "router_aux_loss_coef: 0 to train without it")
+    return loss_func(router_logits, experts, top_k, attention_mask)
+
+
 def forward_logprobs(model, input_ids, attention_mask, logits_to_keep, temperature=1.0, mtp_grad="joint", *,
                      compute_entropy=False, compute_accept=False, compute_distill=False,
-                     return_hidden=False) -> LogProbs:
+                     return_hidden=False, compute_aux_loss=False) -> LogProbs:
     """Main and MTP log-probabilities of the last `logits_to_keep` tokens from one trunk forward.
 
     mtp_grad="joint": the MTP heads see the live trunk, embeddings and lm_head, so an MTP loss trains them.
@@ -220,11 +240,15 @@ def forward_logprobs(model, input_ids, attention_mask, logits_to_keep, temperatu
     then only reaches MTP-only parameters (the verl/slime default during RL).
     compute_distill: also the per-token KL(p_main || q_k) of every head (`distill_kl`), whose gradient reaches
     the heads only. return_hidden: also the trunk's output states (with their graph), which the `hidden`
-    OCC estimator differentiates against.
+    OCC estimator differentiates against. compute_aux_loss: also the MoE router load-balancing loss of the trunk,
+    as the model's own forward gives it (what TRL adds, times router_aux_loss_coef, to its loss).
     """
     keep = _check_inputs(model, input_ids, attention_mask, logits_to_keep, mtp_grad)
     decoder, seq_len = decoder_of(model), input_ids.shape[1]
-    h0 = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    router = {"output_router_logits": True} if compute_aux_loss else {}
+    trunk = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **router)
+    h0 = trunk.last_hidden_state
+    aux_loss = router_aux_loss(model, trunk.router_logits, attention_mask) if compute_aux_loss else None
     lm_head = model.get_output_embeddings()
     weight, bias = lm_head.weight, lm_head.bias
     softcap, scale = _logit_transform(model)
@@ -246,4 +270,4 @@ def forward_logprobs(model, input_ids, attention_mask, logits_to_keep, temperatu
     accept = None if accept is None else accept.masked_fill(head_pad, 0.0)
     distill = None if distill is None else distill.masked_fill(head_pad, 0.0)
     return LogProbs(main=main, mtp=mtp, entropy=entropy, accept=accept, distill=distill,
-                    hidden=h0 if return_hidden else None, mtp_mask=~head_pad)
+                    hidden=h0 if return_hidden else None, mtp_mask=~head_pad, aux_loss=aux_loss)

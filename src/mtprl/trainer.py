@@ -296,14 +296,10 @@ class MTPGRPOTrainer(MTPCheckpointMixin, GRPOTrainer):
             return super()._get_per_token_logps_and_entropies(
                 model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size,
                 compute_entropy=compute_entropy, compute_aux_loss=compute_aux_loss, **kwargs)
-        if compute_aux_loss:
-            raise NotImplementedError(
-                "TRL asks for the MoE router's load-balancing loss (the model config has output_router_logits and "
-                f"router_aux_loss_coef={self.router_aux_loss_coef}); mtprl's one-forward log-probs do not compute "
-                "it: set router_aux_loss_coef to 0 in the model config to train an MoE model with MTP heads")
         if any(v is not None for v in kwargs.values()):
             raise NotImplementedError(f"MTP heads support text-only models (got {', '.join(kwargs)})")
         request = {"logits_to_keep": logits_to_keep, "compute_entropy": compute_entropy,
+                   "compute_aux_loss": compute_aux_loss,
                    "mtp_grad": self.regime.mtp_grad, "compute_distill": self.regime.needs_distill,
                    "compute_accept": self.args.mtp_log_acceptance and torch.is_grad_enabled(),
                    "return_hidden": torch.is_grad_enabled() and (self.regime.lambda_from == "hidden"
@@ -322,7 +318,8 @@ class MTPGRPOTrainer(MTPCheckpointMixin, GRPOTrainer):
             logprobs.hidden = chunks[0].hidden
         if self._ledger is not None:
             self._ledger.forwards.append(logprobs)
-        return logprobs.main, logprobs.entropy, None
+        aux_loss = torch.stack([c.aux_loss for c in chunks]).mean() if compute_aux_loss else None  # as TRL
+        return logprobs.main, logprobs.entropy, aux_loss
 
     def _generate_and_score_completions(self, inputs):
         with self._recording_forwards() as ledger:
