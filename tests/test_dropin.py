@@ -213,3 +213,42 @@ def test_moe_router_loss_with_heads_equals_trls(tmp_path):
     for name, g in ref_grads.items():
         torch.testing.assert_close(grads[name], g, atol=1e-6, rtol=1e-4, msg=name)
     assert ours._metrics["train"]["aux_loss"] == pytest.approx(stock._metrics["train"]["aux_loss"])
+
+
+@pytest.mark.parametrize("family", ["cohere2", "nemotron_h"])
+def test_heads_attach_to_layernorm_and_hybrid_families(family):
+    """Cohere2 (LayerNorm, layer_norm_eps) and NemotronH (hybrid blocks) got an AttributeError from inside
+    transformers; now they get heads whose log-probs are finite and do not depend on later tokens."""
+    import torch
+    from transformers import Cohere2Config, Cohere2ForCausalLM, NemotronHConfig, NemotronHForCausalLM
+
+    import mtprl
+
+    config_cls, model_cls = {"cohere2": (Cohere2Config, Cohere2ForCausalLM),
+                             "nemotron_h": (NemotronHConfig, NemotronHForCausalLM)}[family]
+    torch.manual_seed(0)
+    model = model_cls(config_cls(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, eos_token_id=1, bos_token_id=2,
+                                 pad_token_id=0)).eval()
+    mtprl.attach_mtp_heads(model, num_heads=2)
+    ids = torch.randint(3, 40, (2, 10))
+    later = ids.clone()
+    later[:, -1] = (ids[:, -1] + 1 - 3) % 37 + 3
+    a = mtprl.forward_logprobs(model, ids, None, 5).mtp
+    b = mtprl.forward_logprobs(model, later, None, 5).mtp
+    assert torch.isfinite(a).all() and a.shape == (2, 2, 5)
+    torch.testing.assert_close(a[..., :-1], b[..., :-1])  # no leak from the last token into earlier ones
+    assert not torch.equal(a[..., -1], b[..., -1])  # the last token's own log-prob does change
+
+
+def test_a_config_without_norm_epsilon_is_a_clear_error():
+    import torch
+
+    import mtprl
+    from conftest import tiny_causal_lm
+
+    model = tiny_causal_lm()
+    model.config.rms_norm_eps = None
+    with pytest.raises(ValueError, match="qwen2: MTP heads need the norm epsilon"):
+        mtprl.attach_mtp_heads(model)
+    assert torch.is_tensor(next(model.parameters()))

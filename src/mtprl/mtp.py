@@ -146,7 +146,22 @@ def attach_mtp_heads(model: nn.Module, num_heads: int = 1, init: str = "copy_las
 
     config = mtp_layers_config(model, num_heads) if config is None else config
     config.num_hidden_layers = num_heads
-    heads = MTPHeads(config, type(last_layer), norm_cls, num_heads, init=init)
+    model_type = getattr(config, "model_type", type(model).__name__)
+    if getattr(config, "rms_norm_eps", None) is None:  # MtpLayer reads it; LayerNorm families name it otherwise
+        eps = next((getattr(config, name) for name in ("layer_norm_eps", "norm_eps", "layer_norm_epsilon")
+                    if getattr(config, name, None) is not None), None)
+        if eps is None:
+            raise ValueError(f"{model_type}: MTP heads need the norm epsilon of the model's decoder layer (config "
+                             "field rms_norm_eps or layer_norm_eps); this config has neither")
+        config.rms_norm_eps = eps
+    try:
+        heads = MTPHeads(config, type(last_layer), norm_cls, num_heads, init=init)
+    except (AttributeError, TypeError, KeyError, IndexError) as e:
+        raise ValueError(
+            f"{model_type}: MTP heads cannot be built from its decoder layer {type(last_layer).__name__} "
+            f"({type(e).__name__}: {e}); heads are one decoder layer of the model's own class, as in "
+            "Llama/Qwen2/Qwen3-style models (hybrid Mamba/attention stacks such as NemotronH are not supported)"
+        ) from e
     if hasattr(model, "_init_weights"):
         heads.apply(model._init_weights)
     if init == "copy_last_layer":
