@@ -252,3 +252,39 @@ def test_a_config_without_norm_epsilon_is_a_clear_error():
     with pytest.raises(ValueError, match="qwen2: MTP heads need the norm epsilon"):
         mtprl.attach_mtp_heads(model)
     assert torch.is_tensor(next(model.parameters()))
+
+
+@pytest.mark.parametrize("kind", ["ce", "distill"])
+def test_head_only_term_trains_the_heads_even_when_lambda_is_zero(tmp_path, kind):
+    """OCC at TRL's defaults (one optimizer step per rollout: delta_RL = 0, lambda = 0): without a head-only term the
+    heads get no gradient; with mtp_head_loss they do, and the trunk's gradient is exactly TRL's (the term stops at
+    the heads' inputs). The term equals the head CE / distillation KL computed on detached inputs."""
+    import torch
+    from test_trainer import _crafted_inputs, _loss_and_grads, _mtp_trainer
+
+    import mtprl
+
+    inputs = _crafted_inputs()  # no old log-probs: the first step after a rollout, lambda = 0
+    grads = {}
+    for name, extra in (("none", {}), ("with", dict(mtp_head_loss=kind, mtp_head_coef=0.5))):
+        model, tok = _small_model()
+        trainer = _mtp_trainer(tmp_path, name, model=(model, tok), mtp_regime="occ", **extra)
+        _, grads[name] = _loss_and_grads(trainer, dict(inputs))
+        assert trainer._metrics["train"]["mtp/lambda/1"][-1] == 0.0
+    heads = [n for n in grads["with"] if n.startswith("mtp_heads.")]
+    assert heads and not any(n.startswith("mtp_heads.") and g.abs().sum() > 0 for n, g in grads["none"].items())
+    assert any(grads["with"][n].abs().sum() > 0 for n in heads)
+    for name, g in grads["none"].items():  # the trunk sees TRL's gradient only
+        if name.startswith("mtp_heads."):
+            continue
+        torch.testing.assert_close(grads["with"][name], g, atol=1e-7, rtol=1e-6, msg=name)
+    # the logged term, recomputed independently from forward_logprobs with detached heads
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+    mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+    with torch.no_grad():
+        out = mtprl.forward_logprobs(trainer.model, ids, mask, 5, mtp_grad="detach", compute_distill=True)
+    m = inputs["completion_mask"].unsqueeze(1) * out.mtp_mask
+    expected = [(-(out.mtp[:, k] * m[:, k]).sum() / m[:, k].sum()).item() if kind == "ce" else
+                ((out.distill[:, k] * m[:, k]).sum() / m[:, k].sum()).item() for k in range(2)]
+    logged = [trainer._metrics["train"][f"mtp/head_loss/{k}"][-1] for k in (1, 2)]
+    assert logged == pytest.approx(expected, rel=1e-4)

@@ -97,3 +97,20 @@ def mtp_ce_loss(mtp_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return torch.stack([-masked_mean(mtp_logps[:, k], mask) for k in range(mtp_logps.shape[1])])
     _check_same_shape(mtp_logps=mtp_logps, mask=mask)
     return -masked_mean(mtp_logps, mask)
+
+
+# Head-only terms (`mtp_head_loss`): computed on heads that see the trunk, embeddings and LM head detached, so their
+# gradient stops at the heads' inputs and trains the heads' own parameters only, whatever lambda does.
+HEAD_LOSSES = ("none", "ce", "distill")
+
+
+def head_only_loss(kind: str, mtp_logps: torch.Tensor, distill: torch.Tensor | None, mask: torch.Tensor):
+    """Per-head loss [K] of a head-only term: `ce` = mean NLL of the sampled tokens (mtp_ce_loss), `distill` =
+    mean KL(p_main || q_k); `mask` [B, K, L] (per head) or [B, L]."""
+    if kind == "ce":
+        return mtp_ce_loss(mtp_logps, mask)
+    if kind == "distill":
+        if distill is None:
+            raise ValueError("head_only_loss('distill') needs the per-token KL (compute_distill=True)")
+        return mtp_ce_loss(-distill, mask)  # the mean of -(-KL) = mean KL, per head
+    raise ValueError(f"mtp_head_loss must be one of {', '.join(HEAD_LOSSES[1:])} here, got {kind!r}")

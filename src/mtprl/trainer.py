@@ -39,7 +39,7 @@ from .checkpoints import MTPCheckpointMixin, attach_or_load_heads
 from .jsonl import append_jsonl
 from .logprobs import LogProbs, forward_logprobs, head_logprobs
 from .mtp import INIT_CHOICES, decoder_of, last_layer_params
-from .objectives import LOSS_TYPES, masked_mean, mtp_ce_loss, policy_loss
+from .objectives import HEAD_LOSSES, LOSS_TYPES, head_only_loss, masked_mean, mtp_ce_loss, policy_loss
 from .occ import (OCCStats, ema_statistics, gradient_statistics, lambda_from_stats, loss_gradients,
                   occ_statistics)
 from .regimes import GRADIENT_SOURCES, OCC_VARIANTS, REGIMES, HeadBatch, regime_for
@@ -86,6 +86,12 @@ class MTPGRPOConfig(GRPOConfig):
     mtp_log_acceptance: bool = field(default=True, metadata={
         "help": "Log mtp/accept/k, the expected speculative acceptance sum_v min(p_main, p_head) on completion "
                 "tokens (no gradient; one extra LM-head pass per head)."})
+    mtp_head_loss: str = field(default="none", metadata={
+        "help": "A head-only term added under every regime, its gradient stopped at the heads' inputs (trunk, "
+                "embeddings and LM head detached): none | ce (the sampled tokens) | distill (KL from the policy's own "
+                "next-token distribution). The heads then always learn, while lambda (or mtp_coef) decides only what "
+                "reaches the trunk; none keeps OCC as the paper defines it."})
+    mtp_head_coef: float = field(default=0.1, metadata={"help": "Weight of the mtp_head_loss term."})
     mtp_draft_tokens: int = field(default=0, metadata={
         "help": "Rollouts: the live MTP heads draft up to this many tokens per trunk forward and the policy verifies "
                 "them by speculative sampling (lossless: completions follow the policy's own sampling law). 0 = "
@@ -98,6 +104,9 @@ class MTPGRPOConfig(GRPOConfig):
         _check_choice("mtp_regime", self.mtp_regime, REGIMES)
         check_draft_options(self.mtp_draft_tokens, self.mtp_draft_policy, self.mtp_num_heads)
         _check_choice("loss_type", self.loss_type, TRL_LOSS_TYPES)
+        _check_choice("mtp_head_loss", self.mtp_head_loss, HEAD_LOSSES)
+        if not isinstance(self.mtp_head_coef, (int, float)) or not math.isfinite(self.mtp_head_coef):
+            raise ValueError(f"mtp_head_coef must be a finite number, got {self.mtp_head_coef!r}")
         if self.mtp_draft_tokens and self.mtp_regime == "none":
             raise ValueError("mtp_draft_tokens > 0 drafts with the MTP heads, which mtp_regime=none does not attach; "
                              "use e.g. mtp_regime=detach (heads trained, policy untouched)")
@@ -303,6 +312,7 @@ class MTPGRPOTrainer(MTPCheckpointMixin, GRPOTrainer):
                    "mtp_grad": self.regime.mtp_grad, "compute_distill": self.regime.needs_distill,
                    "compute_accept": self.args.mtp_log_acceptance and torch.is_grad_enabled(),
                    "return_hidden": torch.is_grad_enabled() and (self.regime.lambda_from == "hidden"
+                                                                 or self.args.mtp_head_loss != "none"
                                                                  or self.args.occ_fidelity_every > 0)}
         batch_size = batch_size or input_ids.size(0)
         chunks = []
@@ -475,6 +485,19 @@ class MTPGRPOTrainer(MTPCheckpointMixin, GRPOTrainer):
         return [self.regime.term(make_head(k, mtp[:, k], None if distill is None else distill[:, k])[0]).loss
                 for k in range(mtp.shape[1])]
 
+    def _head_only_losses(self, logprobs, inputs, token_mask):
+        """`mtp_head_loss` per head [K]: the heads re-run on the trunk's states, embeddings and LM head detached
+        (their gradient reaches the heads' own parameters only)."""
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+        attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+        kind = self.args.mtp_head_loss
+        with self.accelerator.autocast():
+            mtp, _, distill, context = head_logprobs(unwrapped, logprobs.hidden, input_ids, attention_mask,
+                                                     inputs["completion_ids"].size(1), self.temperature, "detach",
+                                                     compute_distill=kind == "distill")
+        return head_only_loss(kind, mtp, distill, token_mask.unsqueeze(1) * context.to(token_mask.dtype))
+
     def _loss_with_mtp_term(self, rl_loss, logprobs: LogProbs, inputs, cut: TrunkCut | None = None):
         """TRL's loss plus the regime's MTP term for this micro-batch (summed over heads), and its metrics.
         `cut`: the graph was cut below the last layers (occ last_layers, see `_trunk_cut`)."""
@@ -570,6 +593,11 @@ class MTPGRPOTrainer(MTPCheckpointMixin, GRPOTrainer):
                 sums = self.accelerator.reduce(torch.stack([(acc * head.mask).sum(), head.mask.sum().float()]),
                                                reduction="sum")
                 metrics[f"mtp/accept/{depth}"] = (sums[0] / sums[1].clamp(min=1.0)).item()
+        if args.mtp_head_loss != "none" and training:  # the heads always learn, whatever reaches the trunk
+            head_losses = self._head_only_losses(logprobs, inputs, token_mask)
+            total = total + args.mtp_head_coef * head_losses.mean() / self.current_gradient_accumulation_steps
+            for k, value in enumerate(head_losses.tolist(), start=1):
+                metrics[f"mtp/head_loss/{k}"] = value
         if deferred:  # keep the head parameters in this backward's graph (DDP expects every parameter used)
             total = total + sum(p.sum() for p in self._head_params) * 0.0
         if split:
