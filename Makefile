@@ -3,7 +3,7 @@
 PY      := .venv/bin/python
 STAMP   := .venv/.mtprl-installed
 
-.PHONY: setup test test-multiproc test-slow test-real smollm2 train demo bench clean
+.PHONY: setup test test-multiproc test-faults test-slow test-real smollm2 train demo bench clean
 
 setup: $(STAMP)
 
@@ -30,11 +30,16 @@ bench: setup
 	$(PY) benchmarks/step_time.py
 
 test: setup
-	$(PY) -m pytest -q -m "not slow and not real and not multiproc"
+	$(PY) -m pytest -q -m "not slow and not real and not multiproc and not faults"
 
 # DDP on two gloo processes through `accelerate launch` (CPU): lambda agreement, identical ranks, resume.
 test-multiproc: setup
 	$(PY) -m pytest -q -m multiproc
+
+# Crash consistency: tiny runs and a two-arm compare killed (SIGKILL) at named and random points, resumed, compared
+# with uninterrupted runs (a few minutes).
+test-faults: setup
+	$(PY) -m pytest -q -m faults
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow

@@ -18,6 +18,7 @@ import os
 
 import torch
 
+from .faults import kill_point
 from .mtp import MTPHeads, attach_mtp_heads, get_mtp_heads
 from .native import LAYOUT_BY_NAME, find_native_layout, heads_config, load_native_heads
 
@@ -187,6 +188,7 @@ class MTPCheckpointMixin:
         state_dict = unwrapped.state_dict() if state_dict is None else state_dict
         main_state, head_state = split_state_dict(state_dict)
         super()._save(output_dir, state_dict=main_state)  # plain AutoModelForCausalLM.from_pretrained loads this
+        kill_point("checkpoint_save")
         if self.args.should_save:
             save_mtp_heads(heads, output_dir, head_state)
 

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from transformers import TrainerCallback
 from trl import TrlParser
 
+from .faults import kill_point
 from .jsonl import append_jsonl, atomic_write_json
 
 USAGE = """usage: mtprl <command> [--config FILE.yaml] [--field value ...]
@@ -212,6 +213,7 @@ def _evaluate(model, tokenizer, eval_ds, task_args, path, label, draft=None):
                                                                        "questions_digest")}
         result["benchmarks_average"] = {key: sum(b[key] for b in result["benchmarks"].values()) / len(benchmarks)
                                         for key in keys}
+    kill_point("final_eval")
     write_eval(result, path)
     accept = " ".join(f"{key}={v:.3f}" for key, v in result.items()
                       if key.startswith("mtp/accept") or key in ("rollout/spec_accept_length", "rollout/tokens_per_s"))
@@ -360,15 +362,37 @@ class PeriodicEvalCallback(TrainerCallback):
         step = state.global_step
         if step % self.every == 0 and step < state.max_steps and state.is_world_process_zero:
             row = self.run_eval(model)
+            kill_point("periodic_eval")
             phase(f"eval at step {step}: " + " ".join(f"{k}={v:.3f}" for k, v in row.items()))
             append_jsonl(os.path.join(self.output_dir, "metrics.jsonl"), {"step": step, **row})
         return control
 
 
 def cmd_train(argv) -> dict | None:
+    """`--resume_from_checkpoint true` makes the command re-runnable after a kill, anywhere: it starts fresh when
+    there is no complete checkpoint, resumes from the last complete one, evaluates a trained model whose final
+    evaluation was cut, and does nothing for a finished run (the rule `compare` applies to each of its runs)."""
     from .trainer import MTPGRPOConfig
 
     task_args, cfg = TrlParser((TaskArguments, MTPGRPOConfig)).parse_args_and_config(argv)
+    if str(cfg.resume_from_checkpoint).lower() == "true":
+        state = run_state(cfg.output_dir, cfg.max_steps)
+        if state.kind == "finished":
+            phase(f"train: {cfg.output_dir} is finished (eval.json written); nothing to do")
+            with open(os.path.join(cfg.output_dir, "eval.json")) as f:
+                return json.load(f)
+        if state.kind == "evaluate":
+            phase(f"train: {cfg.output_dir} finished training; evaluating it")
+            _finish_run(cfg.output_dir, state.checkpoint, task_args)
+            return None
+        if state.kind == "resume":
+            phase(f"train: resuming {cfg.output_dir} from {state.checkpoint}")
+            cfg.resume_from_checkpoint = state.checkpoint
+        else:
+            cfg.resume_from_checkpoint = None
+            stale = os.path.join(cfg.output_dir, "metrics.jsonl")
+            if os.path.isfile(stale):  # killed before its first checkpoint: start again from nothing
+                os.remove(stale)
     return run_training(task_args, cfg)
 
 

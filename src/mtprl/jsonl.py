@@ -11,6 +11,8 @@ import json
 import os
 import warnings
 
+from .faults import kill_point
+
 
 def _torn_tail_warning(path: str) -> None:
     warnings.warn(f"{path}: the last line is incomplete (the process was killed while writing it); dropped")
@@ -61,8 +63,13 @@ def append_jsonl(path: str, row: dict) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     if os.path.isfile(path):
         _cut_torn_tail(path)
+    line = json.dumps(row, default=float) + "\n"
     with open(path, "a") as f:
-        f.write(json.dumps(row, default=float) + "\n")
+        def torn_write():  # fault injection: the process dies with half the line on disk
+            f.write(line[: len(line) // 2])
+            f.flush()
+        kill_point("log_write", torn_write)
+        f.write(line)
         f.flush()
 
 

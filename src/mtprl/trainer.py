@@ -36,6 +36,7 @@ from transformers import TrainerCallback
 from trl import GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer
 
 from .checkpoints import MTPCheckpointMixin, attach_or_load_heads
+from .faults import kill_point
 from .jsonl import append_jsonl
 from .logprobs import LogProbs, forward_logprobs, head_logprobs
 from .mtp import INIT_CHOICES, decoder_of, last_layer_params
@@ -163,6 +164,9 @@ class MetricsJsonlCallback(TrainerCallback):
         if not state.is_world_process_zero or not logs:
             return
         append_jsonl(self.path, {"step": state.global_step, "epoch": state.epoch, **logs})
+
+    def on_step_end(self, args, state, control, **kwargs):
+        kill_point("train_step")  # fault injection (mtprl.faults); a no-op without MTPRL_KILL_AT
 
 
 def _add_mtp_forward(model, temperature: float) -> None:
