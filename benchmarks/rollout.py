@@ -13,8 +13,8 @@ Setups (each skipped with a line when its model is absent):
 Methods are interleaved inside every repeat (machine noise hits them alike); the median per method is reported with
 its ratio to `generate`. Per drafting method also: the measured acceptance length (tokens per verify forward), the
 relative cost of one verify cycle (seconds per cycle / plain sampler's), and the ideal ratio = accept length / cost
-(what the sampler would give if the prefill were free). The adaptive policy first measures every draft count once
-(its exploration, not timed), then is timed like the others.
+(what the sampler would give if the prefill were free). The adaptive policy first measures every draft count twice
+(its exploration: each count twice, not timed), then is timed like the others.
 JSON: {"rows": [{"setup", "batch", "method", "tokens_per_s", "ratio", "accept_length", "cycle_cost", "ideal",
 "draft_tokens"}], "device", "date", ...}.
 """
@@ -139,7 +139,7 @@ def run_setup(name, setup, args, device):
         pad = tok.pad_token_id
         opts = dict(sampling, do_sample=True, eos_token_id=eos, pad_token_id=pad)
         adaptive = AdaptiveDraft(max(drafts))
-        for _ in range(len(drafts)):  # the adaptive policy's exploration: every draft count measured once
+        for _ in range(adaptive.explore * len(drafts)):  # the policy's exploration: every draft count measured
             sample_with_heads(model, ids, mask, adaptive, **opts)
 
         def plain():

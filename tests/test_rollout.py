@@ -68,40 +68,41 @@ def test_repetition_penalty_is_a_clear_error_in_rollouts(tmp_path):
         trainer._generate_single_turn([[5, 6, 7]], None, {}, 1)
 
 
-def _fake_output(drafts, loop_seconds, cycles, accepted, reached):
-    return SpeculativeOutput(sequences=torch.zeros(1, 1), num_draft_tokens=drafts, verify_forwards=cycles + 1,
-                             loop_seconds=loop_seconds, drafted=list(reached), reached=list(reached),
+def _fake_output(drafts, seconds, tokens, accepted, reached):
+    return SpeculativeOutput(sequences=torch.zeros(1, 1), num_draft_tokens=drafts, committed_tokens=tokens,
+                             loop_seconds=seconds, drafted=list(reached), reached=list(reached),
                              accepted=list(accepted))
 
 
 def test_adaptive_policy_explores_then_maximises_tokens_per_second():
     policy = AdaptiveDraft(2, recheck_every=1000)
-    # a cheap verify (latency-bound): every cycle costs about the same whatever D -> more drafts win
-    costs = {0: 1.0, 1: 1.1, 2: 1.2}
+    # latency-bound: tokens/s grow with the drafts (100, 160, 200 tokens in 1 s)
+    speed = {0: 100, 1: 160, 2: 200}
     for expected in (0, 0, 1, 1, 2, 2):
         assert policy.choose(8) == expected  # each option is measured twice at this batch size
-        policy.observe(_fake_output(expected, costs[expected] * 10, 10, [8, 6][:expected], [10, 8][:expected]), 8)
-    # a1 = 0.8, a2 = 0.75: tokens per cycle 1, 1.8, 2.4 -> per second 1, 1.64, 2.0
+        policy.observe(_fake_output(expected, 1.0, speed[expected], [8, 6][:expected], [10, 8][:expected]), 8)
     assert policy.expected_tokens(2) == pytest.approx(1 + 0.8 + 0.8 * 0.75)
     assert policy.choose(8) == 2
-    # a compute-bound verify at batch 32: the cost grows with the tokens verified -> plain sampling wins
-    for d, cost in ((0, 9.0), (0, 1.0), (1, 2.0), (1, 2.0), (2, 3.0), (2, 3.0)):  # the first call was slow
+    # compute-bound at batch 32: drafting measured slower; the first (warm-up) measurement of D=0 was unlucky
+    for d, tokens in ((0, 10), (0, 100), (1, 80), (1, 80), (2, 60), (2, 60)):
         assert policy.choose(32) == d
-        policy.observe(_fake_output(d, cost * 10, 10, [8, 6][:d], [10, 8][:d]), 32)
-    assert policy.choose(32) == 0  # the median of the recent costs, not the unlucky first one
-    # live acceptance from training moves the choice: heads that stop agreeing with the policy stop drafting
+        policy.observe(_fake_output(d, 1.0, tokens, [8, 6][:d], [10, 8][:d]), 32)
+    assert policy.choose(32) == 0  # the warm-up measurement is dropped
+    # live acceptance from training moves the choice at batch 8: heads that stop agreeing stop drafting
     for _ in range(10):
         policy.observe_acceptance([0.05, 0.05])
+    # predicted tokens/s = measured / E_then * E_now: 200 / 2.4 * 1.0525 = 88 < 100
+    assert policy.predicted_tokens_per_s(2, 8) == pytest.approx(200 / 2.4 * policy.expected_tokens(2), rel=0.05)
     assert policy.choose(8) == 0
     # every `recheck_every` rollouts the least recently measured option is measured again
     recheck = AdaptiveDraft(1, recheck_every=4)
     for d in (0, 0, 1, 1):
         assert recheck.choose(1) == d
-        recheck.observe(_fake_output(d, 10.0 if d == 0 else 100.0, 10, [1][:d], [10][:d]), 1)
+        recheck.observe(_fake_output(d, 1.0, 100 if d == 0 else 50, [1][:d], [10][:d]), 1)
     picks = []
     for _ in range(8):
         picks.append(recheck.choose(1))
-        recheck.observe(_fake_output(picks[-1], 10.0 if picks[-1] == 0 else 100.0, 10, [1][:picks[-1]],
+        recheck.observe(_fake_output(picks[-1], 1.0, 100 if picks[-1] == 0 else 50, [1][:picks[-1]],
                                      [10][:picks[-1]]), 1)
     assert picks == [0, 0, 0, 1, 0, 0, 0, 1]
     assert isinstance(make_draft_policy("fixed", 2), FixedDraft) and make_draft_policy("fixed", 2).choose(64) == 2

@@ -2,14 +2,14 @@
 that sends TRL's `model.generate(...)` call through `mtprl.speculative.speculative_generate`.
 
 The adaptive policy (the RL stacks fix the draft length) picks, per rollout, the number of drafts D in
-0..mtp_draft_tokens that maximises expected tokens per second,
+0..mtp_draft_tokens that maximises expected tokens per second at the current batch size,
 
-    tokens/s(D) = (1 + a_1 + a_1 a_2 + ... + a_1...a_D) / seconds per verify cycle with D drafts,
+    tokens/s(D) = measured tokens/s with D drafts / E_then(D) * E_now(D),   E(D) = 1 + a_1 + a_1 a_2 + ...
 
-from the live per-depth acceptance a_k (what the sampler measured, and `mtp/accept/k` of the training step) and the
-measured seconds of a verify cycle (one trunk forward of D+1 tokens per row plus the D draft steps) at the current
-batch size. Every D is measured once per batch-size bucket before it is trusted; when the verify forward is
-compute-bound (large batches on a CPU), D = 0 wins and the policy stays there.
+from the rollouts it measured with D drafts (whole rollouts: the cost of a verify forward and of the draft steps,
+rows ending early) and the live per-depth acceptance a_k (the sampler's counts and `mtp/accept/k` of the training
+step), so the choice follows the heads as RL moves the policy. When the verify forward is compute-bound (large
+batches on a CPU) or completions are too short to draft, D = 0 wins and the policy stays there.
 """
 
 from __future__ import annotations
@@ -48,12 +48,16 @@ def _bucket(batch_size: int) -> int:
 
 
 class AdaptiveDraft:
-    """Drafts chosen per rollout from live acceptance and measured cycle costs (see the module docstring).
+    """Drafts chosen per rollout: the D in 0..max_draft_tokens with the most expected completion tokens per second.
 
-    Costs: the median of the last `window` measured seconds per verify cycle, per (batch-size bucket, D). Every D is
-    measured `explore` times at a batch size before the choice is trusted (a first call is often slow), and every
-    `recheck_every` rollouts at that batch size the least recently measured D is measured again, so that an option
-    judged on an unlucky measurement is not given up for good."""
+    For each (batch-size bucket, D) the policy keeps the tokens per second it measured (the whole rollout: prefill,
+    drafting, verifying, rows ending early), each divided by the tokens per verify cycle that the acceptance of the
+    moment predicted, `E(D) = 1 + a_1 + a_1 a_2 + ...`; its prediction is the median of those, times `E(D)` with
+    today's live acceptance (the sampler's counts and the training step's `mtp/accept/k`). So a drift of the
+    heads' acceptance during RL moves the choice at once, and what acceptance cannot see (a compute-bound verify,
+    completions that end after three tokens) is in the measurement. Every D is measured `explore` times at a batch
+    size before the choice is trusted (the first measurement of each is a warm-up and dropped), and every
+    `recheck_every` rollouts the least recently measured D is measured again."""
 
     def __init__(self, max_draft_tokens: int, beta: float = 0.7, window: int = 5, explore: int = 2,
                  recheck_every: int = 16):
@@ -61,10 +65,10 @@ class AdaptiveDraft:
         self.beta = beta  # weight of the history in the running average of the acceptance
         self.window, self.explore, self.recheck_every = window, explore, recheck_every
         self.accept: list[float | None] = [None] * max_draft_tokens  # conditional acceptance per depth
-        self.cycle_seconds: dict[tuple[int, int], list[float]] = {}  # (batch bucket, D) -> recent seconds per cycle
+        self.samples: dict[tuple[int, int], list[float]] = {}  # (bucket, D) -> tokens/s / E(D), newest last
+        self.measured: dict[tuple[int, int], int] = {}  # (bucket, D) -> measurements so far
         self.last_measured: dict[tuple[int, int], int] = {}  # (bucket, D) -> rollout count when last measured
         self.rollouts: dict[int, int] = {}  # bucket -> rollouts chosen
-        self.first_kept: dict[tuple[int, int], bool] = {}  # the warm-up measurement is still in the list
 
     def _ema(self, old, new):
         return new if old is None else self.beta * old + (1 - self.beta) * new
@@ -78,33 +82,32 @@ class AdaptiveDraft:
         return total
 
     def predicted_tokens_per_s(self, drafts: int, batch_size: int) -> float | None:
-        seconds = self.cycle_seconds.get((_bucket(batch_size), drafts), [])
-        seconds = seconds[1:] if self.first_kept.get((_bucket(batch_size), drafts)) else seconds
-        return None if not seconds else self.expected_tokens(drafts) / statistics.median(seconds)
+        samples = self.samples.get((_bucket(batch_size), drafts))
+        return None if not samples else statistics.median(samples) * self.expected_tokens(drafts)
 
     def choose(self, batch_size: int) -> int:
         bucket = _bucket(batch_size)
         count = self.rollouts[bucket] = self.rollouts.get(bucket, 0) + 1
         options = range(self.max_draft_tokens + 1)
         for drafts in options:  # measure every option `explore` times at this batch size
-            if len(self.cycle_seconds.get((bucket, drafts), [])) < self.explore:
+            if self.measured.get((bucket, drafts), 0) < self.explore:
                 return drafts
         if count % self.recheck_every == 0:
             return min(options, key=lambda d: self.last_measured.get((bucket, d), 0))
         return max(options, key=lambda d: self.predicted_tokens_per_s(d, batch_size))
 
     def observe(self, out: SpeculativeOutput, batch_size: int) -> None:
-        cycles = out.verify_forwards - 1  # the prefill is common to every D
-        if cycles > 0:
-            key = (_bucket(batch_size), out.num_draft_tokens)
-            seconds = self.cycle_seconds.get(key, []) + [out.loop_seconds / cycles]
-            # an option's first measurement is a warm-up (allocations, caches): it counts only while it is alone
-            self.first_kept[key] = len(seconds) <= self.window + 1 and len(seconds) > 1
-            self.cycle_seconds[key] = seconds[-(self.window + 1):] if self.first_kept[key] else seconds[-self.window:]
-            self.last_measured[key] = self.rollouts.get(key[0], 0)
+        key = (_bucket(batch_size), out.num_draft_tokens)
+        expected = self.expected_tokens(out.num_draft_tokens)  # the acceptance this rollout ran under
         for k in range(out.num_draft_tokens):
             if out.reached[k]:
                 self.accept[k] = self._ema(self.accept[k], out.accepted[k] / out.reached[k])
+        self.measured[key] = self.measured.get(key, 0) + 1
+        self.last_measured[key] = self.rollouts.get(key[0], 0)
+        sample = out.committed_tokens / max(out.seconds, 1e-9) / expected
+        # an option's first measurement is a warm-up (allocations, caches): replaced by the second
+        kept = [] if self.measured[key] == 2 else self.samples.get(key, [])
+        self.samples[key] = (kept + [sample])[-self.window:]
 
     def observe_acceptance(self, rates: list[float]) -> None:
         """Expected acceptance of each head on the latest training batch (`mtp/accept/k`)."""
