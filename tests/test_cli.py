@@ -322,3 +322,20 @@ def test_compare_refuses_to_keep_a_run_made_from_another_starting_model(tmp_path
         _check_same_start(str(run), start)
     (run / "run_info.json").write_text(json.dumps({"label": "detach"}))  # written before fingerprints: kept
     _check_same_start(str(run), start)
+
+
+def test_eval_and_mtp_only_sampling_take_the_draft_options(tmp_path):
+    """`mtprl eval --mtp_draft_tokens` samples through the heads (rollout metrics in eval.json); a draft count over
+    the model's heads is a clear error; `sft --mtp_only` self-samples through the heads too."""
+    out = str(tmp_path / "eval.json")
+    assert main(["eval", *TASK, "--model_name_or_path", "tiny", "--eval_output", out, "--mtp_draft_tokens", "1",
+                 "--mtp_draft_policy", "fixed"]) == 0
+    result = json.load(open(out))
+    assert result["rollout/draft_tokens"] == 1.0 and result["rollout/spec_accept_length"] >= 1.0
+    assert {"avg@2", "pass@2", "rollout/spec_accept_rate/1", "rollout/tokens_per_s"} <= set(result)
+    assert main(["eval", *TASK, "--model_name_or_path", "tiny", "--eval_output", out, "--mtp_draft_tokens", "3"]) == 1
+    sft = str(tmp_path / "heads")
+    assert main(["sft", "--config", os.path.join(ROOT, "configs", "tiny_sft.yaml"), *TASK, *TINY, "--output_dir", sft,
+                 "--max_steps", "2", "--mtp_only", "true", "--mtp_only_max_new_tokens", "4", "--mtp_draft_tokens", "2",
+                 "--per_device_train_batch_size", "8", "--eval_after", "false"]) == 0
+    assert os.path.isfile(os.path.join(sft, "mtp_heads.safetensors"))

@@ -319,9 +319,10 @@ def _plot_rollouts(runs, out_dir) -> list[str]:
     """Accept length and tokens/s of the drafted rollouts over training, one colour per arm (seeds drawn thin)."""
     if not any(run.series("rollout/spec_accept_length")[0] for run in runs):
         return []
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
-    for ax, key, ylabel in ((axes[0], "rollout/spec_accept_length", "tokens per verify forward (accept length)"),
-                            (axes[1], "rollout/tokens_per_s", "rollout completion tokens / s")):
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.2))
+    for ax, key, ylabel in ((axes[0], "rollout/spec_accept_rate/1", "draft 1 accepted (fraction)"),
+                            (axes[1], "rollout/spec_accept_length", "tokens per verify forward (accept length)"),
+                            (axes[2], "rollout/tokens_per_s", "rollout completion tokens / s")):
         for color, (label, group) in enumerate(_by_label(runs).items()):
             for i, run in enumerate(group):
                 xs, ys = run.series(key)
@@ -331,8 +332,9 @@ def _plot_rollouts(runs, out_dir) -> list[str]:
         ax.set_xlabel("optimizer step")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-    axes[0].set_title("Do the heads stay good drafters while RL moves the policy?")
-    axes[1].set_title("Rollout throughput (drafted, lossless)")
+    axes[0].set_title("Do the heads stay good drafters while RL moves the policy?", fontsize=10)
+    axes[1].set_title("Tokens per verify forward (short completions cap it)", fontsize=10)
+    axes[2].set_title("Rollout throughput (drafted, lossless; machine load shows)", fontsize=10)
     axes[0].legend()
     fig.tight_layout()
     path = os.path.join(out_dir, "rollouts.png")
