@@ -3,7 +3,7 @@
 PY      := .venv/bin/python
 STAMP   := .venv/.mtprl-installed
 
-.PHONY: setup test test-multiproc test-faults test-slow test-real smollm2 train demo bench clean
+.PHONY: setup docs test test-multiproc test-faults test-slow test-real smollm2 train demo bench clean
 
 setup: $(STAMP)
 
@@ -25,6 +25,16 @@ train: setup
 demo: setup
 	$(PY) -m mtprl.cli sft --config configs/tiny_sft.yaml
 	$(PY) -m mtprl.cli compare --config configs/demo.yaml
+
+# The manual: docs/ rendered by MkDocs (Material) into site/, the API reference from the docstrings and the
+# configuration reference from the dataclasses; --strict: a broken link or a missing API name fails the build.
+DOCS_STAMP := .venv/.mtprl-docs-installed
+$(DOCS_STAMP): pyproject.toml $(STAMP)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[docs]"
+	touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir site
 
 bench: setup
 	$(PY) benchmarks/step_time.py
@@ -57,4 +67,4 @@ test-real: smollm2
 	$(PY) -m pytest -q -m real
 
 clean:
-	rm -rf .venv runs reports .pytest_cache
+	rm -rf .venv runs .pytest_cache site
