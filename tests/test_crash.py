@@ -82,3 +82,15 @@ def test_atomic_write_replaces_whole_files_only(tmp_path):
     atomic_write_json(str(path), {"avg@8": 0.5})
     assert json.load(open(path)) == {"avg@8": 0.5}
     assert os.listdir(tmp_path) == ["eval.json"]  # no temporary file left behind
+
+
+def test_train_loss_in_the_log_is_the_whole_runs_mean(tmp_path):
+    """The Trainer's train_loss averages the steps of its own process; after a resume that is not the run's. The
+    log's is the step-weighted mean of the logged losses, the same for a resumed and an uninterrupted run."""
+    from mtprl.trainer import whole_run_mean_loss
+
+    path = tmp_path / "metrics.jsonl"
+    _log(path, [{"step": 2, "loss": 1.0}, {"step": 3, "eval/avg@2": 0.5}, {"step": 4, "loss": 0.5},
+                {"step": 5, "loss": 0.2}])
+    assert whole_run_mean_loss(str(path), 9.9) == pytest.approx((1.0 * 2 + 0.5 * 2 + 0.2 * 1) / 5)
+    assert whole_run_mean_loss(str(tmp_path / "none.jsonl"), 9.9) == 9.9

@@ -37,7 +37,7 @@ from trl import GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer
 
 from .checkpoints import MTPCheckpointMixin, attach_or_load_heads
 from .faults import kill_point
-from .jsonl import append_jsonl
+from .jsonl import append_jsonl, read_jsonl
 from .logprobs import LogProbs, forward_logprobs, head_logprobs
 from .mtp import INIT_CHOICES, decoder_of, last_layer_params
 from .objectives import HEAD_LOSSES, LOSS_TYPES, head_only_loss, masked_mean, mtp_ce_loss, policy_loss
@@ -154,6 +154,22 @@ def _check_choice(name, value, choices, why=""):
         raise ValueError(f"{name} must be one of {', '.join(choices)}{why}; got {value!r}")
 
 
+def whole_run_mean_loss(path: str, fallback: float) -> float:
+    """Mean training loss over every optimizer step of the run, from the per-step `loss` rows of its
+    metrics.jsonl (each row a mean over the steps since the previous one, weighted by their number): what the
+    Trainer's `train_loss` is for an uninterrupted run, and stays after a resume (the Trainer's own then averages
+    the resumed steps only)."""
+    if not os.path.isfile(path):
+        return fallback
+    total, steps, previous = 0.0, 0, 0
+    for _, row in read_jsonl(path, "metrics file", tolerate_torn_tail=True):
+        if "loss" in row and "step" in row and row["step"] > previous:
+            total += row["loss"] * (row["step"] - previous)
+            steps += row["step"] - previous
+            previous = row["step"]
+    return total / steps if steps else fallback
+
+
 class MetricsJsonlCallback(TrainerCallback):
     """Appends every log dict (TRL's keys plus ours) to `<output_dir>/metrics.jsonl`, one JSON object a line."""
 
@@ -163,7 +179,10 @@ class MetricsJsonlCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
             return
-        append_jsonl(self.path, {"step": state.global_step, "epoch": state.epoch, **logs})
+        row = {"step": state.global_step, "epoch": state.epoch, **logs}
+        if "train_loss" in row:  # the Trainer's covers only the steps of this process; the log covers the run
+            row["train_loss"] = whole_run_mean_loss(self.path, row["train_loss"])
+        append_jsonl(self.path, row)
 
     def on_step_end(self, args, state, control, **kwargs):
         kill_point("train_step")  # fault injection (mtprl.faults); a no-op without MTPRL_KILL_AT
