@@ -191,6 +191,8 @@ def test_run_state_on_crafted_run_directories(tmp_path):
     assert run_state(str(run), max_steps=4).kind == "fresh"
     for step in (2, 4):
         (run / f"checkpoint-{step}").mkdir(parents=True)
+        (run / f"checkpoint-{step}" / "model.safetensors").write_text("")
+        (run / f"checkpoint-{step}" / "mtp_heads.safetensors").write_text("")
     (run / "checkpoint-4" / "trainer_state.json").write_text("{}")
     (run / "checkpoint-2" / "trainer_state.json").write_text("{}")
     state = run_state(str(run), max_steps=6)
