@@ -289,13 +289,16 @@ def rollout_rows(runs) -> list[dict]:
         row = {"label": label, "seeds": len(series),
                "draft_tokens": statistics.fmean(statistics.fmean(r.series("rollout/draft_tokens")[1])
                                                 for _, _, r in series),
-               "accept_early": statistics.fmean(a[0] for a in accept), "accept_late": statistics.fmean(a[1] for a in accept),
+               "accept_early": statistics.fmean(a[0] for a in accept),
+               "accept_late": statistics.fmean(a[1] for a in accept),
                "tps_early": statistics.fmean(t[0] for t in speed), "tps_late": statistics.fmean(t[1] for t in speed)}
         depth = 1
-        while any(run.series(f"rollout/spec_accept_rate/{depth}")[1] for _, _, run in series):
-            row[f"rate_late/{depth}"] = statistics.fmean(_early_late(run.series(f"rollout/spec_accept_rate/{depth}")[1])[1]
-                                                         for _, _, run in series
-                                                         if run.series(f"rollout/spec_accept_rate/{depth}")[1])
+        while True:
+            rates = [run.series(f"rollout/spec_accept_rate/{depth}")[1] for _, _, run in series]
+            rates = [r for r in rates if r]
+            if not rates:
+                break
+            row[f"rate_late/{depth}"] = statistics.fmean(_early_late(r)[1] for r in rates)
             depth += 1
         rows.append(row)
     return rows

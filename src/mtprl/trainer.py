@@ -541,7 +541,8 @@ class MTPGRPOTrainer(MTPCheckpointMixin, GRPOTrainer):
         def make_head(k, logq, distill):
             depth = k + 1
             # the tokens head k has context for (a prompt of K tokens or fewer leaves the first ones without)
-            mask = token_mask if logprobs.mtp_mask is None else token_mask * logprobs.mtp_mask[:, k].to(token_mask.dtype)
+            mask = (token_mask if logprobs.mtp_mask is None
+                    else token_mask * logprobs.mtp_mask[:, k].to(token_mask.dtype))
             old_logq = old_main if regime.ratio_against == "main" else old_mtp[:, k]
             # Logged for every regime: the proxies are how the regimes differ.
             stats = self._reduced_stats(delta_rl, (logq - old_logq).detach(), mask, regime.estimator)
