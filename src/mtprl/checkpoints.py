@@ -19,6 +19,7 @@ import os
 import torch
 
 from .faults import kill_point
+from .jsonl import atomic_write_json
 from .mtp import MTPHeads, attach_mtp_heads, get_mtp_heads
 from .native import LAYOUT_BY_NAME, find_native_layout, heads_config, load_native_heads
 
@@ -43,12 +44,14 @@ def save_mtp_heads(heads: MTPHeads, path, state_dict: dict[str, torch.Tensor] | 
 
     state = heads.state_dict() if state_dict is None else state_dict
     os.makedirs(path, exist_ok=True)
-    save_file({k: v.detach().contiguous() for k, v in state.items()}, os.path.join(path, MTP_WEIGHTS_NAME),
-              metadata={"format": "pt"})
-    with open(os.path.join(path, MTP_CONFIG_NAME), "w") as f:
-        json.dump({"num_heads": heads.num_heads, "init": heads.init,
-                   "decoder_layer_class": type(heads.layers[0].mtp_block).__name__, "native": heads.native,
-                   "layout": "transformers.modeling_layers.MtpLayer"}, f, indent=2)
+    # written under a temporary name and renamed: a kill mid-write never leaves a half file that looks complete
+    weights, tmp = os.path.join(path, MTP_WEIGHTS_NAME), os.path.join(path, MTP_WEIGHTS_NAME + f".tmp-{os.getpid()}")
+    save_file({k: v.detach().contiguous() for k, v in state.items()}, tmp, metadata={"format": "pt"})
+    os.replace(tmp, weights)
+    atomic_write_json(os.path.join(path, MTP_CONFIG_NAME),
+                      {"num_heads": heads.num_heads, "init": heads.init,
+                       "decoder_layer_class": type(heads.layers[0].mtp_block).__name__, "native": heads.native,
+                       "layout": "transformers.modeling_layers.MtpLayer"})
 
 
 def save_pretrained(model, path, tokenizer=None, **kwargs) -> None:
