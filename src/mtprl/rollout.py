@@ -14,6 +14,7 @@ batches on a CPU) or completions are too short to draft, D = 0 wins and the poli
 
 from __future__ import annotations
 
+import copy
 import math
 import statistics
 import types
@@ -149,8 +150,11 @@ def drafted_generate(model, policy, on_output):
         extra = {k: v for k, v in kwargs.items() if v is not None}
         if extra:
             raise ValueError(f"speculative rollouts: unsupported generate() inputs {sorted(extra)}")
-        out = sample_with_heads(self, input_ids, attention_mask, policy,
-                                **options_from_generation_config(generation_config))
+        # what model.generate would sample with: the call's config, unset fields from the model's own (as
+        # transformers' _prepare_generation_config fills them), so a model default such as min_p is refused, not lost
+        config = copy.deepcopy(generation_config)
+        config.update(**self.generation_config.to_dict(), defaults_only=True)
+        out = sample_with_heads(self, input_ids, attention_mask, policy, **options_from_generation_config(config))
         on_output(out)
         return out.sequences
 

@@ -106,8 +106,7 @@ UNSUPPORTED_OPTIONS = {  # option: the value that means "off"
 def check_generation_options(options: dict) -> None:
     """Raise naming the first option the sampler does not implement (a repetition penalty, min_p, ...)."""
     for name, value in options.items():
-        if name in UNSUPPORTED_OPTIONS and value not in (UNSUPPORTED_OPTIONS[name], None) and not (
-                UNSUPPORTED_OPTIONS[name] is None and value is None):
+        if name in UNSUPPORTED_OPTIONS and value is not None and value != UNSUPPORTED_OPTIONS[name]:
             raise ValueError(f"speculative sampling does not support the generation option {name}={value!r} "
                              f"(it would change the sampled distribution); set it to {UNSUPPORTED_OPTIONS[name]!r} "
                              "or use mtp_draft_tokens: 0")
@@ -349,7 +348,7 @@ def speculative_generate(model, input_ids: torch.Tensor, attention_mask: torch.T
         p = processed_probs(_lm_logits(model, h_v), warpers)
         out.verify_forwards += 1
         out.row_cycles += n_rows
-        n_acc, nxt, acc = accept_drafts(p, q, drafts, greedy=greedy, generator=generator)
+        n_acc, nxt, _ = accept_drafts(p, q, drafts, greedy=greedy, generator=generator)
         for k in range(D):
             out.drafted[k] += n_rows
             out.reached[k] += int((n_acc >= k).sum())
