@@ -288,3 +288,29 @@ def test_head_only_term_trains_the_heads_even_when_lambda_is_zero(tmp_path, kind
                 ((out.distill[:, k] * m[:, k]).sum() / m[:, k].sum()).item() for k in range(2)]
     logged = [trainer._metrics["train"][f"mtp/head_loss/{k}"][-1] for k in (1, 2)]
     assert logged == pytest.approx(expected, rel=1e-4)
+
+
+def test_a_plain_grpo_config_is_accepted_as_is(tmp_path):
+    """A TRL script passes its GRPOConfig unchanged: every field keeps the value TRL resolved (not re-derived, which
+    would refuse generation_batch_size and steps_per_generation both set), the MTP fields take their defaults."""
+    from dataclasses import fields
+
+    from trl import GRPOConfig
+
+    model, tok = _small_model()
+    defaults = MTPGRPOConfig(**COMMON, output_dir=str(tmp_path / "d"))  # (a config resets accelerate's state)
+    plain = GRPOConfig(**COMMON,
+                       output_dir=str(tmp_path / "run"), max_steps=1, steps_per_generation=2)
+    trainer = MTPGRPOTrainer(model=model, reward_funcs=digit_reward, args=plain, train_dataset=_dataset(),
+                             processing_class=tok)
+    assert type(trainer.args) is MTPGRPOConfig
+    for f in fields(GRPOConfig):
+        assert getattr(trainer.args, f.name) == getattr(plain, f.name), f.name
+    assert trainer.args.generation_batch_size == plain.generation_batch_size == 2 * plain.per_device_train_batch_size
+    for name in ("mtp_regime", "mtp_num_heads", "occ_variant", "mtp_head_loss", "mtp_draft_tokens"):
+        assert getattr(trainer.args, name) == getattr(defaults, name), name
+    trainer.train()
+    assert any("mtp/lambda/1" in row for row in trainer.state.log_history)
+    with pytest.raises(TypeError, match="GRPOConfig"):
+        MTPGRPOTrainer(model=model, reward_funcs=digit_reward, args={"output_dir": "x"}, train_dataset=_dataset(),
+                       processing_class=tok)

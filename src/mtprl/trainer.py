@@ -29,11 +29,12 @@ import os
 import types
 import warnings
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 
 import torch
 from transformers import TrainerCallback
 from trl import GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer
+from trl.trainer.utils import get_config_model_id
 
 from .checkpoints import MTPCheckpointMixin, attach_or_load_heads
 from .faults import kill_point
@@ -102,6 +103,23 @@ class MTPGRPOConfig(GRPOConfig):
                 "0..mtp_draft_tokens with the most expected tokens per second (live acceptance, measured costs)."})
 
     def __post_init__(self):
+        self.check_mtp_fields()
+        super().__post_init__()
+
+    @classmethod
+    def from_grpo_config(cls, args: GRPOConfig) -> "MTPGRPOConfig":
+        """A plain GRPOConfig (already resolved by TRL's own __post_init__, so not re-run) with the MTP fields at
+        their defaults: what MTPGRPOTrainer makes of a GRPOConfig, so a TRL script runs unchanged."""
+        new = cls.__new__(cls)
+        new.__dict__.update(vars(args))
+        for f in fields(cls):
+            if f.name not in new.__dict__:
+                setattr(new, f.name, f.default_factory() if f.default is MISSING else f.default)
+        new.check_mtp_fields()
+        return new
+
+    def check_mtp_fields(self) -> None:
+        """Each MTP field's value, with an error naming the field."""
         _check_choice("mtp_regime", self.mtp_regime, REGIMES)
         check_draft_options(self.mtp_draft_tokens, self.mtp_draft_policy, self.mtp_num_heads)
         _check_choice("loss_type", self.loss_type, TRL_LOSS_TYPES)
@@ -133,7 +151,6 @@ class MTPGRPOConfig(GRPOConfig):
             raise ValueError(f"occ_ema_beta must be in [0, 1), got {self.occ_ema_beta!r}")
         if not isinstance(self.occ_fidelity_every, int) or self.occ_fidelity_every < 0:
             raise ValueError(f"occ_fidelity_every must be an integer >= 0, got {self.occ_fidelity_every!r}")
-        super().__post_init__()
 
     @property
     def needs_mtp(self) -> bool:
@@ -249,10 +266,13 @@ class MTPGRPOTrainer(MTPCheckpointMixin, GRPOTrainer):
     """GRPOTrainer whose model carries MTP heads trained under `args.mtp_regime` (see MTPGRPOConfig)."""
 
     def __init__(self, model, reward_funcs=None, args: MTPGRPOConfig | None = None, **kwargs):
-        if args is None:
-            args = MTPGRPOConfig("mtprl-output")
-        if not isinstance(args, MTPGRPOConfig):
-            raise TypeError(f"args must be an MTPGRPOConfig, got {type(args).__name__}")
+        if args is None:  # TRL's default output directory
+            name = model if isinstance(model, str) else get_config_model_id(model.config)
+            args = MTPGRPOConfig(f"{name.split('/')[-1]}-GRPO")
+        elif not isinstance(args, MTPGRPOConfig):
+            if not isinstance(args, GRPOConfig):
+                raise TypeError(f"args must be a GRPOConfig or MTPGRPOConfig, got {type(args).__name__}")
+            args = MTPGRPOConfig.from_grpo_config(args)
         # A reward function that raises scores 0 for the samples it fails on, instead of stopping the run (sync or
         # async). None: no reward functions (environment-owned rewards), as TRL allows; TRL checks the source.
         if reward_funcs is not None:
