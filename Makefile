@@ -3,7 +3,7 @@
 PY      := .venv/bin/python
 STAMP   := .venv/.mtprl-installed
 
-.PHONY: setup docs test test-multiproc test-faults test-slow test-real smollm2 train demo bench clean
+.PHONY: setup docs test test-multiproc test-faults test-slow test-real test-trl-grpo smollm2 train demo bench clean
 
 setup: $(STAMP)
 
@@ -65,6 +65,13 @@ smollm2: setup
 # Tests on the real model (skipped by `make test` when $(SMOLLM2) is absent).
 test-real: smollm2
 	$(PY) -m pytest -q -m real
+
+# TRL's own GRPO tests with MTPGRPOTrainer in place of GRPOTrainer, per mode (stock, none, occ, ...), offline on
+# stand-ins; needs a TRL checkout: `make test-trl-grpo TRL=~/trl` (a work tree) or TRL_GIT=dir.git [TRL_REV=v1.9.0].
+# About 27 min per mode on 2 CPU cores, two modes at a time; results in reports/trl-grpo/summary.md.
+TRL_REV ?= HEAD
+test-trl-grpo: smollm2
+	$(PY) scripts/trl_grpo_suite.py $(if $(TRL),--trl_src $(TRL),--trl_git $(TRL_GIT) --rev $(TRL_REV))
 
 clean:
 	rm -rf .venv runs .pytest_cache site

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from mtprl.cli import main
+from mtprl.cli import COMMANDS, main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASK = ["--task", "reasoning_gym:chain_sum", "--task_config",
@@ -64,6 +64,15 @@ def test_console_script_help():
     exe = os.path.join(os.path.dirname(sys.executable), "mtprl")
     out = subprocess.run([exe, "--help"], capture_output=True, text=True, check=True).stdout
     assert "sft" in out and "train" in out and "eval" in out
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_command_prints_its_help(command, capsys):
+    """argparse %-formats each field's help: an unescaped `%` in one help string made `compare --help` crash."""
+    with pytest.raises(SystemExit) as done:
+        main([command, "--help"])
+    assert done.value.code == 0
+    assert "--" in capsys.readouterr().out
 
 
 @pytest.mark.slow
