@@ -42,6 +42,9 @@ IMPORT = "from trl import GRPOConfig, GRPOTrainer"
 def extract(args, work: Path) -> Path:
     """TRL's tests/ and scripts/ into work/trl (a copy: the test file's import is rewritten)."""
     dest = work / "trl"
+    source = json.dumps({"trl_src": args.trl_src, "trl_git": args.trl_git, "rev": args.rev})
+    if (work / "trl.source").exists() and (work / "trl.source").read_text() == source:
+        return dest  # already extracted (a run of another mode may be using it)
     if dest.exists():
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
@@ -59,6 +62,7 @@ def extract(args, work: Path) -> Path:
     test.write_text(text.replace(IMPORT, "from trl_suite_plugin import GRPOConfig, GRPOTrainer"))
     # TRL's pytest settings (markers) without the rest of its pyproject
     (dest / "pytest.ini").write_text("[pytest]\nmarkers =\n    slow\n    low_priority\n    invariant\n")
+    (work / "trl.source").write_text(source)
     return dest
 
 
@@ -76,8 +80,9 @@ def build(args, work: Path, trl_dir: Path) -> dict:
     return {"HF_HUB_CACHE": str(hub), "MTPRL_TRL_SUITE_ZEN": str(zen)}
 
 
-def start_mode(mode: str, trl_dir: Path, out: Path, env_extra: dict, k: str | None, threads: int, logs: Path):
-    """pytest for one mode, in the background: (process, log file handle, start time)."""
+def start_mode(mode: str, trl_dir: Path, out: Path, env_extra: dict, k: str | None, threads: int, logs: Path,
+               tests: list[str] | None = None):
+    """pytest for one mode (all tests, or the `tests` named), in the background: (process, log, start time)."""
     xml = out / f"{mode}.xml"
     if xml.exists():
         xml.unlink()
@@ -85,7 +90,8 @@ def start_mode(mode: str, trl_dir: Path, out: Path, env_extra: dict, k: str | No
                TRANSFORMERS_OFFLINE="1", PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
                WANDB_MODE="disabled", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS=str(threads))
     select = LEFT_OUT if not k else f"({LEFT_OUT}) and ({k})"
-    cmd = [sys.executable, "-m", "pytest", TEST_FILE, "-q", "-p", "no:cacheprovider", "-p", "trl_suite_plugin",
+    targets = [f"{TEST_FILE}::{t}" for t in tests] if tests else [TEST_FILE]
+    cmd = [sys.executable, "-m", "pytest", *targets, "-q", "-p", "no:cacheprovider", "-p", "trl_suite_plugin",
            "-m", "not slow", "-k", select, f"--junitxml={xml}", "-o", "junit_family=xunit2", "--tb=line"]
     fh = open(logs / f"{mode}.log", "w")
     return subprocess.Popen(cmd, cwd=trl_dir, env=env, stdout=fh, stderr=subprocess.STDOUT), fh, time.time()
@@ -98,7 +104,19 @@ def finish_mode(mode: str, out: Path, proc, fh, t0: float) -> dict:  # noqa: D10
     counts = {o: sum(1 for r in results.values() if r["outcome"] == o)
               for o in ("passed", "failed", "skipped", "xfailed")}
     print(f"{mode}: {counts} in {time.time() - t0:.0f} s (log {fh.name})", flush=True)
+    (out / f"{mode}.seconds").write_text(str(round(time.time() - t0)))
     return {"results": results, "counts": counts, "seconds": round(time.time() - t0)}
+
+
+def earlier_run(mode: str, out: Path) -> dict | None:
+    """A mode measured by an earlier invocation (its JUnit file and time), so modes can be run separately."""
+    if not (out / f"{mode}.xml").exists():
+        return None
+    results = parse_junit(out / f"{mode}.xml")
+    counts = {o: sum(1 for r in results.values() if r["outcome"] == o)
+              for o in ("passed", "failed", "skipped", "xfailed")}
+    seconds = out / f"{mode}.seconds"
+    return {"results": results, "counts": counts, "seconds": int(seconds.read_text()) if seconds.exists() else 0}
 
 
 def parse_junit(xml: Path) -> dict:
@@ -119,6 +137,15 @@ def parse_junit(xml: Path) -> dict:
     return results
 
 
+def run_subset(out: Path, mode: str) -> list[str]:
+    path = out / f"{mode}.subset.json"
+    return json.loads(path.read_text())["tests"] if path.exists() else []
+
+
+def subset_source(out: Path, mode: str) -> str:
+    return json.loads((out / f"{mode}.subset.json").read_text())["failed_in"]
+
+
 def summarize(runs: dict, out: Path) -> None:
     stock = runs.get("stock", {}).get("results", {})
     passing = {t for t, r in stock.items() if r["outcome"] == "passed"}
@@ -128,13 +155,16 @@ def summarize(runs: dict, out: Path) -> None:
     summary = {}
     for mode, run in runs.items():
         res = run["results"]
-        kept = sum(1 for t in passing if res.get(t, {}).get("outcome") == "passed")
+        subset = (run_subset(out, mode) or None)
+        considered = passing if subset is None else passing & set(subset)
+        kept = sum(1 for t in considered if res.get(t, {}).get("outcome") == "passed")
         c = run["counts"]
-        lines.append(f"| {mode} | {c['passed']} | {c['failed']} | {c['skipped']} | {c['xfailed']} | "
-                     f"{kept}/{len(passing)} | {run['seconds']} |")
-        lost = {t: res.get(t, {"outcome": "missing", "message": ""}) for t in sorted(passing)
+        label = mode if subset is None else f"{mode} (only the {len(subset)} tests {subset_source(out, mode)} failed)"
+        lines.append(f"| {label} | {c['passed']} | {c['failed']} | {c['skipped']} | {c['xfailed']} | "
+                     f"{kept}/{len(considered)} | {run['seconds']} |")
+        lost = {t: res.get(t, {"outcome": "missing", "message": ""}) for t in sorted(considered)
                 if res.get(t, {}).get("outcome") != "passed"}
-        summary[mode] = {"counts": c, "stock_passing_kept": kept, "stock_passing": len(passing), "lost": lost,
+        summary[mode] = {"counts": c, "stock_passing_kept": kept, "stock_passing": len(considered), "lost": lost,
                          "seconds": run["seconds"]}
     for mode, s in summary.items():
         if s["lost"]:
@@ -155,6 +185,9 @@ def main():
     p.add_argument("--out", default="reports/trl-grpo")
     p.add_argument("--work", default="runs/trl-grpo", help="the copied tests and the stand-ins (not results)")
     p.add_argument("--tokenizer", default="runs/smollm2-135m-instruct", help="tokenizer of the stand-in models")
+    p.add_argument("--only_failed_in", default=None, metavar="MODE",
+                   help="run the modes on just the tests that failed in MODE's earlier run (e.g. occ_head_loss on "
+                        "occ_trl_defaults' failures)")
     p.add_argument("--jobs", type=int, default=2, help="modes run at the same time")
     p.add_argument("-k", default=None, help="pytest -k expression, to run a subset")
     args = p.parse_args()
@@ -172,15 +205,27 @@ def main():
     env = build(args, work, trl_dir)
     # Modes run side by side, `--jobs` at a time, each on cpu_count/jobs threads (the outcomes are independent)
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    tests = None
+    if args.only_failed_in:
+        earlier = earlier_run(args.only_failed_in, out)
+        if earlier is None:
+            p.error(f"--only_failed_in {args.only_failed_in}: no {out / (args.only_failed_in + '.xml')} yet")
+        tests = sorted(t for t, r in earlier["results"].items() if r["outcome"] == "failed")
+        for mode in modes:
+            (out / f"{mode}.subset.json").write_text(json.dumps({"failed_in": args.only_failed_in, "tests": tests}))
+    else:
+        for mode in modes:
+            (out / f"{mode}.subset.json").unlink(missing_ok=True)
     runs, running, queue = {}, {}, list(modes)
     while queue or running:
         while queue and len(running) < args.jobs:
             mode = queue.pop(0)
-            running[mode] = start_mode(mode, trl_dir, out, env, args.k, threads, work)
+            running[mode] = start_mode(mode, trl_dir, out, env, args.k, threads, work, tests)
         time.sleep(2)
         for mode in [m for m, (proc, _, _) in running.items() if proc.poll() is not None]:
             runs[mode] = finish_mode(mode, out, *running.pop(mode))
-            summarize({m: runs[m] for m in modes if m in runs}, out)
+            shown = {m: runs.get(m) or (earlier_run(m, out) if m not in modes else None) for m in MODES}
+            summarize({m: r for m, r in shown.items() if r}, out)
 
 
 if __name__ == "__main__":
