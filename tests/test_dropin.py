@@ -97,11 +97,14 @@ def test_training_on_one_token_prompts(tmp_path):
 
 
 def test_sync_ref_model_with_heads(tmp_path):
-    """sync_ref_model mixes the policy into TRL's reference model every step: the main model's parameters only
-    (the reference has no heads); the reference then equals alpha * policy + (1 - alpha) * before."""
+    """sync_ref_model mixes the policy into TRL's reference model every step through TRL's own callback: the
+    reference gets a frozen copy of the starting heads, so its parameters are the policy's, name for name (what
+    TRL's zip(strict=True) and its tests' ref_model.get_parameter(name) need), and after one step every one of them
+    equals alpha * policy + (1 - alpha) * before, the heads included."""
     import copy
 
     import torch
+    from trl.trainer.callbacks import SyncRefModelCallback
 
     import mtprl
 
@@ -116,13 +119,21 @@ def test_sync_ref_model_with_heads(tmp_path):
         warnings.simplefilter("ignore")
         trainer = MTPGRPOTrainer(model=model, reward_funcs=[digit_reward], args=args, train_dataset=_dataset(),
                                  processing_class=tok)
+    assert any(type(c) is SyncRefModelCallback for c in trainer.callback_handler.callbacks)
+    policy_start = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     ref_before = copy.deepcopy(dict(trainer.ref_model.named_parameters()))
+    assert list(ref_before) == list(policy_start)
+    for name, p in ref_before.items():
+        assert torch.equal(p, policy_start[name]) or not name.startswith("mtp_heads."), name
+        assert not p.requires_grad or not name.startswith("mtp_heads."), name
     trainer.train()
     policy = dict(trainer.model.named_parameters())
+    heads_moved = False
     for name, p in trainer.ref_model.named_parameters():
         expected = 0.5 * policy[name].detach() + 0.5 * ref_before[name].detach()
         torch.testing.assert_close(p.detach(), expected)
-    assert not any(n.startswith("mtp_heads.") for n, _ in trainer.ref_model.named_parameters())
+        heads_moved |= name.startswith("mtp_heads.") and not torch.equal(p, ref_before[name])
+    assert heads_moved
 
 
 TRL_LOSS_TYPES = [("grpo", "token"), ("bnpo", "token"), ("dr_grpo", "token"), ("dapo", "token"), ("cispo", "token"),

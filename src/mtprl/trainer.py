@@ -48,7 +48,7 @@ from .regimes import GRADIENT_SOURCES, OCC_VARIANTS, REGIMES, HeadBatch, regime_
 from .rollout import DRAFT_POLICIES, drafted_generate, make_draft_policy
 from .split_backward import TrunkCut, split_backward_loss
 from .tasks import safe_reward
-from .trl_compat import TRL_LOSS_TYPES, replace_ref_model_sync, trl_head_loss
+from .trl_compat import TRL_LOSS_TYPES, give_reference_the_heads, trl_head_loss
 
 
 @dataclass
@@ -291,7 +291,7 @@ class MTPGRPOTrainer(MTPCheckpointMixin, GRPOTrainer):
         unwrapped = self.accelerator.unwrap_model(self.model)
         attach_or_load_heads(unwrapped, args.mtp_num_heads, init=args.mtp_init, source=unwrapped.config._name_or_path)
         _add_mtp_forward(unwrapped, self.temperature)
-        replace_ref_model_sync(self)
+        give_reference_the_heads(unwrapped, self.accelerator.unwrap_model(self.ref_model) if self.ref_model else None)
         self._main_params = [p for n, p in unwrapped.named_parameters()
                              if p.requires_grad and not n.startswith("mtp_heads.")]
         self._head_params = [p for p in unwrapped.mtp_heads.parameters() if p.requires_grad]
@@ -344,7 +344,8 @@ class MTPGRPOTrainer(MTPCheckpointMixin, GRPOTrainer):
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
                                            compute_entropy=False, compute_aux_loss=False, **kwargs):
         unwrapped = self.accelerator.unwrap_model(model)
-        if self.regime is None or getattr(unwrapped, "mtp_heads", None) is None:  # plain GRPO, ref model
+        # plain GRPO, or the reference model (its copy of the heads never runs: main-head log-probs only)
+        if self.regime is None or unwrapped is not self.accelerator.unwrap_model(self.model):
             return super()._get_per_token_logps_and_entropies(
                 model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size,
                 compute_entropy=compute_entropy, compute_aux_loss=compute_aux_loss, **kwargs)

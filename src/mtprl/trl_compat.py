@@ -1,40 +1,26 @@
-"""Where TRL's GRPOTrainer machinery assumes the policy is only the main model: the policy here also carries
-`mtp_heads.*` parameters, which the reference model (built from the checkpoint by TRL) does not have."""
+"""Where TRL's GRPOTrainer machinery meets the heads: the policy here also carries `mtp_heads.*` parameters (the
+reference model gets a copy), and the heads' loss goes through TRL's own loss code."""
 
 from __future__ import annotations
 
+import copy
+
 import torch
-from trl.trainer.callbacks import SyncRefModelCallback
 
 
-class _MainModelParameters:
-    """What TRL's sync reads of the policy (`.parameters()`), without the MTP heads."""
+def give_reference_the_heads(policy, ref_model) -> None:
+    """The reference model is the policy before training: give it a frozen copy of the policy's starting heads.
 
-    def __init__(self, model):
-        self.model = model
-
-    def parameters(self):
-        return (p for n, p in self.model.named_parameters() if not n.startswith("mtp_heads."))
-
-
-class MainModelRefSync(SyncRefModelCallback):
-    """TRL's `sync_ref_model` (TR-DPO style mixing every `ref_model_sync_steps`) over the main model's parameters:
-    the reference model has no heads, so TRL's own callback fails on `zip(..., strict=True)`."""
-
-    def on_step_end(self, args, state, control, **kwargs):
-        model = kwargs["model"]
-        if self.ref_model is not None and state.global_step % args.ref_model_sync_steps == 0:
-            if self.accelerator:
-                model = self.accelerator.unwrap_model(model)
-            self.sync_target_model(_MainModelParameters(model), self.ref_model, args.ref_model_mixup_alpha)
-
-
-def replace_ref_model_sync(trainer) -> None:
-    """Swap TRL's SyncRefModelCallback (added when `sync_ref_model=True`) for `MainModelRefSync`."""
-    for callback in list(trainer.callback_handler.callbacks):
-        if type(callback) is SyncRefModelCallback:
-            trainer.callback_handler.remove_callback(callback)
-            trainer.add_callback(MainModelRefSync(ref_model=callback.ref_model, accelerator=callback.accelerator))
+    TRL builds the reference from the checkpoint, without `mtp_heads.*`, while everything in TRL that walks both
+    models' parameters together assumes the same names in the same order: `sync_ref_model`'s mixing
+    (`zip(..., strict=True)`), and a user's `ref_model.get_parameter(name)` for each of the policy's names. With
+    the copy, TRL's own SyncRefModelCallback mixes the heads too. The copy never runs: the reference's forward is
+    the model's own (main-head log-probs for the KL term); it costs one decoder layer per depth of memory."""
+    if ref_model is None or hasattr(ref_model, "mtp_heads"):
+        return
+    like = next(ref_model.parameters())
+    ref_model.mtp_heads = copy.deepcopy(policy.mtp_heads).to(device=like.device, dtype=like.dtype)
+    ref_model.mtp_heads.requires_grad_(False)
 
 
 # The loss types TRL 1.16's GRPOTrainer computes (its `_compute_loss`); TRL itself only fails on an unknown one
