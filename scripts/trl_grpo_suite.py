@@ -81,9 +81,9 @@ def build(args, work: Path, trl_dir: Path) -> dict:
 
 
 def start_mode(mode: str, trl_dir: Path, out: Path, env_extra: dict, k: str | None, threads: int, logs: Path,
-               tests: list[str] | None = None):
+               tests: list[str] | None = None, rerun: bool = False):
     """pytest for one mode (all tests, or the `tests` named), in the background: (process, log, start time)."""
-    xml = out / f"{mode}.xml"
+    xml = out / (f"{mode}.rerun.xml" if rerun else f"{mode}.xml")
     if xml.exists():
         xml.unlink()
     env = dict(os.environ, **env_extra, MTPRL_TRL_SUITE_MODE=mode, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
@@ -93,30 +93,32 @@ def start_mode(mode: str, trl_dir: Path, out: Path, env_extra: dict, k: str | No
     targets = [f"{TEST_FILE}::{t}" for t in tests] if tests else [TEST_FILE]
     cmd = [sys.executable, "-m", "pytest", *targets, "-q", "-p", "no:cacheprovider", "-p", "trl_suite_plugin",
            "-m", "not slow", "-k", select, f"--junitxml={xml}", "-o", "junit_family=xunit2", "--tb=line"]
-    fh = open(logs / f"{mode}.log", "w")
+    fh = open(logs / (f"{mode}.rerun.log" if rerun else f"{mode}.log"), "w")
     return subprocess.Popen(cmd, cwd=trl_dir, env=env, stdout=fh, stderr=subprocess.STDOUT), fh, time.time()
 
 
-def finish_mode(mode: str, out: Path, proc, fh, t0: float) -> dict:  # noqa: D103
+def finish_mode(mode: str, out: Path, proc, fh, t0: float, rerun: bool) -> dict:  # noqa: D103
     proc.wait()
     fh.close()
-    results = parse_junit(out / f"{mode}.xml")
-    counts = {o: sum(1 for r in results.values() if r["outcome"] == o)
-              for o in ("passed", "failed", "skipped", "xfailed")}
-    print(f"{mode}: {counts} in {time.time() - t0:.0f} s (log {fh.name})", flush=True)
-    (out / f"{mode}.seconds").write_text(str(round(time.time() - t0)))
-    return {"results": results, "counts": counts, "seconds": round(time.time() - t0)}
+    if not rerun:
+        (out / f"{mode}.seconds").write_text(str(round(time.time() - t0)))
+    run = earlier_run(mode, out)
+    print(f"{mode}: {run['counts']} in {time.time() - t0:.0f} s (log {fh.name})", flush=True)
+    return run
 
 
 def earlier_run(mode: str, out: Path) -> dict | None:
-    """A mode measured by an earlier invocation (its JUnit file and time), so modes can be run separately."""
+    """A mode's results: its full run (<mode>.xml), updated by the tests rerun after it (<mode>.rerun.xml)."""
     if not (out / f"{mode}.xml").exists():
         return None
     results = parse_junit(out / f"{mode}.xml")
+    rerun = parse_junit(out / f"{mode}.rerun.xml")
+    results.update(rerun)
     counts = {o: sum(1 for r in results.values() if r["outcome"] == o)
               for o in ("passed", "failed", "skipped", "xfailed")}
     seconds = out / f"{mode}.seconds"
-    return {"results": results, "counts": counts, "seconds": int(seconds.read_text()) if seconds.exists() else 0}
+    return {"results": results, "counts": counts, "seconds": int(seconds.read_text()) if seconds.exists() else 0,
+            "rerun": sorted(rerun)}
 
 
 def parse_junit(xml: Path) -> dict:
@@ -160,6 +162,8 @@ def summarize(runs: dict, out: Path) -> None:
         kept = sum(1 for t in considered if res.get(t, {}).get("outcome") == "passed")
         c = run["counts"]
         label = mode if subset is None else f"{mode} (only the {len(subset)} tests {subset_source(out, mode)} failed)"
+        if run.get("rerun"):
+            label += f" ({len(run['rerun'])} rerun after a fix: {mode}.rerun.xml)"
         lines.append(f"| {label} | {c['passed']} | {c['failed']} | {c['skipped']} | {c['xfailed']} | "
                      f"{kept}/{len(considered)} | {run['seconds']} |")
         lost = {t: res.get(t, {"outcome": "missing", "message": ""}) for t in sorted(considered)
@@ -188,6 +192,9 @@ def main():
     p.add_argument("--only_failed_in", default=None, metavar="MODE",
                    help="run the modes on just the tests that failed in MODE's earlier run (e.g. occ_head_loss on "
                         "occ_trl_defaults' failures)")
+    p.add_argument("--rerun", action="append", default=[], metavar="TEST",
+                   help="rerun just this test (Class::test[param], repeatable) in each mode after a fix; its outcome "
+                        "replaces the full run's (<mode>.rerun.xml)")
     p.add_argument("--jobs", type=int, default=2, help="modes run at the same time")
     p.add_argument("-k", default=None, help="pytest -k expression, to run a subset")
     args = p.parse_args()
@@ -205,25 +212,26 @@ def main():
     env = build(args, work, trl_dir)
     # Modes run side by side, `--jobs` at a time, each on cpu_count/jobs threads (the outcomes are independent)
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
-    tests = None
-    if args.only_failed_in:
+    tests = args.rerun or None
+    if args.only_failed_in and not args.rerun:
         earlier = earlier_run(args.only_failed_in, out)
         if earlier is None:
             p.error(f"--only_failed_in {args.only_failed_in}: no {out / (args.only_failed_in + '.xml')} yet")
         tests = sorted(t for t, r in earlier["results"].items() if r["outcome"] == "failed")
         for mode in modes:
             (out / f"{mode}.subset.json").write_text(json.dumps({"failed_in": args.only_failed_in, "tests": tests}))
-    else:
+    elif not args.rerun:
         for mode in modes:
             (out / f"{mode}.subset.json").unlink(missing_ok=True)
+            (out / f"{mode}.rerun.xml").unlink(missing_ok=True)
     runs, running, queue = {}, {}, list(modes)
     while queue or running:
         while queue and len(running) < args.jobs:
             mode = queue.pop(0)
-            running[mode] = start_mode(mode, trl_dir, out, env, args.k, threads, work, tests)
+            running[mode] = start_mode(mode, trl_dir, out, env, args.k, threads, work, tests, bool(args.rerun))
         time.sleep(2)
         for mode in [m for m, (proc, _, _) in running.items() if proc.poll() is not None]:
-            runs[mode] = finish_mode(mode, out, *running.pop(mode))
+            runs[mode] = finish_mode(mode, out, *running.pop(mode), bool(args.rerun))
             shown = {m: runs.get(m) or (earlier_run(m, out) if m not in modes else None) for m in MODES}
             summarize({m: r for m, r in shown.items() if r}, out)
 
