@@ -19,13 +19,13 @@ stock TRL but not in a mode, with the first line of its error).
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import shutil
 import subprocess
 import sys
 import tarfile
-import io
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -97,7 +97,7 @@ def start_mode(mode: str, trl_dir: Path, out: Path, env_extra: dict, k: str | No
     return subprocess.Popen(cmd, cwd=trl_dir, env=env, stdout=fh, stderr=subprocess.STDOUT), fh, time.time()
 
 
-def finish_mode(mode: str, out: Path, proc, fh, t0: float, rerun: bool) -> dict:  # noqa: D103
+def finish_mode(mode: str, out: Path, proc, fh, t0: float, rerun: bool) -> dict:
     proc.wait()
     fh.close()
     if not rerun:

@@ -19,7 +19,7 @@ import os
 import torch
 
 from .faults import kill_point
-from .jsonl import atomic_write_json
+from .jsonl import atomic_replace, atomic_write_json
 from .mtp import MTPHeads, attach_mtp_heads, get_mtp_heads
 from .native import LAYOUT_BY_NAME, find_native_layout, heads_config, load_native_heads
 
@@ -45,9 +45,8 @@ def save_mtp_heads(heads: MTPHeads, path, state_dict: dict[str, torch.Tensor] | 
     state = heads.state_dict() if state_dict is None else state_dict
     os.makedirs(path, exist_ok=True)
     # written under a temporary name and renamed: a kill mid-write never leaves a half file that looks complete
-    weights, tmp = os.path.join(path, MTP_WEIGHTS_NAME), os.path.join(path, MTP_WEIGHTS_NAME + f".tmp-{os.getpid()}")
-    save_file({k: v.detach().contiguous() for k, v in state.items()}, tmp, metadata={"format": "pt"})
-    os.replace(tmp, weights)
+    tensors = {k: v.detach().contiguous() for k, v in state.items()}
+    atomic_replace(os.path.join(path, MTP_WEIGHTS_NAME), lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     atomic_write_json(os.path.join(path, MTP_CONFIG_NAME),
                       {"num_heads": heads.num_heads, "init": heads.init,
                        "decoder_layer_class": type(heads.layers[0].mtp_block).__name__, "native": heads.native,

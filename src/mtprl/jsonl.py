@@ -73,16 +73,23 @@ def append_jsonl(path: str, row: dict) -> None:
         f.flush()
 
 
-def atomic_write_text(path: str, text: str) -> None:
-    """Write `text` to a temporary file beside `path`, then rename it over `path`: a reader (or a kill) sees the
-    old file or the new one, never half of one."""
+def atomic_replace(path: str, write) -> None:
+    """`write(tmp)` a temporary file beside `path`, then rename it over `path`: a reader (or a kill) sees the old
+    file or the new one, never half of one."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+    write(tmp)
     os.replace(tmp, path)
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+
+    atomic_replace(path, write)
 
 
 def atomic_write_json(path: str, obj, **dump_kwargs) -> None:

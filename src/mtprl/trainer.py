@@ -291,7 +291,8 @@ class MTPGRPOTrainer(MTPCheckpointMixin, GRPOTrainer):
         unwrapped = self.accelerator.unwrap_model(self.model)
         attach_or_load_heads(unwrapped, args.mtp_num_heads, init=args.mtp_init, source=unwrapped.config._name_or_path)
         _add_mtp_forward(unwrapped, self.temperature)
-        give_reference_the_heads(unwrapped, self.accelerator.unwrap_model(self.ref_model) if self.ref_model else None)
+        give_reference_the_heads(unwrapped, None if self.ref_model is None
+                                 else self.accelerator.unwrap_model(self.ref_model))
         self._main_params = [p for n, p in unwrapped.named_parameters()
                              if p.requires_grad and not n.startswith("mtp_heads.")]
         self._head_params = [p for p in unwrapped.mtp_heads.parameters() if p.requires_grad]
