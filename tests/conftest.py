@@ -1,5 +1,8 @@
+import warnings
+
 import pytest
 import torch
+from datasets import Dataset
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 VOCAB = 40
@@ -56,3 +59,41 @@ def trained_drafter(num_heads: int = 2, steps: int = 120, noise: float = 0.15, s
         loss.backward()
         opt.step()
     return model.eval()
+
+
+# ------------------------------------------------------------------ MTPGRPOTrainer on the tiny preset (real TRL)
+PROMPTS = ["12+3=", "7-4=", "20+22=", "9+9=", "31-5=", "8+14=", "40-1=", "6+6="]
+
+
+def digit_reward(completions, **kwargs):
+    """A real, deterministic reward with spread: the fraction of digits in the completion."""
+    return [sum(c.isdigit() for c in text) / max(len(text), 1) for text in completions]
+
+
+def _dataset():
+    return Dataset.from_list([{"prompt": p} for p in PROMPTS * 4])
+
+
+def _small_model(seed=0):
+    from mtprl.models import char_tokenizer, tiny_model
+
+    tok = char_tokenizer()
+    model = tiny_model(tok, seed=seed, hidden_size=32, intermediate_size=64, num_hidden_layers=2)
+    return model, tok
+
+
+COMMON = dict(per_device_train_batch_size=8, num_generations=4, max_completion_length=6, learning_rate=1e-3,
+              logging_steps=1, report_to=[], use_cpu=True, save_strategy="no", beta=0.0, seed=0,
+              lr_scheduler_type="constant", bf16=False)
+
+
+def _mtp_trainer(tmp_path, name="run", model=None, **overrides):
+    from mtprl.trainer import MTPGRPOConfig, MTPGRPOTrainer
+
+    model, tok = model if model is not None else _small_model()
+    kw = dict(COMMON, output_dir=str(tmp_path / name), mtp_num_heads=2)
+    kw.update(overrides)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return MTPGRPOTrainer(model=model, reward_funcs=[digit_reward], args=MTPGRPOConfig(**kw),
+                              train_dataset=_dataset(), processing_class=tok)

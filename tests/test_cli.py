@@ -194,7 +194,7 @@ def test_compare_runs_each_arm_and_seed_once_and_reports(tmp_path, capsys):
 
 def test_run_state_on_crafted_run_directories(tmp_path):
     """finished / evaluate / resume / fresh, decided from the files a run leaves behind."""
-    from mtprl.cli import run_state
+    from mtprl.runs import run_state
 
     run = tmp_path / "run"
     assert run_state(str(run), max_steps=4).kind == "fresh"
@@ -272,7 +272,7 @@ def test_sft_answer_suffix_fraction_writes_that_share_of_completions_in_the_reje
 
     from mtprl.cli import _sft_completions
     from mtprl.tasks import TaskReward
-    from mtprl.trainer import MTPSFTConfig
+    from mtprl.config import MTPSFTConfig
 
     rows = Dataset.from_list([{"prompt": f"{i}+1=", "answer": str(i + 1), "x": 0} for i in range(400)])
     out = _sft_completions(rows, 0.5, seed=0)
@@ -293,7 +293,8 @@ def test_compare_evaluates_the_start_again_when_the_starting_model_changed(tmp_p
     """start/eval.json is step 0 of every curve and the reference of every 'avg@k - start': kept while the
     starting model is the same, evaluated again when it was rewritten (e.g. a new warm start)."""
     import mtprl
-    from mtprl.cli import TaskArguments, _evaluate_start, start_fingerprint
+    from mtprl.cli import TaskArguments, _evaluate_start
+    from mtprl.runs import start_fingerprint
     from mtprl.models import load_model
     from mtprl.trainer import MTPGRPOConfig
 
@@ -318,7 +319,7 @@ def test_compare_evaluates_the_start_again_when_the_starting_model_changed(tmp_p
 
 def test_compare_refuses_to_keep_a_run_made_from_another_starting_model(tmp_path):
     import mtprl
-    from mtprl.cli import _check_same_start, start_fingerprint
+    from mtprl.runs import check_same_start, start_fingerprint
     from mtprl.models import load_model
 
     model, tok = load_model("tiny")
@@ -327,12 +328,12 @@ def test_compare_refuses_to_keep_a_run_made_from_another_starting_model(tmp_path
     run = tmp_path / "runs" / "detach-s0"
     run.mkdir(parents=True)
     (run / "run_info.json").write_text(json.dumps({"start_model": start_fingerprint(start)}))
-    _check_same_start(str(run), start)  # same start: kept
+    check_same_start(str(run), start)  # same start: kept
     mtprl.save_pretrained(load_model("tiny", seed=1)[0], start, tok)
     with pytest.raises(ValueError, match="detach-s0 was trained from another starting model"):
-        _check_same_start(str(run), start)
+        check_same_start(str(run), start)
     (run / "run_info.json").write_text(json.dumps({"label": "detach"}))  # written before fingerprints: kept
-    _check_same_start(str(run), start)
+    check_same_start(str(run), start)
 
 
 def test_eval_and_mtp_only_sampling_take_the_draft_options(tmp_path):

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from mtprl.cli import _latest_checkpoint, _resume_point, _truncate_metrics
+from mtprl.runs import latest_checkpoint, resume_point, truncate_metrics
 from mtprl.jsonl import append_jsonl, atomic_write_json, read_jsonl
 from mtprl.report import Run
 
@@ -41,7 +41,7 @@ def test_resume_cuts_the_log_back_to_the_checkpoint_step(tmp_path):
     os.makedirs(run)
     _log(run / "metrics.jsonl", [{"step": s, "loss": 1.0 / s} for s in range(1, 26)], torn='{"step": 26')
     with pytest.warns(UserWarning):
-        _truncate_metrics(str(run), 20)
+        truncate_metrics(str(run), 20)
     steps = [json.loads(line)["step"] for line in open(run / "metrics.jsonl")]
     assert steps == list(range(1, 21))
 
@@ -67,13 +67,13 @@ def test_incomplete_checkpoints_are_skipped_for_the_last_complete_one(tmp_path, 
     _checkpoint(run, 30, state=False)  # killed before trainer_state.json
     _checkpoint(run, 40, torn_state=True)  # killed while writing it
     _checkpoint(run, 50, heads=False)
-    path, step = _latest_checkpoint(str(run))
+    path, step = latest_checkpoint(str(run))
     assert (os.path.basename(path), step) == ("checkpoint-20", 20)
     out = capsys.readouterr().out
     for n, why in ((30, "no trainer_state.json"), (40, "cut short"), (50, "weights missing")):
         assert f"checkpoint-{n}: " in out and why in out
-    assert _resume_point(str(run), "true") == (path, 20)
-    assert _resume_point(str(run), os.path.join(str(run), "checkpoint-10"))[1] == 10
+    assert resume_point(str(run), "true") == (path, 20)
+    assert resume_point(str(run), os.path.join(str(run), "checkpoint-10"))[1] == 10
 
 
 def test_atomic_write_replaces_whole_files_only(tmp_path):
@@ -87,7 +87,7 @@ def test_atomic_write_replaces_whole_files_only(tmp_path):
 def test_train_loss_in_the_log_is_the_whole_runs_mean(tmp_path):
     """The Trainer's train_loss averages the steps of its own process; after a resume that is not the run's. The
     log's is the step-weighted mean of the logged losses, the same for a resumed and an uninterrupted run."""
-    from mtprl.trainer import whole_run_mean_loss
+    from mtprl.callbacks import whole_run_mean_loss
 
     path = tmp_path / "metrics.jsonl"
     _log(path, [{"step": 2, "loss": 1.0}, {"step": 3, "eval/avg@2": 0.5}, {"step": 4, "loss": 0.5},

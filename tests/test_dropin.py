@@ -6,7 +6,7 @@ import json
 import warnings
 
 import pytest
-from test_trainer import COMMON, _dataset, _small_model, digit_reward
+from conftest import COMMON, _dataset, _small_model, digit_reward
 
 from mtprl.tasks import safe_reward
 from mtprl.trainer import MTPGRPOConfig, MTPGRPOTrainer
@@ -147,7 +147,7 @@ def test_head_policy_loss_equals_trls_loss_for_every_loss_type(tmp_path, loss_ty
     import copy
 
     import torch
-    from test_trainer import _crafted_inputs, _mtp_trainer
+    from conftest import _crafted_inputs, _mtp_trainer
     from trl import GRPOConfig, GRPOTrainer
 
     import mtprl
@@ -179,7 +179,7 @@ def test_head_policy_loss_equals_trls_loss_for_every_loss_type(tmp_path, loss_ty
 
 def test_heads_train_with_a_loss_type_trl_added(tmp_path):
     import torch
-    from test_trainer import _mtp_trainer
+    from conftest import _mtp_trainer
 
     trainer = _mtp_trainer(tmp_path, mtp_regime="policy", mtp_coef=1.0, loss_type="cispo", max_steps=1)
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if n.startswith("mtp_heads.")}
@@ -194,7 +194,7 @@ def test_moe_router_loss_with_heads_equals_trls(tmp_path):
     import copy
 
     import torch
-    from test_trainer import _crafted_inputs, _loss_and_grads
+    from conftest import _crafted_inputs, _loss_and_grads
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
     from trl import GRPOConfig, GRPOTrainer
 
@@ -271,7 +271,7 @@ def test_head_only_term_trains_the_heads_even_when_lambda_is_zero(tmp_path, kind
     heads get no gradient; with mtp_head_loss they do, and the trunk's gradient is exactly TRL's (the term stops at
     the heads' inputs). The term equals the head CE / distillation KL computed on detached inputs."""
     import torch
-    from test_trainer import _crafted_inputs, _loss_and_grads, _mtp_trainer
+    from conftest import _crafted_inputs, _loss_and_grads, _mtp_trainer
 
     import mtprl
 
@@ -325,3 +325,31 @@ def test_a_plain_grpo_config_is_accepted_as_is(tmp_path):
     with pytest.raises(TypeError, match="GRPOConfig"):
         MTPGRPOTrainer(model=model, reward_funcs=digit_reward, args={"output_dir": "x"}, train_dataset=_dataset(),
                        processing_class=tok)
+
+
+@pytest.mark.parametrize("loss_type,entropy_coef", [("cispo", 0.0), ("sapo", 0.0), ("luspo", 0.0), ("vespo", 0.0),
+                                                    ("luspo", 0.5)])
+def test_occ_trains_with_trls_own_loss_types_and_several_updates_per_rollout(tmp_path, loss_type, entropy_coef):
+    """TRL's test_train_loss_types / test_entropy_bonus_scale settings with two updates per rollout and a reward
+    *model* (a tiny Qwen2 sequence classifier): OCC trains (no 'ran 0 forwards' stop), lambda is non-zero on the
+    second update of a rollout, and every parameter of the policy, heads included, moves."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForSequenceClassification
+
+    model, tok = _small_model()
+    torch.manual_seed(1)
+    reward_model = Qwen2ForSequenceClassification(Qwen2Config(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, num_labels=1, pad_token_id=tok.pad_token_id))
+    kw = dict(COMMON, output_dir=str(tmp_path / loss_type), mtp_num_heads=1, mtp_regime="occ", loss_type=loss_type,
+              importance_sampling_level="sequence" if loss_type == "luspo" else "token", learning_rate=0.1,
+              per_device_train_batch_size=3, num_generations=3, max_completion_length=8, num_iterations=2,
+              gradient_accumulation_steps=2, entropy_coef=entropy_coef, max_steps=3)
+    trainer = MTPGRPOTrainer(model=model, reward_funcs=reward_model, args=MTPGRPOConfig(**kw),
+                             train_dataset=_dataset(), processing_class=tok, reward_processing_classes=[tok])
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    lambdas = [row["mtp/lambda/1"] for row in trainer.state.log_history if "mtp/lambda/1" in row]
+    assert len(lambdas) == 3 and any(lam != 0.0 for lam in lambdas)
+    unchanged = [n for n, p in trainer.model.named_parameters() if torch.equal(before[n], p)]
+    assert not unchanged, unchanged

@@ -127,7 +127,7 @@ def test_fidelity_table_per_estimator(tmp_path):
         for row, (c, v) in zip(rows, hidden):
             row["mtp/c_hidden/1"], row["mtp/v2_hidden/1"] = c, v
             f.write(json.dumps(row) + "\n")
-    table = {r["estimator"]: r for r in fidelity_table(load_runs([path])[0])}
+    table = {r["source"]: r for r in fidelity_table(load_runs([path])[0])}
     assert set(table) == {"hat", "hidden"}
     h = table["hidden"]
     assert h["n"] == 4 and h["sign_agreement"] == pytest.approx(0.75)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import trained_drafter
 from datasets import Dataset
-from test_trainer import COMMON, PROMPTS, _mtp_trainer, _small_model
+from conftest import COMMON, PROMPTS, _mtp_trainer, _small_model
 
 from mtprl.evaluation import evaluate
 from mtprl.rollout import AdaptiveDraft, FixedDraft, make_draft_policy

@@ -11,41 +11,9 @@ from datasets import Dataset
 from trl import GRPOConfig, GRPOTrainer
 
 import mtprl
+from conftest import COMMON, PROMPTS, _dataset, _mtp_trainer, _small_model, digit_reward
 from mtprl.models import char_tokenizer, tiny_model
 from mtprl.trainer import MTPGRPOConfig, MTPGRPOTrainer
-
-PROMPTS = ["12+3=", "7-4=", "20+22=", "9+9=", "31-5=", "8+14=", "40-1=", "6+6="]
-
-
-def digit_reward(completions, **kwargs):
-    """A real, deterministic reward with spread: the fraction of digits in the completion."""
-    return [sum(c.isdigit() for c in text) / max(len(text), 1) for text in completions]
-
-
-def _dataset():
-    return Dataset.from_list([{"prompt": p} for p in PROMPTS * 4])
-
-
-def _small_model(seed=0):
-    tok = char_tokenizer()
-    model = tiny_model(tok, seed=seed, hidden_size=32, intermediate_size=64, num_hidden_layers=2)
-    return model, tok
-
-
-COMMON = dict(per_device_train_batch_size=8, num_generations=4, max_completion_length=6, learning_rate=1e-3,
-              logging_steps=1, report_to=[], use_cpu=True, save_strategy="no", beta=0.0, seed=0,
-              lr_scheduler_type="constant", bf16=False)
-
-
-def _mtp_trainer(tmp_path, name="run", model=None, **overrides):
-    model, tok = model if model is not None else _small_model()
-    kw = dict(COMMON, output_dir=str(tmp_path / name), mtp_num_heads=2)
-    kw.update(overrides)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return MTPGRPOTrainer(model=model, reward_funcs=[digit_reward], args=MTPGRPOConfig(**kw),
-                              train_dataset=_dataset(), processing_class=tok)
-
 
 def _crafted_inputs(seed=0, batch=8, prompt_len=6, comp_len=5, vocab=99, heads=2, drift=0.0):
     g = torch.Generator().manual_seed(seed)
@@ -380,7 +348,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tmp_path):
 
 
 def test_sft_mtp_only_keeps_the_main_model_bit_identical_and_raises_acceptance(tmp_path):
-    from mtprl.trainer import MTPSFTConfig, MTPSFTTrainer
+    from mtprl import MTPSFTConfig, MTPSFTTrainer
 
     model, tok = _small_model()
     with torch.no_grad():  # a peaked main distribution (a random one is near uniform: any head would match it)

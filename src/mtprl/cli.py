@@ -6,24 +6,29 @@ Commands (each a `cmd_*` function below):
   train    `MTPGRPOTrainer` (GRPO/DAPO/GSPO via TRL) with the heads under `--mtp_regime`; `run_training`
   eval     avg@k / pass@k with the paper's sampling (`mtprl.evaluation`)
   compare  every arm (a regime plus overrides, `mtprl.arms`) x seed from one starting model, resumable
-           (`run_state`), periodic evaluation with `eval_steps`, then the report
+           (`runs.prepare_run`), periodic evaluation with `eval_steps`, then the report
   report   the report (`mtprl.report`) from existing run directories, no training
 
-The package, module by module:
-  mtp          the MTP heads (transformers' MtpLayer per depth) and `attach_mtp_heads`
-  logprobs     `forward_logprobs`: main + MTP log-probs (entropy, expected acceptance) from one trunk forward
-  checkpoints  checkpoint files, `save_pretrained` / `load_pretrained`, `attach_or_load_heads`, trainer mixin
-  models       the `tiny` preset (character tokenizer, Qwen2) and `load_model` for any HF causal LM
-  objectives   `policy_loss` (TRL's clipped surrogate) and `mtp_ce_loss`, pure functions
-  occ          the OCC formula: proxies, lambda; every estimator of c and v2 (exact, last_layers, hidden, ema)
-  regimes      the regime vocabulary and table: one function per regime returns its term and coefficient
-  trainer      `MTPGRPOConfig` / `MTPGRPOTrainer`, `MTPSFTConfig` / `MTPSFTTrainer`
-  tasks        tasks (reasoning-gym, jsonl), answer extraction, rewards that never crash a run
-  evaluation   avg@k / pass@k
-  arms         `regime@field=value` arms of a comparison
-  stats        paired bootstrap intervals (arm - baseline over seeds and questions) and their verdicts
-  report       the comparison report (table with intervals, figures) from run directories
-  jsonl        reading and appending JSON Lines files
+The package, module by module (docs/layout.md has the same table with more words):
+  mtp           the MTP heads (transformers' MtpLayer per depth) and `attach_mtp_heads`
+  logprobs      `forward_logprobs`: main + MTP log-probs (entropy, expected acceptance) from one trunk forward
+  checkpoints   checkpoint files, `save_pretrained` / `load_pretrained`, `attach_or_load_heads`, trainer mixin
+  models        the `tiny` preset (character tokenizer, Qwen2) and `load_model` for any HF causal LM
+  objectives    `policy_loss` (TRL's clipped surrogate), `mtp_ce_loss`, head-only losses: pure functions
+  occ           the OCC formula (Eq. 13): proxies, lambda; every estimator of c and v2 (exact, last_layers, hidden, ema)
+  regimes       the regime vocabulary and table: one pure loss function per regime, where its coefficient comes from
+  calibration   `LambdaCalibrator`: lambda for each micro-batch from the regime's lambda source
+  config        `MTPGRPOConfig`, `MTPSFTConfig`, the shared head / draft fields, validation helpers
+  trainer       `MTPGRPOTrainer` (TRL overrides, the forward ledger, the loss as a sequence of calls)
+  sft_trainer   `MTPSFTTrainer` (the warm start)
+  callbacks     progress lines, metrics.jsonl, the periodic evaluation
+  runs          the run-state rule (fresh / resume / evaluate / finished) shared by train and compare
+  tasks         tasks (reasoning-gym, jsonl), answer extraction, rewards that never crash a run
+  evaluation    avg@k / pass@k
+  arms          `regime@field=value` arms of a comparison
+  stats         paired bootstrap intervals, correlations and summaries
+  report        the comparison report (table with intervals, figures) from run directories
+  jsonl         reading and appending JSON Lines files
 """
 
 from __future__ import annotations
@@ -31,14 +36,15 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 from dataclasses import dataclass, field
 
-from transformers import TrainerCallback
 from trl import TrlParser
 
+from .callbacks import PeriodicEvalCallback, phase
+from .config import DraftFields, check_draft_options
 from .faults import kill_point
-from .jsonl import append_jsonl, atomic_write_json
+from .jsonl import atomic_write_json
+from .runs import prepare_run, resume_point, start_fingerprint, truncate_metrics
 
 USAGE = """usage: mtprl <command> [--config FILE.yaml] [--field value ...]
 
@@ -128,18 +134,10 @@ class TaskArguments:
 
 
 @dataclass
-class EvalArguments:
+class EvalArguments(DraftFields):
     """`mtprl eval` has no training config; `trust_remote_code` is otherwise TRL's (TrainingArguments') field."""
 
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow a model's own modelling code."})
-    mtp_draft_tokens: int = field(default=0, metadata={
-        "help": "The model's MTP heads draft up to this many tokens per trunk forward (lossless speculative "
-                "sampling: the same avg@k law, faster where drafting pays). 0 = plain model.generate."})
-    mtp_draft_policy: str = field(default="fixed", metadata={"help": "fixed | adaptive (see mtprl.rollout)."})
-
-
-def phase(message: str) -> None:
-    print(f"[mtprl {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
 def _load(task_args: TaskArguments, num_heads=None, init="copy_last_layer", seed=0, trust_remote_code=False):
@@ -187,7 +185,6 @@ def _benchmarks(task_args: TaskArguments, tokenizer) -> dict:
 def draft_policy(num_draft_tokens: int, name: str, model=None):
     """The rollout policy of `mtp_draft_tokens` / `mtp_draft_policy` (None: plain generate)."""
     from .rollout import make_draft_policy
-    from .trainer import check_draft_options
 
     heads = getattr(model, "mtp_heads", None)
     check_draft_options(num_draft_tokens, name, heads.num_heads if heads is not None else num_draft_tokens)
@@ -251,7 +248,8 @@ def _sft_completions(train_ds, suffix_fraction: float, seed: int):
 
 def cmd_sft(argv) -> dict | None:
     from .checkpoints import is_complete_checkpoint
-    from .trainer import MTPSFTConfig, MTPSFTTrainer
+    from .config import MTPSFTConfig
+    from .sft_trainer import MTPSFTTrainer
 
     task_args, cfg = TrlParser((TaskArguments, MTPSFTConfig)).parse_args_and_config(argv)
     if is_complete_checkpoint(cfg.output_dir) and not task_args.overwrite:
@@ -316,9 +314,9 @@ def run_training(task_args: TaskArguments, cfg, label: str | None = None) -> dic
         "task": task_args.dataset_name or task_args.task, "max_steps": cfg.max_steps, "loss_type": cfg.loss_type,
         "mtp_coef": cfg.mtp_coef, "occ_lambda_plus": cfg.occ_lambda_plus, "mtp_draft_tokens": cfg.mtp_draft_tokens,
         "start_model": start_fingerprint(task_args.model_name_or_path)})
-    resume = _resume_point(cfg.output_dir, cfg.resume_from_checkpoint)
+    resume = resume_point(cfg.output_dir, cfg.resume_from_checkpoint)
     if resume is not None:  # one resume rule: the log is cut back to the checkpoint's step
-        _truncate_metrics(cfg.output_dir, resume[1])
+        truncate_metrics(cfg.output_dir, resume[1])
     trainer.train(resume_from_checkpoint=cfg.resume_from_checkpoint)
     trainer.save_model(cfg.output_dir)
     phase(f"train: done, metrics in {os.path.join(cfg.output_dir, 'metrics.jsonl')}")
@@ -350,49 +348,23 @@ def _periodic_eval(model, tokenizer, eval_ds, task_args, draft=None) -> dict:
     return row
 
 
-class PeriodicEvalCallback(TrainerCallback):
-    """Every `every` optimizer steps (not the last: the final `eval.json` is that point), evaluate and append one
-    row `{"step": N, "eval/avg@k": ...}` to metrics.jsonl. Runs before the checkpoint of the same step is
-    saved, so a resumed run (metrics truncated to its checkpoint) has every earlier row exactly once."""
-
-    def __init__(self, every: int, run_eval, output_dir: str):
-        self.every, self.run_eval, self.output_dir = every, run_eval, output_dir
-
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        step = state.global_step
-        if step % self.every == 0 and step < state.max_steps and state.is_world_process_zero:
-            row = self.run_eval(model)
-            kill_point("periodic_eval")
-            phase(f"eval at step {step}: " + " ".join(f"{k}={v:.3f}" for k, v in row.items()))
-            append_jsonl(os.path.join(self.output_dir, "metrics.jsonl"), {"step": step, **row})
-        return control
-
-
 def cmd_train(argv) -> dict | None:
     """`--resume_from_checkpoint true` makes the command re-runnable after a kill, anywhere: it starts fresh when
     there is no complete checkpoint, resumes from the last complete one, evaluates a trained model whose final
-    evaluation was cut, and does nothing for a finished run (the rule `compare` applies to each of its runs)."""
-    from .trainer import MTPGRPOConfig
+    evaluation was cut, and does nothing for a finished run (`runs.prepare_run`, the rule `compare` applies to
+    each of its runs)."""
+    from .config import MTPGRPOConfig
 
     task_args, cfg = TrlParser((TaskArguments, MTPGRPOConfig)).parse_args_and_config(argv)
     if str(cfg.resume_from_checkpoint).lower() == "true":
-        state = run_state(cfg.output_dir, cfg.max_steps)
+        state = prepare_run(cfg.output_dir, cfg.max_steps, "train")
         if state.kind == "finished":
-            phase(f"train: {cfg.output_dir} is finished (eval.json written); nothing to do")
             with open(os.path.join(cfg.output_dir, "eval.json")) as f:
                 return json.load(f)
         if state.kind == "evaluate":
-            phase(f"train: {cfg.output_dir} finished training; evaluating it")
             _finish_run(cfg.output_dir, state.checkpoint, task_args)
             return None
-        if state.kind == "resume":
-            phase(f"train: resuming {cfg.output_dir} from {state.checkpoint}")
-            cfg.resume_from_checkpoint = state.checkpoint
-        else:
-            cfg.resume_from_checkpoint = None
-            stale = os.path.join(cfg.output_dir, "metrics.jsonl")
-            if os.path.isfile(stale):  # killed before its first checkpoint: start again from nothing
-                os.remove(stale)
+        cfg.resume_from_checkpoint = state.checkpoint  # None: fresh
     return run_training(task_args, cfg)
 
 
@@ -405,87 +377,6 @@ def cmd_eval(argv) -> dict:
     return _evaluate(model, tokenizer, eval_ds, task_args, task_args.eval_output or default,
                      task_args.model_name_or_path,
                      draft_policy(eval_args.mtp_draft_tokens, eval_args.mtp_draft_policy, model))
-
-
-def _resume_point(run_dir, resume_from_checkpoint):
-    """(checkpoint dir, step) a `--resume_from_checkpoint` (a path, or true for the latest) resumes from."""
-    if not resume_from_checkpoint or str(resume_from_checkpoint).lower() == "false":
-        return None
-    if str(resume_from_checkpoint).lower() == "true":
-        checkpoint, step = _latest_checkpoint(run_dir)
-        return (checkpoint, step) if checkpoint else None
-    state = os.path.join(resume_from_checkpoint, "trainer_state.json")
-    if not os.path.isfile(state):
-        return None  # the Trainer reports a bad checkpoint itself
-    with open(state) as f:
-        return resume_from_checkpoint, int(json.load(f).get("global_step", 0))
-
-
-def _checkpoint_problem(path) -> str | None:
-    """Why a checkpoint directory cannot be resumed from (None: it can). The Trainer writes trainer_state.json
-    after the model, the heads, the optimizer and the RNG state, so a kill during a save leaves it missing."""
-    from .checkpoints import is_complete_checkpoint
-
-    state = os.path.join(path, "trainer_state.json")
-    if not os.path.isfile(state):
-        return "no trainer_state.json (killed during the save?)"
-    try:
-        with open(state) as f:
-            json.load(f)
-    except (OSError, ValueError):
-        return "trainer_state.json is cut short (killed while writing it?)"
-    if not is_complete_checkpoint(path):
-        return "model or MTP head weights missing"
-    return None
-
-
-def _latest_checkpoint(run_dir):
-    """(path, step) of the last complete checkpoint-N in `run_dir` ((None, 0) if none); incomplete ones are
-    skipped, saying which and why."""
-    if not os.path.isdir(run_dir):
-        return None, 0
-    steps = sorted((int(d.split("-")[1]) for d in os.listdir(run_dir)
-                    if d.startswith("checkpoint-") and d.split("-")[1].isdigit()), reverse=True)
-    for step in steps:
-        path = os.path.join(run_dir, f"checkpoint-{step}")
-        problem = _checkpoint_problem(path)
-        if problem is None:
-            return path, step
-        phase(f"resume: skipping {path}: {problem}")
-    return None, 0
-
-
-def _truncate_metrics(run_dir, step):
-    """Drop metric rows logged after `step` (a resumed run logs them again) and a torn last line."""
-    from .jsonl import truncate_log_to_step
-
-    dropped = truncate_log_to_step(os.path.join(run_dir, "metrics.jsonl"), step)
-    if dropped:
-        phase(f"resume: {run_dir}/metrics.jsonl cut back to step {step} ({dropped} later rows dropped)")
-
-
-@dataclass
-class RunState:
-    """Where one compare run stands on disk, and so what compare does with it."""
-
-    kind: str  # "finished" (eval.json written) | "evaluate" (trained, not evaluated) | "resume" | "fresh"
-    checkpoint: str | None = None  # resume from / evaluate this checkpoint (None: the model is in the run dir)
-    step: int = 0  # the checkpoint's step
-
-
-def run_state(run_dir: str, max_steps: int) -> RunState:
-    from .checkpoints import is_complete_checkpoint
-
-    if os.path.isfile(os.path.join(run_dir, "eval.json")):
-        return RunState("finished")
-    if is_complete_checkpoint(run_dir):  # killed during the final evaluation
-        return RunState("evaluate")
-    checkpoint, step = _latest_checkpoint(run_dir)
-    if checkpoint and step >= max_steps:  # killed between the last checkpoint and the final save
-        return RunState("evaluate", checkpoint, step)
-    if checkpoint:
-        return RunState("resume", checkpoint, step)
-    return RunState("fresh")
 
 
 def _finish_run(run_dir, checkpoint, task_args):
@@ -548,32 +439,6 @@ class CompareArguments:
             raise ValueError(f"--seeds must be comma-separated integers, got {self.seeds!r}") from e
 
 
-def start_fingerprint(model_name_or_path: str) -> dict:
-    """What identifies the starting model: its name, and for a local directory the size and modification time
-    of each file in it (a re-run warm start rewrites them), so a stale step-0 evaluation is noticed."""
-    files = {}
-    if os.path.isdir(model_name_or_path):
-        for name in sorted(os.listdir(model_name_or_path)):
-            full = os.path.join(model_name_or_path, name)
-            if os.path.isfile(full) and name.endswith((".safetensors", ".json", ".bin")):
-                stat = os.stat(full)
-                files[name] = [stat.st_size, stat.st_mtime_ns]
-    return {"model_name_or_path": model_name_or_path, "files": files}
-
-
-def _check_same_start(run_dir: str, model_name_or_path: str) -> None:
-    """A run kept from an earlier compare must have started from the same model as the runs made now."""
-    info = os.path.join(run_dir, "run_info.json")
-    if not os.path.isfile(info):
-        return
-    with open(info) as f:
-        recorded = json.load(f).get("start_model")
-    if recorded is not None and recorded != start_fingerprint(model_name_or_path):
-        raise ValueError(f"{run_dir} was trained from another starting model than {model_name_or_path!r} is now "
-                         "(a new warm start?); remove that run directory, or choose another --report_dir, to run it "
-                         "again")
-
-
 def _evaluate_start(task_args, cfg, report_dir) -> None:
     """The starting model, evaluated once: every arm and seed starts from it and is evaluated on the same
     questions with the same sampling seed, so one evaluation is step 0 of every accuracy curve. Evaluated again
@@ -597,8 +462,8 @@ def _evaluate_start(task_args, cfg, report_dir) -> None:
 def cmd_compare(argv) -> str:
     from dataclasses import fields
 
+    from .config import MTPGRPOConfig
     from .report import build_report
-    from .trainer import MTPGRPOConfig
 
     parser = TrlParser((CompareArguments, TaskArguments, MTPGRPOConfig))
     compare_args, task_args0, cfg0 = parser.parse_args_and_config(list(argv))
@@ -614,23 +479,15 @@ def cmd_compare(argv) -> str:
             run_dirs.append(run_dir)
             extra = arm.cli_args() + ["--seed", str(seed), "--output_dir", run_dir, "--eval_before", "false"]
             _, task_args, cfg = parser.parse_args_and_config(list(argv) + extra)
-            state = run_state(run_dir, cfg.max_steps)
-            if state.kind != "fresh":
-                _check_same_start(run_dir, task_args.model_name_or_path)
+            state = prepare_run(run_dir, cfg.max_steps, "compare", task_args.model_name_or_path)
             if state.kind == "finished":
-                phase(f"compare: {run_dir} is finished; not running it again")
                 continue
             if state.kind == "evaluate":
-                phase(f"compare: {run_dir} finished training; evaluating it")
                 _finish_run(run_dir, state.checkpoint, task_args)
                 continue
             if state.kind == "resume":
-                phase(f"compare: resuming {run_dir} from {state.checkpoint}")
-                _truncate_metrics(run_dir, state.step)
                 _, task_args, cfg = parser.parse_args_and_config(
                     list(argv) + extra + ["--resume_from_checkpoint", state.checkpoint])
-            elif os.path.isfile(os.path.join(run_dir, "metrics.jsonl")):
-                os.remove(os.path.join(run_dir, "metrics.jsonl"))  # an interrupted run without a checkpoint
             phase(f"compare: running arm {arm.label} seed {seed}")
             run_training(task_args, cfg, label=arm.label)
     report = build_report(run_dirs, compare_args.report_dir, command="mtprl compare " + " ".join(argv),

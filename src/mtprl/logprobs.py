@@ -8,6 +8,8 @@ gradient) is tiled over rows.
 
 from __future__ import annotations
 
+import functools
+import types
 from dataclasses import dataclass
 
 import torch
@@ -45,7 +47,8 @@ class LogProbs(ModelOutput):
 
 
 
-def _logit_transform(model) -> tuple[float | None, float]:
+def logit_transform(model) -> tuple[float | None, float]:
+    """(final_logit_softcapping or None, logit_scale or 1.0) of the model's text config."""
     cfg = model.config.get_text_config()
     softcap = getattr(cfg, "final_logit_softcapping", None)
     scale = getattr(cfg, "logit_scale", None)
@@ -63,17 +66,23 @@ def _token_logprobs(hidden, weight, bias, targets, temperature, softcap, scale, 
     return logps, (out[1].view(batch, length) if entropy else None)
 
 
+def transform_logits(logits, softcap, scale):
+    """The model's own post-LM-head transform (logit scale, then final softcap, as Cohere / Gemma forwards apply
+    them), the one place it is written: (logits, d(logits)/d(pre-softcap logits)) (1 without softcap)."""
+    logits = logits * scale
+    if softcap is None:
+        return logits, 1.0
+    t = torch.tanh(logits / softcap)
+    return softcap * t, 1.0 - t * t
+
+
 def _logits(hidden, weight, bias, temperature, softcap, scale):
     """Float32 logits / temperature of one row tile, as the LM head (with logit scale and softcap) gives them;
     also d(logits)/d(pre-softcap logits) for the chain rule (1 without softcap)."""
     logits = hidden.float() @ weight.float().t()
     if bias is not None:
         logits = logits + bias.float()
-    logits = logits * scale
-    dcap = 1.0
-    if softcap is not None:
-        t = torch.tanh(logits / softcap)
-        logits, dcap = softcap * t, 1.0 - t * t
+    logits, dcap = transform_logits(logits, softcap, scale)
     return logits / temperature, dcap
 
 
@@ -186,7 +195,7 @@ def head_logprobs(model, h0, input_ids, attention_mask, logits_to_keep, temperat
     seq_len = input_ids.shape[1]
     lm_head = model.get_output_embeddings()
     weight, bias = lm_head.weight, lm_head.bias
-    softcap, scale = _logit_transform(model)
+    softcap, scale = logit_transform(model)
     embed = model.get_input_embeddings()
     if mtp_grad == "detach":
         h0, weight = h0.detach(), weight.detach()
@@ -251,7 +260,7 @@ def forward_logprobs(model, input_ids, attention_mask, logits_to_keep, temperatu
     aux_loss = router_aux_loss(model, trunk.router_logits, attention_mask) if compute_aux_loss else None
     lm_head = model.get_output_embeddings()
     weight, bias = lm_head.weight, lm_head.bias
-    softcap, scale = _logit_transform(model)
+    softcap, scale = logit_transform(model)
     main_hidden = h0[:, seq_len - keep - 1: seq_len - 1]
     main, entropy = _token_logprobs(main_hidden, weight, bias, input_ids[:, -keep:], temperature, softcap, scale,
                                     entropy=compute_entropy)
@@ -271,3 +280,20 @@ def forward_logprobs(model, input_ids, attention_mask, logits_to_keep, temperatu
     distill = None if distill is None else distill.masked_fill(head_pad, 0.0)
     return LogProbs(main=main, mtp=mtp, entropy=entropy, accept=accept, distill=distill,
                     hidden=h0 if return_hidden else None, mtp_mask=~head_pad, aux_loss=aux_loss)
+
+
+def add_mtp_forward(model, temperature: float) -> None:
+    """Let `model(input_ids=..., attention_mask=..., mtp_logprobs={...})` return `forward_logprobs(...)`.
+
+    Going through the model's own forward (as TRL's fused LM head does) keeps DDP/FSDP wrappers in the loop.
+    Without `mtp_logprobs` the forward is the one it had (TRL's fused head, generation)."""
+    original_forward = model.forward
+
+    @functools.wraps(type(model).forward)
+    def forward(self, *args, mtp_logprobs=None, **kwargs):
+        if mtp_logprobs is None:
+            return original_forward(*args, **kwargs)
+        return forward_logprobs(self, kwargs["input_ids"], kwargs.get("attention_mask"), temperature=temperature,
+                                **mtp_logprobs)
+
+    model.forward = types.MethodType(forward, model)

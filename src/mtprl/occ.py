@@ -21,7 +21,10 @@ from typing import NamedTuple
 
 import torch
 
-ESTIMATORS = ("batch", "token")
+# How the proxies are reduced over a micro-batch (the *reduction*; `occ_coefficient(..., estimator=)` keeps the
+# SPEC's keyword): batch = the paper's sums (Eq. 13), token = the released code's per-token ratio, averaged.
+PROXY_REDUCTIONS = ("batch", "token")
+ESTIMATORS = PROXY_REDUCTIONS
 
 
 class OCCStats(NamedTuple):
@@ -83,7 +86,7 @@ def occ_coefficient(delta_rl, delta_mtp, mask, *, estimator: str = "batch", lamb
 # The paper's proxies above use log-prob changes. The estimators below use gradients: of the two losses with
 # respect to some tensors X (all main-model parameters = exact; the last n decoder layers; the trunk's output
 # hidden states), c = <dL_RL/dX, dL_MTP/dX> and v2 = ||dL_MTP/dX||^2 -- or a running average of the proxies.
-# The trainer maps each `occ_variant` to one of them (`trainer.ESTIMATOR_INPUTS`).
+# Each is a lambda source (`regimes.LAMBDA_SOURCES`); `calibration.LambdaCalibrator` applies them during training.
 
 
 def loss_gradients(loss, inputs) -> list[torch.Tensor]:

@@ -21,64 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from .jsonl import atomic_write_json, atomic_write_text, read_jsonl  # noqa: E402
 from .regimes import REGIME_LABELS  # noqa: E402
-from .stats import paired_bootstrap  # noqa: E402
-
-
-def pearson_r(xs, ys) -> float:
-    """Pearson correlation; nan when fewer than 2 points or a constant series."""
-    n = len(xs)
-    if n != len(ys):
-        raise ValueError(f"pearson_r needs equal lengths, got {n} and {len(ys)}")
-    if n < 2:
-        return float("nan")
-    mx, my = sum(xs) / n, sum(ys) / n
-    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys))
-    sxx = sum((x - mx) ** 2 for x in xs)
-    syy = sum((y - my) ** 2 for y in ys)
-    if sxx == 0 or syy == 0:
-        return float("nan")
-    return sxy / math.sqrt(sxx * syy)
-
-
-def _ranks(xs) -> list[float]:
-    """1-based ranks, ties given their average rank."""
-    order = sorted(range(len(xs)), key=lambda i: xs[i])
-    ranks = [0.0] * len(xs)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and xs[order[j + 1]] == xs[order[i]]:
-            j += 1
-        for t in range(i, j + 1):
-            ranks[order[t]] = (i + j) / 2 + 1
-        i = j + 1
-    return ranks
-
-
-def spearman_r(xs, ys) -> float:
-    """Spearman rank correlation (Pearson r of the ranks, ties averaged)."""
-    if len(xs) != len(ys):
-        raise ValueError(f"spearman_r needs equal lengths, got {len(xs)} and {len(ys)}")
-    return pearson_r(_ranks(list(xs)), _ranks(list(ys)))
-
-
-def quantile(values, q) -> float:
-    """Linear-interpolation quantile (numpy's default); nan for no values."""
-    xs = sorted(values)
-    if not xs:
-        return float("nan")
-    pos = q * (len(xs) - 1)
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
-
-
-def mean_std(values) -> tuple[float, float]:
-    """Mean and sample standard deviation (ddof=1; 0 for a single value)."""
-    values = list(values)
-    if not values:
-        return float("nan"), float("nan")
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+from .stats import mean_std, paired_bootstrap, pearson_r, quantile, spearman_r  # noqa: E402
 
 
 class Run:
@@ -401,12 +344,12 @@ def _plot_occ(runs, out_dir):
 
 
 # Estimators of c and v2 logged beside the exact ones on `occ_fidelity_every` steps (metric mtp/c_<key>/k).
-ESTIMATOR_LABELS = {"hat": "paper proxy (c_hat, v2_hat)", "ema": "running average of the proxy (ema)",
+LAMBDA_SOURCE_LABELS = {"hat": "paper proxy (c_hat, v2_hat)", "ema": "running average of the proxy (ema)",
                     "hidden": "gradients at the trunk output (hidden)", "last_layers": "last layers (last_layers)"}
 
 
 def fidelity_pairs(runs, source="hat"):
-    """(c_est, c_exact, v2_est, v2_exact) at every logged step where both were computed, for one estimator."""
+    """(c_est, c_exact, v2_est, v2_exact) at every logged step where both were computed, for one lambda source."""
     pts = []
     for run in runs:
         for row in run.rows:
@@ -423,16 +366,16 @@ def fidelity_points(runs):
 
 
 def fidelity_table(runs) -> list[dict]:
-    """Per estimator: Pearson and Spearman r against the exact c and v2, the fraction of steps where the sign of c
+    """Per lambda source: Pearson and Spearman r against the exact c and v2, the fraction of steps where the sign of c
     agrees, and lambda_est / lambda_exact (= (c_est / v2_est) / (c / v2); lambda_plus cancels): median and IQR."""
     rows = []
-    for source, label in ESTIMATOR_LABELS.items():
+    for source, label in LAMBDA_SOURCE_LABELS.items():
         pts = fidelity_pairs(runs, source)
         if not pts:
             continue
         c_e, c_x, v_e, v_x = map(list, zip(*pts))
         ratios = [(ce / ve) / (cx / vx) for ce, cx, ve, vx in pts if ve > 0 and vx > 0 and cx != 0]
-        rows.append({"estimator": source, "label": label, "n": len(pts),
+        rows.append({"source": source, "label": label, "n": len(pts),
                      "pearson_c": pearson_r(c_e, c_x), "spearman_c": spearman_r(c_e, c_x),
                      "pearson_v2": pearson_r(v_e, v_x), "spearman_v2": spearman_r(v_e, v_x),
                      "sign_agreement": sum((a > 0) == (b > 0) for a, b in zip(c_e, c_x)) / len(pts),
@@ -442,7 +385,7 @@ def fidelity_table(runs) -> list[dict]:
 
 
 def fidelity_markdown(rows) -> str:
-    lines = ["| estimator | n | r(c) Pearson | r(c) Spearman | r(v2) Pearson | r(v2) Spearman | sign of c agrees "
+    lines = ["| lambda source | n | r(c) Pearson | r(c) Spearman | r(v2) Pearson | r(v2) Spearman | sign of c agrees "
              "| lambda / exact lambda: median [IQR] |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['label']} | {r['n']} | {r['pearson_c']:.3f} | {r['spearman_c']:.3f} | "
@@ -452,24 +395,24 @@ def fidelity_markdown(rows) -> str:
 
 
 def _plot_fidelity(runs, out_dir):
-    """One column per estimator: its c against the exact c (top) and its v2 against the exact v2 (bottom)."""
+    """One column per lambda source: its c against the exact c (top) and its v2 against the exact v2 (bottom)."""
     table = fidelity_table(runs)
     if not table or max(r["n"] for r in table) < 2:
         return []
     fig, axes = plt.subplots(2, len(table), figsize=(4.2 * len(table), 7.5), squeeze=False)
     for col, row in enumerate(table):
-        c_e, c_x, v_e, v_x = map(list, zip(*fidelity_pairs(runs, row["estimator"])))
+        c_e, c_x, v_e, v_x = map(list, zip(*fidelity_pairs(runs, row["source"])))
         top, bottom = axes[0][col], axes[1][col]
         top.scatter(c_x, c_e, s=12, alpha=0.7, color=f"C{col}")
         top.axhline(0, color="k", lw=0.5)
         top.axvline(0, color="k", lw=0.5)
-        top.set_title(f"{row['estimator']}: c, r = {row['pearson_c']:.2f} (n={row['n']})", fontsize=10)
+        top.set_title(f"{row['source']}: c, r = {row['pearson_c']:.2f} (n={row['n']})", fontsize=10)
         top.set_xlabel("exact c = <g_RL, g_MTP> (main model)")
         bottom.scatter(v_x, v_e, s=12, alpha=0.7, color=f"C{col}")
         if min(v_x) > 0 and min(v_e) > 0:
             bottom.set_xscale("log")
             bottom.set_yscale("log")
-        bottom.set_title(f"{row['estimator']}: v2, r = {row['pearson_v2']:.2f}", fontsize=10)
+        bottom.set_title(f"{row['source']}: v2, r = {row['pearson_v2']:.2f}", fontsize=10)
         bottom.set_xlabel("exact v2 = ||g_MTP||^2")
         for ax in (top, bottom):
             ax.grid(alpha=0.3)
@@ -648,7 +591,7 @@ def build_report(run_dirs, out_dir, title="mtprl comparison", command=None, base
                   "late in training. See rollouts.png.", "", rollout_markdown(rollouts), ""]
     if fidelity:
         lines += ["## Estimators against the exact statistics", "",
-                  "Every estimator's c and v2 beside the exact ones (gradients over the main model) on the same "
+                  "Every lambda source's c and v2 beside the exact ones (gradients over the main model) on the same "
                   "micro-batches (`occ_fidelity_every`), all runs and heads pooled.", "",
                   fidelity_markdown(fidelity), ""]
     lines += ["## Figures", ""] + [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in figures] + [""]

@@ -36,6 +36,7 @@ from transformers.generation.logits_process import (LogitsProcessorList, Tempera
                                                      TopKLogitsWarper, TopPLogitsWarper)
 from transformers.masking_utils import create_causal_mask
 
+from .logprobs import logit_transform, transform_logits
 from .mtp import decoder_of, get_mtp_heads
 
 
@@ -168,15 +169,7 @@ def accept_drafts(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, *, gre
 
 def _lm_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     """Float32 logits from the shared LM head, with the model's logit scale and softcap (as its forward applies)."""
-    logits = model.get_output_embeddings()(hidden).float()
-    cfg = model.config.get_text_config()
-    scale = getattr(cfg, "logit_scale", None)
-    if scale is not None:
-        logits = logits * scale
-    softcap = getattr(cfg, "final_logit_softcapping", None)
-    if softcap is not None:
-        logits = softcap * torch.tanh(logits / softcap)
-    return logits
+    return transform_logits(model.get_output_embeddings()(hidden).float(), *logit_transform(model))[0]
 
 
 def _eos_tensor(eos_token_id, device) -> torch.Tensor | None:

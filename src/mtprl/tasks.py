@@ -375,11 +375,36 @@ def _one_sample_calls(kwargs):
         yield {k: (v[i:i + 1] if isinstance(v, list) and len(v) == n else v) for k, v in kwargs.items()}
 
 
-def _report_failures(func, batch_error, failed, total, log_metric):
+def _call_one(func, one):
+    """One sample's reward, or the exception its call raised."""
+    try:
+        return func(log_metric=None, **one)[0]
+    except Exception as e:  # noqa: BLE001
+        return e
+
+
+async def _call_one_async(func, one):
+    try:
+        return (await func(log_metric=None, **one))[0]
+    except Exception as e:  # noqa: BLE001
+        return e
+
+
+def _scored_alone(results, func, batch_error, log_metric):
+    """The rewards of a batch whose call raised, each sample scored alone (`results`: reward or exception);
+    the failures score 0 and are logged."""
+    failed = sum(isinstance(r, Exception) for r in results)
     warnings.warn(f"reward function {getattr(func, '__name__', func)!r} raised "
-                  f"({type(batch_error).__name__}: {batch_error}); {failed}/{total} samples scored 0")
+                  f"({type(batch_error).__name__}: {batch_error}); {failed}/{len(results)} samples scored 0")
     if log_metric is not None:
         log_metric("rewards/failures", float(failed))
+    return [0.0 if isinstance(r, Exception) else r for r in results]
+
+
+def _scored(rewards, log_metric):
+    if log_metric is not None:
+        log_metric("rewards/failures", 0.0)
+    return rewards
 
 
 def safe_reward(func):
@@ -397,36 +422,18 @@ def safe_reward(func):
             try:
                 rewards = await func(*args, log_metric=log_metric, **kwargs)
             except Exception as batch_error:  # noqa: BLE001
-                rewards, failed = [], 0
-                for one in _one_sample_calls(kwargs):
-                    try:
-                        rewards.append((await func(log_metric=None, **one))[0])
-                    except Exception:  # noqa: BLE001
-                        failed += 1
-                        rewards.append(0.0)
-                _report_failures(func, batch_error, failed, len(rewards), log_metric)
-                return rewards
-            if log_metric is not None:
-                log_metric("rewards/failures", 0.0)
-            return rewards
+                results = [await _call_one_async(func, one) for one in _one_sample_calls(kwargs)]
+                return _scored_alone(results, func, batch_error, log_metric)
+            return _scored(rewards, log_metric)
     else:
         @functools.wraps(func)
         def wrapper(*args, log_metric=None, **kwargs):
             try:
                 rewards = func(*args, log_metric=log_metric, **kwargs)
             except Exception as batch_error:  # noqa: BLE001
-                rewards, failed = [], 0
-                for one in _one_sample_calls(kwargs):
-                    try:
-                        rewards.append(func(log_metric=None, **one)[0])
-                    except Exception:  # noqa: BLE001
-                        failed += 1
-                        rewards.append(0.0)
-                _report_failures(func, batch_error, failed, len(rewards), log_metric)
-                return rewards
-            if log_metric is not None:
-                log_metric("rewards/failures", 0.0)
-            return rewards
+                results = [_call_one(func, one) for one in _one_sample_calls(kwargs)]
+                return _scored_alone(results, func, batch_error, log_metric)
+            return _scored(rewards, log_metric)
 
     wrapper._mtprl_safe = True
     return wrapper
