@@ -97,3 +97,47 @@ def _mtp_trainer(tmp_path, name="run", model=None, **overrides):
         warnings.simplefilter("ignore")
         return MTPGRPOTrainer(model=model, reward_funcs=[digit_reward], args=MTPGRPOConfig(**kw),
                               train_dataset=_dataset(), processing_class=tok)
+
+
+def _crafted_inputs(seed=0, batch=8, prompt_len=6, comp_len=5, vocab=99, heads=2, drift=0.0):
+    g = torch.Generator().manual_seed(seed)
+    prompt_ids = torch.randint(3, vocab, (batch, prompt_len), generator=g)
+    prompt_mask = torch.ones_like(prompt_ids)
+    prompt_mask[0, :2] = 0
+    completion_ids = torch.randint(3, vocab, (batch, comp_len), generator=g)
+    completion_mask = torch.ones_like(completion_ids)
+    completion_mask[1, -2:] = 0
+    inputs = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": completion_ids,
+              "completion_mask": completion_mask, "advantages": torch.randn(batch, generator=g),
+              "num_items_in_batch": completion_mask.sum()}
+    return inputs
+
+
+def _with_old_logprobs(trainer, inputs, drift=0.3, seed=1):
+    """Old log-probs as if the policy had moved since the rollout: current ones minus a random drift."""
+    import mtprl
+
+    model = trainer.model
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+    mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        out = mtprl.forward_logprobs(model, ids, mask, inputs["completion_ids"].shape[1])
+    inputs = dict(inputs)
+    inputs["old_per_token_logps"] = out.main - drift * torch.rand(out.main.shape, generator=g)
+    inputs["old_mtp_logps"] = out.mtp - drift * torch.rand(out.mtp.shape, generator=g)
+    return inputs
+
+
+def _loss_and_grads(trainer, inputs):
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = trainer.args.gradient_accumulation_steps  # set by the train loop
+    trainer.model.zero_grad(set_to_none=True)
+    loss = trainer.compute_loss(trainer.model, inputs)
+    loss.backward()
+    from mtprl.trainer import MTPGRPOTrainer
+
+    if isinstance(trainer, MTPGRPOTrainer):
+        trainer._after_backward()  # what training_step does after the backward (occ exact adds lambda * g_MTP)
+    grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads

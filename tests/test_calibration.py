@@ -1,0 +1,139 @@
+"""LambdaCalibrator and the pure regime losses without a TRL trainer: each lambda source against the pure functions
+of occ.py on a tiny real model, the exact source's after-backward step against autograd, the guard."""
+
+import math
+import warnings
+
+import pytest
+import torch
+from conftest import tiny_causal_lm
+
+import mtprl
+from mtprl import exact_occ_coefficient, occ_coefficient
+from mtprl.calibration import CalibrationSettings, LambdaCalibrator, RLGradients
+from mtprl.objectives import masked_mean, policy_loss
+from mtprl.occ import OCCStats, ema_statistics, hidden_state_statistics, lambda_from_stats
+from mtprl.regimes import AFTER_BACKWARD, BY_SPLIT_BACKWARD, MTP_TERMS, LossScaling, head_data, weighted_sum
+
+
+def _batch(seed=0, batch=4, length=5, heads=2):
+    g = torch.Generator().manual_seed(seed)
+    main = torch.randn(batch, length, generator=g, requires_grad=True)
+    mtp = torch.randn(batch, heads, length, generator=g, requires_grad=True)
+    old_main = (main - 0.3 * torch.rand(batch, length, generator=g)).detach()
+    old_mtp = (mtp - 0.3 * torch.rand(batch, heads, length, generator=g)).detach()
+    mask = torch.ones(batch, length)
+    mask[1, -2:] = 0
+    return main, mtp, old_main, old_mtp, mask, torch.randn(batch, generator=g)
+
+
+def _scaling():
+    return LossScaling(lambda lp, old, adv, m: policy_loss(lp, old, adv, m, loss_type="grpo"), masked_mean)
+
+
+@pytest.mark.parametrize("variant", ["paper", "reference"])
+def test_proxy_lambda_is_occ_coefficient_of_the_heads_deltas(variant):
+    main, mtp, old_main, old_mtp, mask, adv = _batch()
+    regime = MTP_TERMS[f"occ:{variant}"]
+    heads = head_data(main, mtp, old_main, old_mtp, mask, adv, regime.ratio_against)
+    cal = LambdaCalibrator(CalibrationSettings(lambda_plus=2.0), [], [])
+    stats = cal.proxies((main - old_main).detach(), heads, regime.proxy_reduction)
+    for k, (h, s) in enumerate(zip(heads, stats)):
+        old = old_main if variant == "reference" else old_mtp[:, k]
+        want = occ_coefficient(main - old_main, mtp[:, k] - old, mask, estimator=regime.proxy_reduction,
+                               lambda_plus=2.0 / (2 if variant == "reference" else 1))
+        got = (cal.advantage_lambda(regime, s, h.depth, 2) if regime.lambda_in_advantages
+               else cal.coefficient(regime, h.depth, s, None, 0.1, None))
+        torch.testing.assert_close(got, want)
+
+
+def test_ema_lambda_follows_the_recursion_over_micro_batches():
+    regime = MTP_TERMS["occ:ema"]
+    cal = LambdaCalibrator(CalibrationSettings(ema_beta=0.5), [], [])
+    running = None
+    for seed in range(3):
+        main, mtp, old_main, old_mtp, mask, adv = _batch(seed, heads=1)
+        heads = head_data(main, mtp, old_main, old_mtp, mask, adv)
+        stats = cal.proxies((main - old_main).detach(), heads)
+        cal.update_ema(heads, stats)
+        running = ema_statistics(running, stats[0], 0.5)
+        got = cal.coefficient(regime, 1, stats[0], None, 0.1, None)
+        torch.testing.assert_close(got, lambda_from_stats(running))
+
+
+def _model_losses(seed=0):
+    model = tiny_causal_lm("qwen2", seed=seed).train()
+    mtprl.attach_mtp_heads(model, num_heads=1)
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 40, (3, 9), generator=g)
+    out = mtprl.forward_logprobs(model, ids, None, 5, return_hidden=True)
+    mask = torch.ones(3, 5)
+    rl = policy_loss(out.main, out.main.detach() - 0.1, torch.randn(3, generator=g), mask, loss_type="grpo")
+    mtp_loss = -masked_mean(out.mtp[:, 0], mask)
+    main_params = [p for n, p in model.named_parameters() if not n.startswith("mtp_heads.")]
+    return model, out, rl, mtp_loss, main_params, list(model.mtp_heads.parameters())
+
+
+def test_hidden_source_is_hidden_state_statistics():
+    model, out, rl, mtp_loss, main_params, head_params = _model_losses()
+    cal = LambdaCalibrator(CalibrationSettings(), main_params, head_params)
+    got = cal.gradient_stats("hidden", RLGradients(rl, out.hidden), mtp_loss)
+    want = hidden_state_statistics(rl, mtp_loss, out.hidden)
+    torch.testing.assert_close(torch.stack(list(got)), torch.stack(list(want)))
+
+
+def test_exact_source_after_backward_puts_g_rl_plus_lambda_g_mtp_on_grad():
+    """One extra backward: the MTP loss alone (stashed), then the RL loss's own backward, then after_backward.
+    .grad must be g_RL + lambda g_MTP with lambda = exact_occ_coefficient (two independent autograd passes)."""
+    model, out, rl, mtp_loss, main_params, head_params = _model_losses()
+    params = main_params + head_params
+    lam, c, v2 = exact_occ_coefficient(rl, mtp_loss, main_params)
+    g_rl = torch.autograd.grad(rl, params, retain_graph=True, allow_unused=True)
+    g_mtp = torch.autograd.grad(mtp_loss, params, retain_graph=True, allow_unused=True)
+    cal = LambdaCalibrator(CalibrationSettings(), main_params, head_params)
+    coef = cal.coefficient(MTP_TERMS["occ:exact"], 1, None, mtp_loss, 0.1, RLGradients(rl, out.hidden))
+    assert coef is AFTER_BACKWARD
+    assert weighted_sum([mtprl.regimes.HeadTerm(mtp_loss, coef)], rl).item() == 0.0  # pending terms left out
+    rl.backward()
+    cal.after_backward()
+    metrics = cal.pop_metrics()
+    assert metrics["mtp/lambda/1"][0] == pytest.approx(lam.item(), rel=1e-5)
+    assert metrics["mtp/c_exact/1"][0] == pytest.approx(c.item(), rel=1e-5)
+    for p, a, b in zip(params, g_rl, g_mtp):
+        want = (torch.zeros_like(p) if a is None else a) + lam * (torch.zeros_like(p) if b is None else b)
+        torch.testing.assert_close(p.grad, want, atol=1e-6, rtol=1e-5)
+
+
+def test_last_layers_with_the_graph_cut_is_pending_and_without_a_batch_is_zero():
+    regime = MTP_TERMS["occ:last_layers"]
+    cal = LambdaCalibrator(CalibrationSettings(), [], [])
+    loss = torch.tensor(1.0)
+    assert cal.coefficient(regime, 1, None, loss, 0.1, RLGradients(loss, None), cut=True) is BY_SPLIT_BACKWARD
+    assert cal.coefficient(regime, 1, None, loss, 0.1, None).item() == 0.0  # not training: no gradients
+
+
+def test_a_non_finite_lambda_becomes_zero_and_is_counted():
+    cal = LambdaCalibrator(CalibrationSettings(), [], [])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        lam = cal.lambda_from(OCCStats(torch.tensor(float("nan")), torch.tensor(1.0)), 2)
+    assert lam.item() == 0.0 and "head 2" in str(caught[0].message)
+    assert cal.pop_metrics() == {"mtp/lambda_nonfinite/2": [1.0]} and cal.pop_metrics() == {}
+    broken = lambda_from_stats(OCCStats(torch.tensor(float("nan")), torch.tensor(1.0)))  # the unguarded formula
+    assert math.isnan(broken.item())
+
+
+@pytest.mark.parametrize("name", ["detach", "ce", "policy", "occ:paper"])
+def test_regime_losses_are_pure_functions_of_plain_data(name):
+    """Same data in, same loss out, no gradient written anywhere: the losses only build a graph."""
+    main, mtp, old_main, old_mtp, mask, adv = _batch()
+    regime = MTP_TERMS[name]
+    heads = head_data(main, mtp, old_main, old_mtp, mask, adv, regime.ratio_against)
+    first = [regime.loss(h, _scaling()) for h in heads]
+    again = [regime.loss(h, _scaling()) for h in heads]
+    assert main.grad is None and mtp.grad is None
+    for k, (a, b) in enumerate(zip(first, again)):
+        assert a.item() == b.item()
+        want = (-masked_mean(mtp[:, k], mask) if regime.loss.__name__ == "ce_on_samples"
+                else policy_loss(mtp[:, k], old_mtp[:, k], adv, mask, loss_type="grpo"))
+        torch.testing.assert_close(a, want)
