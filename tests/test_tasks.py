@@ -100,3 +100,54 @@ def test_safe_reward_isolates_the_failing_samples():
     out = safe_reward(picky)(prompts=["a", "b", "c"], completions=["ok", "boom", "fine"],
                              log_metric=lambda n, v: logged.append((n, v)))
     assert out == [1.0, 0.0, 1.0] and logged == [("rewards/failures", 1.0)]
+
+
+def test_a_reward_function_failing_on_every_sample_stops_the_run_with_its_cause():
+    from mtprl.tasks import RewardFailure
+
+    def broken(prompts, completions, **kwargs):
+        return [kwargs["ground_truth"] for _ in completions]  # a KeyError on every call
+
+    logged = []
+    with pytest.raises(RewardFailure, match="every one of the 3 samples") as caught:
+        safe_reward(broken)(prompts=["a", "b", "c"], completions=["x", "y", "z"],
+                            log_metric=lambda n, v: logged.append((n, v)))
+    assert isinstance(caught.value.__cause__, KeyError) and logged == []
+    with pytest.raises(RewardFailure, match="every one of the 2 samples"):  # the task scorer too
+        TaskReward()(None, ["3", "4"], ["3", "4"], task=["reasoning_gym:chain_sum"] * 2, metadata=["{bad", "{bad"])
+
+
+def test_the_first_failure_prints_its_traceback_once_and_a_recovered_batch_says_so(capsys):
+    def picky(prompts, completions, **kwargs):
+        if "boom" in completions:
+            raise KeyError("boom")
+        return [1.0] * len(completions)
+
+    wrapped = safe_reward(picky)
+    with pytest.warns(UserWarning, match="failed on 1/2 samples"):
+        assert wrapped(prompts=["a", "b"], completions=["boom", "ok"]) == [0.0, 1.0]
+    wrapped(prompts=["a", "b"], completions=["boom", "ok"])
+    assert capsys.readouterr().err.count("Traceback") == 1
+
+    def batch_only(prompts, completions, **kwargs):
+        if len(completions) > 1:
+            raise ValueError("batch too large")
+        return [1.0]
+
+    logged = []
+    with pytest.warns(UserWarning, match="without failing"):
+        out = safe_reward(batch_only)(prompts=["a", "b"], completions=["x", "y"],
+                                      log_metric=lambda n, v: logged.append((n, v)))
+    assert out == [1.0, 1.0] and logged == [("rewards/failures", 0.0)]
+
+
+def test_reward_failure_raise_stops_at_the_first_failure_as_trl_does():
+    def picky(prompts, completions, **kwargs):
+        raise KeyError("boom")
+
+    assert safe_reward(picky, "raise") is picky
+    from mtprl.tasks import RewardFailure
+
+    with pytest.raises(RewardFailure, match="reward_failure=raise"):
+        TaskReward(on_failure="raise")(None, ["3", "4"], ["3", "4"], task=["reasoning_gym:chain_sum"] * 2,
+                                       metadata=["{bad", "{}"])

@@ -486,3 +486,18 @@ def test_occ_last_layers_split_backward_is_autograds_gradient(tmp_path, checkpoi
     assert set(grads) == set(reference_grads) and any(n.startswith("model.layers.0.") for n in grads)
     for name, g in reference_grads.items():
         torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_a_scorer_that_fails_on_every_sample_stops_training_at_the_first_step(tmp_path):
+    from mtprl.tasks import RewardFailure
+
+    def needs_ground_truth(prompts, completions, **kwargs):
+        return [float(c == kwargs["ground_truth"]) for c in completions]
+
+    trainer = _mtp_trainer(tmp_path, mtp_regime="ce", max_steps=3)
+    trainer.reward_funcs = [mtprl.tasks.safe_reward(needs_ground_truth)]
+    with pytest.raises(RewardFailure, match="every one of the 8 samples"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+    with pytest.raises(ValueError, match="reward_failure must be one of zero, raise"):
+        MTPGRPOConfig(output_dir=str(tmp_path / "x"), reward_failure="ignore", **COMMON)

@@ -20,6 +20,7 @@ from .mtp import INIT_CHOICES
 from .objectives import HEAD_LOSSES
 from .regimes import OCC_VARIANTS, REGIMES
 from .rollout import DRAFT_POLICIES
+from .tasks import REWARD_FAILURE_MODES
 from .trl_compat import TRL_LOSS_TYPES
 
 # ------------------------------------------------------------------------------------------- validation helpers
@@ -138,6 +139,10 @@ class MTPGRPOConfig(HeadFields, GRPOConfig):
                 "next-token distribution). The heads then always learn, while lambda (or mtp_coef) decides only what "
                 "reaches the trunk; none keeps OCC as the paper defines it."})
     mtp_head_coef: float = field(default=0.1, metadata={"help": "Weight of the mtp_head_loss term."})
+    reward_failure: str = field(default="zero", metadata={
+        "help": "A reward function that raises: zero (that sample scores 0 and is counted in rewards/failures; the "
+                "first failure prints its traceback; a batch on which every sample fails stops the run) | raise "
+                "(any failure stops the run, as in TRL)."})
 
     def __post_init__(self):
         self.check_mtp_fields()
@@ -162,6 +167,7 @@ class MTPGRPOConfig(HeadFields, GRPOConfig):
         check_choice("loss_type", self.loss_type, TRL_LOSS_TYPES)
         check_choice("mtp_head_loss", self.mtp_head_loss, HEAD_LOSSES)
         check_number("mtp_head_coef", self.mtp_head_coef)
+        check_choice("reward_failure", self.reward_failure, REWARD_FAILURE_MODES)
         if self.mtp_draft_tokens and self.mtp_regime == "none":
             raise ValueError("mtp_draft_tokens > 0 drafts with the MTP heads, which mtp_regime=none does not attach; "
                              "use e.g. mtp_regime=detach (heads trained, policy untouched)")

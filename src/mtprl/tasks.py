@@ -17,6 +17,7 @@ import os
 import re
 import signal
 import threading
+import traceback
 import warnings
 from contextlib import contextmanager
 
@@ -318,18 +319,58 @@ def math_verify_score(prediction: str, answer: str) -> float:
     return float(verify(gold, pred))
 
 
+REWARD_FAILURE_MODES = ("zero", "raise")
+
+
+class RewardFailure(RuntimeError):
+    """A reward function failed on every sample of a batch: a broken scorer, not an unlucky sample."""
+
+
+class FailurePolicy:
+    """What a reward function's failures do to the run (`reward_failure`): `zero` scores a failing sample 0
+    (occasional failures: a time-out, an unparsable answer) but stops the run when *every* sample of a batch
+    (two or more) fails, since then the whole run would train at reward 0; `raise` stops at the first failure,
+    as TRL does. The first failure of any kind prints its traceback once."""
+
+    def __init__(self, name: str, mode: str = "zero"):
+        if mode not in REWARD_FAILURE_MODES:
+            raise ValueError(f"reward_failure must be one of {', '.join(REWARD_FAILURE_MODES)}; got {mode!r}")
+        self.name, self.mode, self.shown = name, mode, False
+
+    def check(self, errors: list[BaseException], total: int) -> None:
+        """The failures of one batch of `total` samples (`errors`, in sample order)."""
+        if not errors:
+            return
+        first = errors[0]
+        if self.mode == "raise":
+            raise RewardFailure(f"reward function {self.name!r} raised on a sample ({type(first).__name__}: "
+                                f"{first}); reward_failure=raise stops the run") from first
+        if len(errors) == total and total > 1:
+            raise RewardFailure(
+                f"reward function {self.name!r} failed on every one of the {total} samples of a batch (first: "
+                f"{type(first).__name__}: {first}): training on reward 0 would waste the run. Fix the scorer (the "
+                "traceback above is its first failure), or set reward_failure=raise to stop at any failure") from first
+        if not self.shown:
+            self.shown = True
+            warnings.warn(f"reward function {self.name!r} failed on {len(errors)}/{total} samples; they score 0 "
+                          "(shown once, with the traceback below; rewards/failures counts them)")
+            traceback.print_exception(first, chain=False)
+
+
 class TaskReward:
     """TRL reward function: 1.0 for a correct answer, reasoning-gym's partial credit where it gives one.
 
-    Never raises: a scorer error or time-out scores 0, is counted in `self.failures` and logged through TRL's
-    `log_metric` as `rewards/failures` (failures in that batch)."""
+    A scorer error or time-out scores 0, is counted in `self.failures` and logged through TRL's `log_metric` as
+    `rewards/failures` (failures in that batch); a batch on which every sample fails stops the run
+    (`FailurePolicy`, `on_failure`)."""
 
     __name__ = "accuracy"
 
-    def __init__(self, timeout_s: float = 5.0):
+    def __init__(self, timeout_s: float = 5.0, on_failure: str = "zero"):
         self.timeout_s = timeout_s
         self.failures = 0
         self._scorers = {}
+        self.policy = FailurePolicy(self.__name__, on_failure)
 
     def _scorer(self, task: str):
         if task not in self._scorers:
@@ -353,18 +394,19 @@ class TaskReward:
         n = len(completions)
         task = task or ["jsonl:"] * n
         metadata = metadata or ["{}"] * n
-        rewards, failed = [], 0
+        rewards, errors = [], []
         for completion, ans, t, meta in zip(completions, answer, task, metadata):
             try:
                 rewards.append(self.score(completion, ans, t, meta))
-            except Exception as e:  # noqa: BLE001 - any scorer failure is a 0, never a crash
-                failed += 1
+            except Exception as e:  # noqa: BLE001 - a scorer failure is a 0 (FailurePolicy decides the rest)
+                errors.append(e)
                 rewards.append(0.0)
-                if self.failures + failed <= 5:
+                if self.failures + len(errors) <= 5:
                     warnings.warn(f"reward scorer failed on task {t!r} ({type(e).__name__}: {e}); scoring 0")
-        self.failures += failed
+        self.failures += len(errors)
+        self.policy.check(errors, n)
         if log_metric is not None:
-            log_metric("rewards/failures", float(failed))
+            log_metric("rewards/failures", float(len(errors)))
         return rewards
 
 
@@ -390,14 +432,16 @@ async def _call_one_async(func, one):
         return e
 
 
-def _scored_alone(results, func, batch_error, log_metric):
+def _scored_alone(results, policy, batch_error, log_metric):
     """The rewards of a batch whose call raised, each sample scored alone (`results`: reward or exception);
-    the failures score 0 and are logged."""
-    failed = sum(isinstance(r, Exception) for r in results)
-    warnings.warn(f"reward function {getattr(func, '__name__', func)!r} raised "
-                  f"({type(batch_error).__name__}: {batch_error}); {failed}/{len(results)} samples scored 0")
+    the failures score 0 and are logged, and `policy` decides whether the run goes on."""
+    errors = [r for r in results if isinstance(r, Exception)]
+    if not errors:
+        warnings.warn(f"reward function {policy.name!r} raised on the batch ({type(batch_error).__name__}: "
+                      f"{batch_error}) but scored each of the {len(results)} samples alone without failing")
+    policy.check(errors or [], len(results))
     if log_metric is not None:
-        log_metric("rewards/failures", float(failed))
+        log_metric("rewards/failures", float(len(errors)))
     return [0.0 if isinstance(r, Exception) else r for r in results]
 
 
@@ -407,14 +451,21 @@ def _scored(rewards, log_metric):
     return rewards
 
 
-def safe_reward(func):
-    """Wrap a TRL reward function so that an exception never stops training: if the batch call raises, each
-    sample is scored alone and the ones that still raise get 0. Failures are logged as `rewards/failures`.
+def safe_reward(func, on_failure: str = "zero"):
+    """Wrap a TRL reward function so that an occasional exception does not stop training: if the batch call
+    raises, each sample is scored alone and the ones that still raise get 0 (`rewards/failures`), unless every
+    sample of the batch fails (`FailurePolicy`). on_failure="raise": the function as it is (TRL's behaviour).
     An async reward function (TRL runs those concurrently on its event loop) stays async."""
     from trl.trainer.utils import is_async_callable
 
-    if isinstance(func, TaskReward) or getattr(func, "_mtprl_safe", False):
+    if isinstance(func, TaskReward):
+        func.policy = FailurePolicy(func.__name__, on_failure)
         return func
+    if on_failure == "raise":
+        return func
+    if getattr(func, "_mtprl_safe", False):
+        return func
+    policy = FailurePolicy(getattr(func, "__name__", repr(func)), on_failure)
 
     if is_async_callable(func):
         @functools.wraps(func)
@@ -423,7 +474,7 @@ def safe_reward(func):
                 rewards = await func(*args, log_metric=log_metric, **kwargs)
             except Exception as batch_error:  # noqa: BLE001
                 results = [await _call_one_async(func, one) for one in _one_sample_calls(kwargs)]
-                return _scored_alone(results, func, batch_error, log_metric)
+                return _scored_alone(results, policy, batch_error, log_metric)
             return _scored(rewards, log_metric)
     else:
         @functools.wraps(func)
@@ -432,7 +483,7 @@ def safe_reward(func):
                 rewards = func(*args, log_metric=log_metric, **kwargs)
             except Exception as batch_error:  # noqa: BLE001
                 results = [_call_one(func, one) for one in _one_sample_calls(kwargs)]
-                return _scored_alone(results, func, batch_error, log_metric)
+                return _scored_alone(results, policy, batch_error, log_metric)
             return _scored(rewards, log_metric)
 
     wrapper._mtprl_safe = True

@@ -96,11 +96,13 @@ class MTPGRPOTrainer(MTPCheckpointMixin, GRPOTrainer):
             if not isinstance(args, GRPOConfig):
                 raise TypeError(f"args must be a GRPOConfig or MTPGRPOConfig, got {type(args).__name__}")
             args = MTPGRPOConfig.from_grpo_config(args)
-        # A reward function that raises scores 0 for the samples it fails on, instead of stopping the run (sync or
-        # async). None: no reward functions (environment-owned rewards), as TRL allows; TRL checks the source.
+        # A reward function that raises scores 0 for the samples it fails on (sync or async), unless it fails on
+        # every sample of a batch or reward_failure=raise (`tasks.FailurePolicy`). None: no reward functions
+        # (environment-owned rewards), as TRL allows; TRL checks the source.
         if reward_funcs is not None:
             funcs = reward_funcs if isinstance(reward_funcs, list) else [reward_funcs]
-            reward_funcs = [safe_reward(f) if callable(f) and not isinstance(f, torch.nn.Module) else f
+            reward_funcs = [safe_reward(f, args.reward_failure) if callable(f) and not isinstance(f, torch.nn.Module)
+                            else f
                             for f in funcs]
         super().__init__(model=model, reward_funcs=reward_funcs, args=args, **kwargs)
         self.add_callback(MetricsJsonlCallback(args.output_dir))
