@@ -351,3 +351,28 @@ def test_eval_and_mtp_only_sampling_take_the_draft_options(tmp_path):
                  "--max_steps", "2", "--mtp_only", "true", "--mtp_only_max_new_tokens", "4", "--mtp_draft_tokens", "2",
                  "--per_device_train_batch_size", "8", "--eval_after", "false"]) == 0
     assert os.path.isfile(os.path.join(sft, "mtp_heads.safetensors"))
+
+
+def test_a_mistyped_local_path_fails_at_once_and_hub_ids_are_not_refused(tmp_path, monkeypatch):
+    import time
+
+    from mtprl.models import check_local_path, looks_local
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    start = time.time()
+    with pytest.raises(OSError, match="no such directory"):
+        check_local_path("runs/does-not-exist")
+    assert time.time() - start < 1.0
+    assert main(["eval", "--model_name_or_path", "runs/does-not-exist"]) == 1
+    for hub_id in ("HuggingFaceTB/SmolLM2-135M-Instruct", "gpt2"):
+        assert not looks_local(hub_id)
+        check_local_path(hub_id)  # never refused here: from_pretrained decides
+    assert looks_local("./model") and looks_local("/abs/model") and looks_local("a/b/c")
+
+
+def test_temperature_zero_is_refused_at_construction(tmp_path):
+    from mtprl import MTPGRPOConfig
+
+    with pytest.raises(ValueError, match="temperature must be a finite number in \\(0"):
+        MTPGRPOConfig(output_dir=str(tmp_path), temperature=0.0, use_cpu=True, report_to=[])

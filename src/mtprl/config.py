@@ -168,6 +168,8 @@ class MTPGRPOConfig(HeadFields, GRPOConfig):
         check_choice("mtp_head_loss", self.mtp_head_loss, HEAD_LOSSES)
         check_number("mtp_head_coef", self.mtp_head_coef)
         check_choice("reward_failure", self.reward_failure, REWARD_FAILURE_MODES)
+        # sampling divides the logits by it (TRL's kernel, the drafter's warpers): 0 would fail mid-run
+        check_number("temperature", self.temperature, 0.0, low_open=True)
         if self.mtp_draft_tokens and self.mtp_regime == "none":
             raise ValueError("mtp_draft_tokens > 0 drafts with the MTP heads, which mtp_regime=none does not attach; "
                              "use e.g. mtp_regime=detach (heads trained, policy untouched)")

@@ -7,6 +7,8 @@ TRL, accelerate and `AutoModelForCausalLM` treat it as they would a hub checkpoi
 
 from __future__ import annotations
 
+import os
+
 import string
 
 import torch
@@ -88,6 +90,21 @@ def _stock_class(name_or_path, trust_remote_code, gguf_file) -> dict:
     return {"config": config_cls(**fields)}
 
 
+def looks_local(name_or_path: str) -> bool:
+    """A path rather than a hub id: absolute, relative ('./', '../', '~'), more than one '/', or its first
+    component is a directory here (`runs/x` next to `runs/`). A hub id is 'name' or 'org/name'."""
+    if name_or_path.startswith(("/", "./", "../", "~")) or name_or_path.count("/") > 1:
+        return True
+    return "/" in name_or_path and os.path.isdir(name_or_path.split("/", 1)[0])
+
+
+def check_local_path(name_or_path: str) -> None:
+    """A path that looks local and is not a directory fails at once, instead of after the hub's retries."""
+    if looks_local(name_or_path) and not os.path.exists(os.path.expanduser(name_or_path)):
+        raise OSError(f"model_name_or_path {name_or_path!r}: no such directory (it looks like a local path, so the "
+                      "hub was not asked; a hub id is 'org/name'; offline, HF_HUB_OFFLINE=1 skips the hub for ids)")
+
+
 def load_base_model(name_or_path: str, *, dtype: str = "auto", attn_implementation: str | None = None,
                     trust_remote_code: bool = False, gguf_file: str | None = None):
     """(model, tokenizer) through `from_pretrained`: a hub id or a local directory, optionally a GGUF file in it.
@@ -96,6 +113,7 @@ def load_base_model(name_or_path: str, *, dtype: str = "auto", attn_implementati
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    check_local_path(name_or_path)
     kwargs = {"trust_remote_code": trust_remote_code}
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
