@@ -43,8 +43,20 @@ def test_sft_train_eval_round_trip(tmp_path, capsys):
                  "--resume_from_checkpoint", os.path.join(run, "checkpoint-2")]) == 0
     steps = [r["step"] for r in _rows(run) if "mtp/lambda/1" in r]
     assert steps == [1, 2, 3, 4]
+    assert [r["step"] for r in _rows(run) if "train_loss" in r] == [4]  # the step-2 summary row went
     for name in ("eval_before.json", "eval.json"):
         assert "avg@2" in json.load(open(os.path.join(run, name)))
+    # A finished run asked for more steps trains on (TRL's behaviour), keeping the earlier evaluation.
+    capsys.readouterr()
+    assert main(["train", *common, "--max_steps", "6", "--eval_before", "false", "--resume_from_checkpoint",
+                 "true"]) == 0
+    assert "resuming" in capsys.readouterr().out
+    assert [r["step"] for r in _rows(run) if "mtp/lambda/1" in r] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in _rows(run) if "train_loss" in r] == [6]
+    assert os.path.isfile(os.path.join(run, "eval-step4.json")) and os.path.isfile(os.path.join(run, "eval.json"))
+    assert json.load(open(os.path.join(run, "run_info.json")))["trained_steps"] == 6
+    assert main(["train", *common, "--max_steps", "6", "--resume_from_checkpoint", "true"]) == 0
+    assert "not running it again" in capsys.readouterr().out
     out = str(tmp_path / "again.json")
     assert main(["eval", *TASK, "--model_name_or_path", run, "--eval_output", out]) == 0
     assert json.load(open(out))["num_questions"] == 8

@@ -501,3 +501,17 @@ def test_a_scorer_that_fails_on_every_sample_stops_training_at_the_first_step(tm
     assert trainer.state.global_step == 0
     with pytest.raises(ValueError, match="reward_failure must be one of zero, raise"):
         MTPGRPOConfig(output_dir=str(tmp_path / "x"), reward_failure="ignore", **COMMON)
+
+
+def test_resuming_through_the_python_api_logs_each_step_once(tmp_path):
+    """MTPGRPOTrainer.train(resume_from_checkpoint=True) after a finished 3-step run to max_steps 4: the trainer
+    itself cuts metrics.jsonl back to the checkpoint (no step twice, one summary row)."""
+    kw = dict(mtp_regime="occ", steps_per_generation=2, save_strategy="steps", save_steps=3)
+    first = _mtp_trainer(tmp_path, "run", max_steps=3, **kw)
+    first.train()
+    assert [r["step"] for r in _metrics(tmp_path / "run") if "loss" in r] == [1, 2, 3]
+    second = _mtp_trainer(tmp_path, "run", max_steps=4, **kw)
+    second.train(resume_from_checkpoint=True)
+    rows = _metrics(tmp_path / "run")
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
+    assert [r["step"] for r in rows if "train_loss" in r] == [4]

@@ -44,7 +44,7 @@ from .callbacks import PeriodicEvalCallback, phase
 from .config import DraftFields, check_draft_options
 from .faults import kill_point
 from .jsonl import atomic_write_json
-from .runs import prepare_run, resume_point, start_fingerprint, truncate_metrics
+from .runs import prepare_run, record_trained_steps, start_fingerprint
 
 USAGE = """usage: mtprl <command> [--config FILE.yaml] [--field value ...]
 
@@ -314,11 +314,9 @@ def run_training(task_args: TaskArguments, cfg, label: str | None = None) -> dic
         "task": task_args.dataset_name or task_args.task, "max_steps": cfg.max_steps, "loss_type": cfg.loss_type,
         "mtp_coef": cfg.mtp_coef, "occ_lambda_plus": cfg.occ_lambda_plus, "mtp_draft_tokens": cfg.mtp_draft_tokens,
         "start_model": start_fingerprint(task_args.model_name_or_path)})
-    resume = resume_point(cfg.output_dir, cfg.resume_from_checkpoint)
-    if resume is not None:  # one resume rule: the log is cut back to the checkpoint's step
-        truncate_metrics(cfg.output_dir, resume[1])
-    trainer.train(resume_from_checkpoint=cfg.resume_from_checkpoint)
+    trainer.train(resume_from_checkpoint=cfg.resume_from_checkpoint)  # the trainer cuts the log back on resume
     trainer.save_model(cfg.output_dir)
+    record_trained_steps(cfg.output_dir, trainer.state.global_step)
     phase(f"train: done, metrics in {os.path.join(cfg.output_dir, 'metrics.jsonl')}")
     if task_args.eval_after:
         return _evaluate(model, tokenizer, eval_ds, task_args, os.path.join(cfg.output_dir, "eval.json"),

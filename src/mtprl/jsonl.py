@@ -102,6 +102,7 @@ def truncate_log_to_step(path: str, step: int) -> int:
     if not os.path.isfile(path):
         return 0
     rows = [row for _, row in read_jsonl(path, "metrics file", tolerate_torn_tail=True)]
-    kept = [row for row in rows if row.get("step", 0) <= step]
+    # the summary row a finished train() logs ("train_loss") at `step` belongs to the run being continued: it goes
+    kept = [row for row in rows if row.get("step", 0) < step or row.get("step", 0) == step and "train_loss" not in row]
     atomic_write_text(path, "".join(json.dumps(row, default=float) + "\n" for row in kept))
     return len(rows) - len(kept)

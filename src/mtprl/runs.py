@@ -81,9 +81,40 @@ def truncate_metrics(run_dir, step):
         phase(f"resume: {run_dir}/metrics.jsonl cut back to step {step} ({dropped} later rows dropped)")
 
 
+def trained_steps(run_dir: str) -> int | None:
+    """The optimizer steps the run's final model was trained for (`run_info.json`; None: not recorded)."""
+    info = os.path.join(run_dir, "run_info.json")
+    if not os.path.isfile(info):
+        return None
+    with open(info) as f:
+        return json.load(f).get("trained_steps")
+
+
+def record_trained_steps(run_dir: str, steps: int) -> None:
+    """Written beside the final model: what `run_state` calls finished is trained to the max_steps asked for."""
+    from .jsonl import atomic_write_json
+
+    info = os.path.join(run_dir, "run_info.json")
+    record = {}
+    if os.path.isfile(info):
+        with open(info) as f:
+            record = json.load(f)
+    atomic_write_json(info, {**record, "trained_steps": int(steps)})
+
+
 def run_state(run_dir: str, max_steps: int) -> RunState:
+    """finished: evaluated after training to `max_steps` (or more); a run evaluated after fewer steps trains on
+    from its last checkpoint (TRL's behaviour for a larger max_steps)."""
     if os.path.isfile(os.path.join(run_dir, "eval.json")):
-        return RunState("finished")
+        done = trained_steps(run_dir)
+        if done is None or done >= max_steps:
+            return RunState("finished")
+        checkpoint, step = latest_checkpoint(run_dir)
+        if checkpoint is None or step < done:
+            raise ValueError(f"{run_dir} was trained for {done} steps and max_steps is now {max_steps}, but it has "
+                             f"no checkpoint of step {done} to train on from (save_strategy 'no'?); use another "
+                             "output_dir, or train it again from the start")
+        return RunState("resume", checkpoint, step)
     if is_complete_checkpoint(run_dir):  # killed during the final evaluation
         return RunState("evaluate")
     checkpoint, step = latest_checkpoint(run_dir)
@@ -106,11 +137,33 @@ def prepare_run(run_dir: str, max_steps: int, who: str, model_name_or_path: str 
     elif state.kind == "evaluate":
         phase(f"{who}: {run_dir} finished training; evaluating it")
     elif state.kind == "resume":
-        phase(f"{who}: resuming {run_dir} from {state.checkpoint}")
+        phase(f"{who}: resuming {run_dir} from {state.checkpoint} (to step {max_steps})")
+        keep_earlier_evaluation(run_dir, state.step)
         truncate_metrics(run_dir, state.step)
     elif os.path.isfile(os.path.join(run_dir, "metrics.jsonl")):  # killed before its first checkpoint
         os.remove(os.path.join(run_dir, "metrics.jsonl"))
     return state
+
+
+def keep_earlier_evaluation(run_dir: str, step: int) -> None:
+    """A run continued past an evaluated end keeps that evaluation as eval-step<N>.json (nothing is lost)."""
+    path = os.path.join(run_dir, "eval.json")
+    if os.path.isfile(path):
+        kept = os.path.join(run_dir, f"eval-step{step}.json")
+        os.replace(path, kept)
+        phase(f"resume: the evaluation at step {step} is kept as {kept}")
+
+
+class ConsistentLogOnResume:
+    """Trainer mixin: `train(resume_from_checkpoint=...)` (a path, or True for the latest) first cuts
+    `<output_dir>/metrics.jsonl` back to the checkpoint's step, so each step is logged once whichever way the run
+    is resumed (CLI or Python API)."""
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        point = resume_point(self.args.output_dir, resume_from_checkpoint)
+        if point is not None and self.args.should_save:
+            truncate_metrics(self.args.output_dir, point[1])
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
 
 def start_fingerprint(model_name_or_path: str) -> dict:

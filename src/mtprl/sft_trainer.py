@@ -12,9 +12,10 @@ from .checkpoints import MTPCheckpointMixin, attach_or_load_heads
 from .config import MTPSFTConfig
 from .logprobs import add_mtp_forward
 from .objectives import masked_mean, mtp_ce_loss
+from .runs import ConsistentLogOnResume
 
 
-class MTPSFTTrainer(MTPCheckpointMixin, SFTTrainer):
+class MTPSFTTrainer(ConsistentLogOnResume, MTPCheckpointMixin, SFTTrainer):
     """SFTTrainer whose loss is main CE + mtp_coef * mean_k CE_k, from one trunk forward; with `mtp_only` the
     main model is frozen and the loss is mean_k KL(p_main || q_k) (self-distillation of the heads)."""
 

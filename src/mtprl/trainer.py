@@ -47,6 +47,7 @@ from .objectives import LOSS_TYPES, head_only_loss, masked_mean, policy_loss
 from .regimes import (AFTER_BACKWARD, BY_SPLIT_BACKWARD, HeadTerm, LossScaling, Pending, head_data,
                       head_policy_loss, regime_for, weighted_sum, with_scaled_advantages)
 from .rollout import drafted_generate, make_draft_policy
+from .runs import ConsistentLogOnResume
 from .split_backward import TrunkCut, split_backward_loss
 from .tasks import safe_reward
 from .trl_compat import give_reference_the_heads, trl_head_loss
@@ -85,7 +86,7 @@ class ForwardLedger:
 
 
 
-class MTPGRPOTrainer(MTPCheckpointMixin, GRPOTrainer):
+class MTPGRPOTrainer(ConsistentLogOnResume, MTPCheckpointMixin, GRPOTrainer):
     """GRPOTrainer whose model carries MTP heads trained under `args.mtp_regime` (see MTPGRPOConfig)."""
 
     def __init__(self, model, reward_funcs=None, args: MTPGRPOConfig | None = None, **kwargs):
