@@ -60,6 +60,14 @@ def test_sft_train_eval_round_trip(tmp_path, capsys):
     out = str(tmp_path / "again.json")
     assert main(["eval", *TASK, "--model_name_or_path", run, "--eval_output", out]) == 0
     assert json.load(open(out))["num_questions"] == 8
+    # eval of a run: the run's own task settings (its 1-digit sums, not the task's built-in config) into a file of
+    # its own; the training's eval.json stays as it was.
+    before = open(os.path.join(run, "eval.json")).read()
+    assert main(["eval", "--model_name_or_path", run, "--eval_size", "8", "--eval_k", "2"]) == 0
+    assert open(os.path.join(run, "eval.json")).read() == before
+    (own,) = os.listdir(os.path.join(run, "evals"))
+    again = json.load(open(os.path.join(run, "evals", own)))
+    assert again["questions_digest"] == json.loads(before)["questions_digest"]
 
 
 def test_bad_input_is_a_clear_error(tmp_path, capsys):

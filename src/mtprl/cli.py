@@ -36,6 +36,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from dataclasses import dataclass, field
 
 from trl import TrlParser
@@ -113,8 +114,9 @@ class TaskArguments:
                 "split, question_column, answer_column, size}}; avg@k / pass@k per benchmark and their average."})
     eval_before: bool = field(default=False, metadata={"help": "train: evaluate the starting model too."})
     eval_after: bool = field(default=True, metadata={"help": "sft/train: evaluate the final model."})
-    eval_output: str | None = field(default=None, metadata={"help": "eval: where to write the JSON "
-                                                                     "(default <model>/eval.json)."})
+    eval_output: str | None = field(default=None, metadata={
+        "help": "eval: where to write the JSON (default <model>/evals/eval-<time>.json: a run's eval.json, the "
+                "training's final evaluation, is replaced only when named here)."})
     overwrite: bool = field(default=False, metadata={"help": "sft: train again even if output_dir holds a model."})
 
     def task_options(self) -> dict:
@@ -313,7 +315,8 @@ def run_training(task_args: TaskArguments, cfg, label: str | None = None) -> dic
         "label": label or cfg.mtp_regime, "model": task_args.model_name_or_path,
         "task": task_args.dataset_name or task_args.task, "max_steps": cfg.max_steps, "loss_type": cfg.loss_type,
         "mtp_coef": cfg.mtp_coef, "occ_lambda_plus": cfg.occ_lambda_plus, "mtp_draft_tokens": cfg.mtp_draft_tokens,
-        "start_model": start_fingerprint(task_args.model_name_or_path)})
+        "start_model": start_fingerprint(task_args.model_name_or_path),
+        "task_args": {name: getattr(task_args, name) for name in RUN_TASK_FIELDS}})
     trainer.train(resume_from_checkpoint=cfg.resume_from_checkpoint)  # the trainer cuts the log back on resume
     trainer.save_model(cfg.output_dir)
     record_trained_steps(cfg.output_dir, trainer.state.global_step)
@@ -366,14 +369,56 @@ def cmd_train(argv) -> dict | None:
     return run_training(task_args, cfg)
 
 
+# The TaskArguments a run records in run_info.json, so that `mtprl eval` of the run evaluates what it trained on.
+RUN_TASK_FIELDS = ("task", "task_config", "dataset_name", "dataset_config", "dataset_train_split",
+                   "dataset_test_split", "question_column", "answer_column", "prompt_format", "system_prompt",
+                   "train_size", "eval_size", "task_seed", "eval_k", "eval_max_new_tokens", "eval_datasets")
+
+
+def explicit_fields(argv) -> set[str]:
+    """The fields a command line sets itself: `--name` flags and the keys of its `--config` YAML."""
+    import yaml
+
+    names = {a[2:].split("=", 1)[0] for a in argv if a.startswith("--")}
+    for i, a in enumerate(argv):
+        path = argv[i + 1] if a == "--config" and i + 1 < len(argv) else a.split("=", 1)[1] if a.startswith(
+            "--config=") else None
+        if path and os.path.isfile(path):
+            with open(path) as f:
+                names |= set(yaml.safe_load(f) or {})
+    return names
+
+
+def _run_task_settings(task_args: TaskArguments, argv) -> None:
+    """A run directory's recorded task settings for every field the command line does not set."""
+    info = os.path.join(task_args.model_name_or_path, "run_info.json")
+    if not os.path.isfile(info):
+        return
+    with open(info) as f:
+        recorded = json.load(f).get("task_args") or {}
+    taken = [name for name in RUN_TASK_FIELDS if name in recorded and name not in explicit_fields(argv)]
+    for name in taken:
+        setattr(task_args, name, recorded[name])
+    if taken:
+        phase(f"eval: the run's own task settings from {info} ({', '.join(taken)}); set a field to override it")
+
+
+def _eval_path(task_args: TaskArguments) -> str:
+    """Where `mtprl eval` writes: `eval_output` if named, else a new file of its own (a run's eval.json, the
+    training's final evaluation, is never replaced unless the user names that path)."""
+    if task_args.eval_output:
+        return task_args.eval_output
+    where = task_args.model_name_or_path if os.path.isdir(task_args.model_name_or_path) else "."
+    os.makedirs(os.path.join(where, "evals"), exist_ok=True)
+    return os.path.join(where, "evals", f"eval-{time.strftime('%Y%m%d-%H%M%S')}.json")
+
+
 def cmd_eval(argv) -> dict:
     task_args, eval_args = TrlParser((TaskArguments, EvalArguments)).parse_args_and_config(argv)
+    _run_task_settings(task_args, list(argv))
     model, tokenizer = _load(task_args, trust_remote_code=eval_args.trust_remote_code)
     _, eval_ds = _splits(task_args, tokenizer)
-    default = os.path.join(task_args.model_name_or_path, "eval.json") if os.path.isdir(
-        task_args.model_name_or_path) else "eval.json"
-    return _evaluate(model, tokenizer, eval_ds, task_args, task_args.eval_output or default,
-                     task_args.model_name_or_path,
+    return _evaluate(model, tokenizer, eval_ds, task_args, _eval_path(task_args), task_args.model_name_or_path,
                      draft_policy(eval_args.mtp_draft_tokens, eval_args.mtp_draft_policy, model))
 
 
