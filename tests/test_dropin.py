@@ -277,7 +277,7 @@ def test_head_only_term_trains_the_heads_even_when_lambda_is_zero(tmp_path, kind
 
     inputs = _crafted_inputs()  # no old log-probs: the first step after a rollout, lambda = 0
     grads = {}
-    for name, extra in (("none", {}), ("with", dict(mtp_head_loss=kind, mtp_head_coef=0.5))):
+    for name, extra in (("none", dict(mtp_head_loss="none")), ("with", dict(mtp_head_loss=kind, mtp_head_coef=0.5))):
         model, tok = _small_model()
         trainer = _mtp_trainer(tmp_path, name, model=(model, tok), mtp_regime="occ", **extra)
         _, grads[name] = _loss_and_grads(trainer, dict(inputs))
@@ -353,3 +353,36 @@ def test_occ_trains_with_trls_own_loss_types_and_several_updates_per_rollout(tmp
     assert len(lambdas) == 3 and any(lam != 0.0 for lam in lambdas)
     unchanged = [n for n, p in trainer.model.named_parameters() if torch.equal(before[n], p)]
     assert not unchanged, unchanged
+
+
+def test_the_drop_in_trains_the_heads_at_trls_defaults_and_says_how(tmp_path):
+    """A plain GRPOConfig (one optimizer step per rollout) under the default occ: lambda = 0, so mtp_head_loss=auto
+    picks the head-only ce term and the warning says so; set explicitly, nothing is chosen and nothing warns;
+    with several updates per rollout auto keeps OCC alone."""
+    import torch
+    from trl import GRPOConfig
+
+    def heads_moved(trainer):
+        before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if n.startswith("mtp_heads.")}
+        trainer.train()
+        return all(not torch.equal(before[n], p) for n, p in trainer.model.named_parameters() if n in before)
+
+    model, tok = _small_model()
+    plain = GRPOConfig(output_dir=str(tmp_path / "a"), max_steps=1, **COMMON)
+    with pytest.warns(UserWarning, match="mtp_head_loss=auto chose ce"):
+        trainer = MTPGRPOTrainer(model=model, reward_funcs=[digit_reward], args=plain, train_dataset=_dataset(),
+                                 processing_class=tok)
+    assert trainer.head_loss == "ce" and heads_moved(trainer)
+    assert all(row.get("mtp/lambda/1", 0.0) == 0.0 for row in trainer.state.log_history)  # OCC itself untouched
+
+    model, tok = _small_model()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = MTPGRPOTrainer(model=model, reward_funcs=[digit_reward], train_dataset=_dataset(),
+                                 processing_class=tok, args=MTPGRPOConfig(output_dir=str(tmp_path / "b"), max_steps=1,
+                                                                          mtp_head_loss="none", **COMMON))
+    assert trainer.head_loss == "none" and not any("OCC cannot see" in str(w.message) for w in caught)
+    several = MTPGRPOConfig(output_dir=str(tmp_path / "c"), max_steps=1, steps_per_generation=2, **COMMON)
+    model, tok = _small_model()
+    assert MTPGRPOTrainer(model=model, reward_funcs=[digit_reward], args=several, train_dataset=_dataset(),
+                          processing_class=tok).head_loss == "none"

@@ -133,11 +133,13 @@ class MTPGRPOConfig(HeadFields, GRPOConfig):
         "help": "Every N optimizer steps also compute, on the same micro-batch, the exact c and v2 and every "
                 "lambda source's (hidden, last_layers, ema, the proxies), for every regime that runs the heads: "
                 "mtp/c_<source>/k, mtp/v2_<source>/k. 0 = never."})
-    mtp_head_loss: str = field(default="none", metadata={
+    mtp_head_loss: str = field(default="auto", metadata={
         "help": "A head-only term added under every regime, its gradient stopped at the heads' inputs (trunk, "
                 "embeddings and LM head detached): none | ce (the sampled tokens) | distill (KL from the policy's own "
-                "next-token distribution). The heads then always learn, while lambda (or mtp_coef) decides only what "
-                "reaches the trunk; none keeps OCC as the paper defines it."})
+                "next-token distribution) | auto (none, except under occ when every rollout feeds one optimizer step: "
+                "there lambda = 0 throughout and the heads would never learn, so ce, and the start warning says so). "
+                "The heads then always learn, while lambda (or mtp_coef) decides only what reaches the trunk; none "
+                "keeps OCC as the paper defines it."})
     mtp_head_coef: float = field(default=0.1, metadata={"help": "Weight of the mtp_head_loss term."})
     reward_failure: str = field(default="zero", metadata={
         "help": "A reward function that raises: zero (that sample scores 0 and is counted in rewards/failures; the "
@@ -165,7 +167,7 @@ class MTPGRPOConfig(HeadFields, GRPOConfig):
         check_choice("mtp_regime", self.mtp_regime, REGIMES)
         self.check_head_fields()
         check_choice("loss_type", self.loss_type, TRL_LOSS_TYPES)
-        check_choice("mtp_head_loss", self.mtp_head_loss, HEAD_LOSSES)
+        check_choice("mtp_head_loss", self.mtp_head_loss, (*HEAD_LOSSES, "auto"))
         check_number("mtp_head_coef", self.mtp_head_coef)
         check_choice("reward_failure", self.reward_failure, REWARD_FAILURE_MODES)
         # sampling divides the logits by it (TRL's kernel, the drafter's warpers): 0 would fail mid-run

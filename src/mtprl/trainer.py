@@ -112,6 +112,7 @@ class MTPGRPOTrainer(ConsistentLogOnResume, MTPCheckpointMixin, GRPOTrainer):
         self._draft_policy = (make_draft_policy(args.mtp_draft_policy, args.mtp_draft_tokens)
                               if args.mtp_draft_tokens else None)
         self._acceptance: list[float | None] = [None] * args.mtp_num_heads  # since the last rollout, per depth
+        self.head_loss = self._resolve_head_loss()  # mtp_head_loss with `auto` decided
         self.calibrator: LambdaCalibrator | None = None if self.regime is None else self._attach_heads()
         self._warn_about_settings()
 
@@ -132,6 +133,16 @@ class MTPGRPOTrainer(ConsistentLogOnResume, MTPCheckpointMixin, GRPOTrainer):
             reduce=self.accelerator.reduce,  # (tensor, reduction) across data-parallel ranks
             num_processes=self.accelerator.num_processes)
 
+    def _occ_is_blind(self) -> bool:
+        """OCC under settings where every rollout feeds exactly one optimizer step: delta_RL = 0, lambda = 0."""
+        generate_every = self.args.steps_per_generation * self.num_iterations
+        return self.args.mtp_regime == "occ" and self.args.gradient_accumulation_steps % generate_every == 0
+
+    def _resolve_head_loss(self) -> str:
+        if self.args.mtp_head_loss != "auto":
+            return self.args.mtp_head_loss
+        return "ce" if self._occ_is_blind() else "none"
+
     def _warn_about_settings(self) -> None:
         args = self.args
         if self.regime is not None and self.regime.lambda_source == "exact" and (
@@ -139,14 +150,15 @@ class MTPGRPOTrainer(ConsistentLogOnResume, MTPCheckpointMixin, GRPOTrainer):
             raise ValueError("occ_variant=exact adds lambda * g_MTP to the parameters' .grad after the backward; "
                              "that needs unscaled, unpartitioned gradients: not with fp16 loss scaling or DeepSpeed "
                              "(use bf16, DDP or FSDP, or occ_variant=last_layers / hidden)")
-        generate_every = args.steps_per_generation * self.num_iterations
-        if args.mtp_regime == "occ" and args.gradient_accumulation_steps % generate_every == 0:
+        if self._occ_is_blind() and args.mtp_head_loss == "auto":
             warnings.warn(
                 f"OCC cannot see any policy change: with gradient_accumulation_steps={args.gradient_accumulation_steps}"
                 f", steps_per_generation={args.steps_per_generation} and num_iterations={self.num_iterations} every "
-                "rollout is used for exactly one optimizer step, so logp - logp_old = 0 and lambda = 0 throughout "
-                "(OCC degenerates to detach without its CE). Set steps_per_generation > gradient_accumulation_steps "
-                "or num_iterations > 1.", stacklevel=3)
+                "rollout is used for exactly one optimizer step, so logp - logp_old = 0 and lambda = 0 throughout. "
+                f"mtp_head_loss=auto chose ce: the heads learn the sampled tokens (head-only, weight "
+                f"mtp_head_coef={args.mtp_head_coef}) and nothing reaches the trunk, as under detach. For OCC itself "
+                "set steps_per_generation > gradient_accumulation_steps or num_iterations > 1; mtp_head_loss=none "
+                "keeps OCC alone (the heads then never learn).", stacklevel=3)
 
     def _log_metrics(self, mode: str, metrics: dict) -> None:
         """Values (or lists of values) into TRL's per-mode metrics, averaged at the next log."""
@@ -193,7 +205,7 @@ class MTPGRPOTrainer(ConsistentLogOnResume, MTPCheckpointMixin, GRPOTrainer):
                    "mtp_grad": self.regime.mtp_grad, "compute_distill": self.regime.needs_distill,
                    "compute_accept": self.args.mtp_log_acceptance and torch.is_grad_enabled(),
                    "return_hidden": torch.is_grad_enabled() and (self.regime.lambda_source == "hidden"
-                                                                 or self.args.mtp_head_loss != "none"
+                                                                 or self.head_loss != "none"
                                                                  or self.args.occ_fidelity_every > 0)}
         batch_size = batch_size or input_ids.size(0)
         chunks = []
@@ -257,7 +269,7 @@ class MTPGRPOTrainer(ConsistentLogOnResume, MTPCheckpointMixin, GRPOTrainer):
                    if training and self._fidelity_step() else {})
         metrics.update(self._term_metrics(heads, stats, terms, logprobs))
         total = weighted_sum(terms, rl_loss)
-        if self.args.mtp_head_loss != "none" and training:  # the heads always learn, whatever reaches the trunk
+        if self.head_loss != "none" and training:  # the heads always learn, whatever reaches the trunk
             head_losses = self._head_only_losses(logprobs, inputs)
             total = total + self.args.mtp_head_coef * head_losses.mean() / self.current_gradient_accumulation_steps
             metrics.update({f"mtp/head_loss/{k}": v for k, v in enumerate(head_losses.tolist(), start=1)})
@@ -364,7 +376,7 @@ class MTPGRPOTrainer(ConsistentLogOnResume, MTPCheckpointMixin, GRPOTrainer):
     def _head_only_losses(self, logprobs, inputs):
         """`mtp_head_loss` per head [K]: the heads re-run on the trunk's states, embeddings and LM head detached
         (their gradient reaches the heads' own parameters only)."""
-        kind = self.args.mtp_head_loss
+        kind = self.head_loss
         mtp, _, distill, context = self._head_logprobs(logprobs, inputs, "detach", kind == "distill")
         token_mask = _token_mask(inputs)
         return head_only_loss(kind, mtp, distill, token_mask.unsqueeze(1) * context.to(token_mask.dtype))
