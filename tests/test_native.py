@@ -335,3 +335,27 @@ def test_fresh_heads_on_a_family_that_declares_mtp_layers_have_its_mtp_block_and
     again = _load(tmp_path / "out")
     assert again.mtp_heads.native == "deepseek_v3"
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+
+
+def test_load_pretrained_reads_the_native_export_and_says_where_heads_come_from(tmp_path, capsys):
+    """`mtprl export`'s default (native) output loads through the public loader with the same heads; a config that
+    declares MTP layers without their tensors warns and says it attached fresh ones."""
+    from mtprl.cli import main
+
+    _write_checkpoint(tmp_path / "native", "deepseek_v3")
+    assert main(["export", "--model_name_or_path", str(tmp_path / "native"), "--output_dir", str(tmp_path / "out")]) == 0
+    model, tok = mtprl.load_pretrained(str(tmp_path / "out"))
+    first = _load(tmp_path / "native").mtp_heads.state_dict()
+    assert all(torch.equal(first[k], v) for k, v in model.mtp_heads.state_dict().items()) and tok is not None
+    assert "loaded from" in capsys.readouterr().out
+
+    bare = tmp_path / "bare"
+    cls, config = FAMILIES["deepseek_v3"]["make"]()
+    cls(config).save_pretrained(bare)  # num_nextn_predict_layers in the config, no MTP tensors
+    TOK.save_pretrained(bare)
+    assert getattr(config, "num_nextn_predict_layers", 0) > 0
+    with pytest.warns(UserWarning, match="declares MTP layers .* ships no MTP tensors"):
+        load_model(str(bare), dtype="float32")
+    assert "fresh head(s) attached (init=copy_last_layer)" in capsys.readouterr().out
+    with pytest.raises(FileNotFoundError, match="native MTP layout"):
+        mtprl.load_pretrained(str(bare))

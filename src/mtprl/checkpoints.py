@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 
 import torch
 
 from .faults import kill_point
 from .jsonl import atomic_replace, atomic_write_json
 from .mtp import MTPHeads, attach_mtp_heads, get_mtp_heads
-from .native import LAYOUT_BY_NAME, find_native_layout, heads_config, load_native_heads
+from .native import LAYOUT_BY_NAME, LAYOUTS, find_native_layout, heads_config, load_native_heads
 
 MTP_CONFIG_NAME = "mtp_config.json"
 MTP_WEIGHTS_NAME = "mtp_heads.safetensors"
@@ -119,6 +120,10 @@ def load_mtp_heads(model, path) -> MTPHeads:
     return heads
 
 
+# config fields by which a model family declares its MTP layers (what a checkpoint without their tensors claims)
+DEPTH_FIELDS = tuple(dict.fromkeys(layout.depth_field for layout in LAYOUTS))
+
+
 def attach_or_load_heads(model, num_heads: int | None = None, init: str = "copy_last_layer",
                          source: str | None = None) -> MTPHeads:
     """The heads `model` trains with, in this order:
@@ -130,13 +135,23 @@ def attach_or_load_heads(model, num_heads: int | None = None, init: str = "copy_
     heads = getattr(model, "mtp_heads", None)
     origin = "the model"
     if heads is None and has_mtp_checkpoint(source):
-        heads, origin = load_mtp_heads(model, source), str(source)
+        heads, origin = load_mtp_heads(model, source), f"{source} ({MTP_CONFIG_NAME}, {MTP_WEIGHTS_NAME})"
     if heads is None and (layout := find_native_layout(model, source)) is not None:
         heads, origin = load_native_heads(model, source, layout), f"{source} ({layout.name} MTP layers)"
     if heads is None:
-        return attach_mtp_heads(model, num_heads or 1, init=init)
+        claimed = {f: getattr(model.config.get_text_config(), f, None) for f in DEPTH_FIELDS}
+        claimed = {f: n for f, n in claimed.items() if isinstance(n, int) and n > 0}
+        if claimed:
+            warnings.warn(f"{source or 'the model'}: its config declares MTP layers "
+                          f"({', '.join(f'{f}={n}' for f, n in claimed.items())}) but ships no MTP tensors mtprl can "
+                          f"read; attaching fresh heads instead (init={init})")
+        heads = attach_mtp_heads(model, num_heads or 1, init=init)
+        print(f"[mtprl] MTP heads: {heads.num_heads} fresh head(s) attached (init={init})", flush=True)
+        return heads
     if num_heads is not None and heads.num_heads != num_heads:
         raise ValueError(f"mtp_num_heads={num_heads} but {origin} carries {heads.num_heads} MTP head(s)")
+    if origin != "the model":
+        print(f"[mtprl] MTP heads: {heads.num_heads} loaded from {origin}", flush=True)
     return heads
 
 
@@ -167,9 +182,14 @@ def load_pretrained(path, **from_pretrained_kwargs):
     if not has_main_weights(path):
         raise FileNotFoundError(f"checkpoint {path!r} is missing the main-model weights "
                                 f"({' or '.join(MAIN_WEIGHT_FILES)})")
-    require_files(path, (MTP_CONFIG_NAME, MTP_WEIGHTS_NAME), _HEADS_WHAT)
     model = AutoModelForCausalLM.from_pretrained(path, **from_pretrained_kwargs)
-    load_mtp_heads(model, path)
+    if has_mtp_checkpoint(path):  # mtprl's own layout (save_pretrained, `mtprl export --format mtprl`)
+        require_files(path, (MTP_CONFIG_NAME, MTP_WEIGHTS_NAME), _HEADS_WHAT)
+        load_mtp_heads(model, path)
+    elif (layout := find_native_layout(model, path)) is not None:  # `mtprl export`'s default: the family's own
+        load_native_heads(model, path, layout)
+    else:
+        require_files(path, (MTP_CONFIG_NAME, MTP_WEIGHTS_NAME), _HEADS_WHAT + " (or a native MTP layout)")
     has_tokenizer = any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json"))
     tokenizer = load_tokenizer(path) if has_tokenizer else None
     return model, tokenizer
