@@ -396,3 +396,11 @@ def test_temperature_zero_is_refused_at_construction(tmp_path):
 
     with pytest.raises(ValueError, match="temperature must be a finite number in \\(0"):
         MTPGRPOConfig(output_dir=str(tmp_path), temperature=0.0, use_cpu=True, report_to=[])
+
+
+def test_an_unknown_yaml_key_names_the_file_and_the_closest_field(tmp_path, capsys):
+    config = tmp_path / "bad.yaml"
+    config.write_text("occ_lamda_plus: 2.0\nmax_steps: 1\n")
+    assert main(["train", "--config", str(config), *TINY]) == 1
+    err = capsys.readouterr().err
+    assert f"{config}: unknown field 'occ_lamda_plus' (did you mean occ_lambda_plus?)" in err

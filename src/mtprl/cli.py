@@ -37,7 +37,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from trl import TrlParser
 
@@ -73,6 +73,33 @@ def _json_field(value, name):
     if not isinstance(parsed, dict):
         raise ValueError(f"{name} must be a JSON object, got {value!r}")
     return parsed
+
+
+class Parser(TrlParser):
+    """TrlParser whose error for an unknown key in a YAML config names the file, the key and the closest field."""
+
+    def parse_args_and_config(self, args=None, **kwargs):
+        try:
+            return super().parse_args_and_config(args, **kwargs)
+        except ValueError as e:
+            raise unknown_field_error(e, list(args or []), self.dataclass_types) from None
+
+
+def unknown_field_error(error: ValueError, argv, types) -> ValueError:
+    """TrlParser's "Unknown arguments from config file: ['--x', ...]" as "FILE: unknown field x (did you mean
+    y?)"; any other error as it was."""
+    import difflib
+    import re
+
+    if "Unknown arguments from config file" not in str(error):
+        return error
+    config = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"), "the config file")
+    known = [f.name for t in types for f in fields(t)]
+    parts = []
+    for name in re.findall(r"'--([\w.-]+)'", str(error)):
+        close = difflib.get_close_matches(name, known, n=1)
+        parts.append(f"unknown field {name!r}" + (f" (did you mean {close[0]}?)" if close else ""))
+    return ValueError(f"{config}: " + "; ".join(parts or [str(error)]))
 
 
 @dataclass
@@ -253,7 +280,7 @@ def cmd_sft(argv) -> dict | None:
     from .config import MTPSFTConfig
     from .sft_trainer import MTPSFTTrainer
 
-    task_args, cfg = TrlParser((TaskArguments, MTPSFTConfig)).parse_args_and_config(argv)
+    task_args, cfg = Parser((TaskArguments, MTPSFTConfig)).parse_args_and_config(argv)
     if is_complete_checkpoint(cfg.output_dir) and not task_args.overwrite:
         phase(f"sft: {cfg.output_dir} already holds a model; skipping (pass --overwrite true to train again)")
         return None
@@ -356,7 +383,7 @@ def cmd_train(argv) -> dict | None:
     each of its runs)."""
     from .config import MTPGRPOConfig
 
-    task_args, cfg = TrlParser((TaskArguments, MTPGRPOConfig)).parse_args_and_config(argv)
+    task_args, cfg = Parser((TaskArguments, MTPGRPOConfig)).parse_args_and_config(argv)
     if str(cfg.resume_from_checkpoint).lower() == "true":
         state = prepare_run(cfg.output_dir, cfg.max_steps, "train")
         if state.kind == "finished":
@@ -414,7 +441,7 @@ def _eval_path(task_args: TaskArguments) -> str:
 
 
 def cmd_eval(argv) -> dict:
-    task_args, eval_args = TrlParser((TaskArguments, EvalArguments)).parse_args_and_config(argv)
+    task_args, eval_args = Parser((TaskArguments, EvalArguments)).parse_args_and_config(argv)
     _run_task_settings(task_args, list(argv))
     model, tokenizer = _load(task_args, trust_remote_code=eval_args.trust_remote_code)
     _, eval_ds = _splits(task_args, tokenizer)
@@ -503,12 +530,11 @@ def _evaluate_start(task_args, cfg, report_dir) -> None:
 
 
 def cmd_compare(argv) -> str:
-    from dataclasses import fields
 
     from .config import MTPGRPOConfig
     from .report import build_report
 
-    parser = TrlParser((CompareArguments, TaskArguments, MTPGRPOConfig))
+    parser = Parser((CompareArguments, TaskArguments, MTPGRPOConfig))
     compare_args, task_args0, cfg0 = parser.parse_args_and_config(list(argv))
     arms = compare_args.arm_list({f.name for f in fields(MTPGRPOConfig)})
     baseline, seeds = compare_args.baseline_arm(arms), compare_args.seed_list()
@@ -553,7 +579,7 @@ class ReportArguments:
 def cmd_report(argv) -> str:
     from .report import build_report
 
-    report_args, run_dirs = TrlParser((ReportArguments,)).parse_args_and_config(list(argv),
+    report_args, run_dirs = Parser((ReportArguments,)).parse_args_and_config(list(argv),
                                                                                   return_remaining_strings=True)
     if not run_dirs:
         raise ValueError("report needs at least one run directory")
@@ -583,7 +609,7 @@ def cmd_export(argv) -> str:
     from .models import load_model
     from .native import export_native
 
-    (args,) = TrlParser((ExportArguments,)).parse_args_and_config(list(argv))
+    (args,) = Parser((ExportArguments,)).parse_args_and_config(list(argv))
     if args.format not in EXPORT_FORMATS:
         raise ValueError(f"format must be one of {', '.join(EXPORT_FORMATS)}, got {args.format!r}")
     if os.path.abspath(args.output_dir) == os.path.abspath(args.model_name_or_path):
