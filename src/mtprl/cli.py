@@ -530,7 +530,6 @@ def _evaluate_start(task_args, cfg, report_dir) -> None:
 
 
 def cmd_compare(argv) -> str:
-
     from .config import MTPGRPOConfig
     from .report import build_report
 
