@@ -121,5 +121,5 @@ def test_load_options_on_a_local_model_directory(tmp_path):
     assert model.dtype == torch.float32 and model.mtp_heads.num_heads == 1
     with pytest.raises(ValueError, match="dtype must be one of"):
         load_base_model(str(tmp_path / "m"), dtype="fp8")
-    with pytest.raises(OSError, match=f"mtprl: could not load model '{tmp_path / 'nowhere'}'"):
+    with pytest.raises(OSError, match=f"model_name_or_path '{tmp_path / 'nowhere'}': no such directory"):
         load_model(str(tmp_path / "nowhere"))
