@@ -357,7 +357,8 @@ def _independent_losses(model, inputs):
 def test_occ_exact_one_backward_with_gradient_accumulation(tmp_path):
     """Two accumulated micro-batches: each lambda equals exact_occ_coefficient on its micro-batch (1e-5), and the
     accumulated gradient equals autograd's sum of grad(rl_m + lambda_m head_m), heads included."""
-    trainer = _mtp_trainer(tmp_path, mtp_regime="occ", occ_variant="exact", mtp_num_heads=1, loss_type="dapo",
+    trainer = _mtp_trainer(tmp_path, mtp_regime="occ", occ_variant="exact", mtp_head_loss="none", mtp_num_heads=1,
+                           loss_type="dapo",
                            gradient_accumulation_steps=2, occ_lambda_plus=0.7)
     model = trainer.model
     reference = copy.deepcopy(model)
@@ -459,7 +460,8 @@ def test_occ_last_layers_split_backward_is_autograds_gradient(tmp_path, checkpoi
     equals parameter_statistics over the last layer (1e-5), and the loss and every gradient (trunk below and
     above the cut, heads) equal autograd's of rl + sum_k lambda_k head_k on the uncut model; with TRL's
     gradient checkpointing too."""
-    trainer = _mtp_trainer(tmp_path, mtp_regime="occ", occ_variant="last_layers", mtp_num_heads=2, loss_type="dapo",
+    trainer = _mtp_trainer(tmp_path, mtp_regime="occ", occ_variant="last_layers", mtp_head_loss="none",
+                           mtp_num_heads=2, loss_type="dapo",
                            occ_lambda_plus=0.7, gradient_checkpointing=checkpointing)
     reference = copy.deepcopy(trainer.model)
     inputs = _with_old_logprobs(trainer, _crafted_inputs())
