@@ -343,7 +343,8 @@ def test_load_pretrained_reads_the_native_export_and_says_where_heads_come_from(
     from mtprl.cli import main
 
     _write_checkpoint(tmp_path / "native", "deepseek_v3")
-    assert main(["export", "--model_name_or_path", str(tmp_path / "native"), "--output_dir", str(tmp_path / "out")]) == 0
+    assert main(["export", "--model_name_or_path", str(tmp_path / "native"), "--output_dir",
+                 str(tmp_path / "out")]) == 0
     model, tok = mtprl.load_pretrained(str(tmp_path / "out"))
     first = _load(tmp_path / "native").mtp_heads.state_dict()
     assert all(torch.equal(first[k], v) for k, v in model.mtp_heads.state_dict().items()) and tok is not None

@@ -50,7 +50,9 @@ def check_number(name, value, low=None, high=None, *, low_open=False, high_open=
         if low is not None or high is not None:
             left = "-inf" if low is None else low
             right = "inf" if high is None else high
-            bounds = f" in {'(' if low_open or low is None else '['}{left}, {right}{')' if high_open or high is None else ']'}"
+            opening = "(" if low_open or low is None else "["
+            closing = ")" if high_open or high is None else "]"
+            bounds = f" in {opening}{left}, {right}{closing}"
         raise ValueError(f"{name} must be a finite number{bounds}, got {value!r}")
 
 
@@ -70,6 +72,12 @@ DRAFT_TOKENS_HELP = (
 DRAFT_POLICY_HELP = (
     "fixed: always mtp_draft_tokens drafts | adaptive: per rollout, the draft count in 0..mtp_draft_tokens with the "
     "most expected tokens per second (live acceptance, measured costs).")
+
+
+REWARD_FAILURE_HELP = (
+    "A reward function that raises: zero (that sample scores 0 and is counted in rewards/failures; the first failure "
+    "prints its traceback; a batch on which every sample fails stops the run) | raise (any failure stops the run, as "
+    "in TRL).")
 
 
 @dataclass
@@ -141,10 +149,7 @@ class MTPGRPOConfig(HeadFields, GRPOConfig):
                 "The heads then always learn, while lambda (or mtp_coef) decides only what reaches the trunk; none "
                 "keeps OCC as the paper defines it."})
     mtp_head_coef: float = field(default=0.1, metadata={"help": "Weight of the mtp_head_loss term."})
-    reward_failure: str = field(default="zero", metadata={
-        "help": "A reward function that raises: zero (that sample scores 0 and is counted in rewards/failures; the "
-                "first failure prints its traceback; a batch on which every sample fails stops the run) | raise "
-                "(any failure stops the run, as in TRL)."})
+    reward_failure: str = field(default="zero", metadata={"help": REWARD_FAILURE_HELP})
 
     def __post_init__(self):
         self.check_mtp_fields()
