@@ -56,7 +56,7 @@ def test_table_matches_the_runs_files(tmp_path):
     assert rows["occ"]["step_time"] == pytest.approx(np.median([0.2 + 0.001 * s for s in range(1, 7)]))
     report = build_report(dirs, str(tmp_path / "report"))
     text = open(report).read()
-    assert "**50.0 ± 0.0**" in text  # OCC's avg@4 is the best: bold
+    assert "**50.0 (1 seed)**" in text  # OCC's avg@4 is the best: bold; one seed has no std to show
     assert "35.0 ± 7.1" in text  # detach: mean ± sample std over the two seeds, in percent
     ratio = np.median([0.2 + 0.001 * s for s in range(1, 7)]) / np.median([0.1 + 0.001 * s for s in range(1, 7)])
     assert f"{ratio:.2f}x" in text
@@ -190,3 +190,21 @@ def test_rollout_table_and_figure_from_drafted_runs(tmp_path):
     text = open(report).read()
     assert "## Rollouts drafted by the heads" in text and "| OCC | 1 | 2.00 | 1.750 | 1.150 | 175 | 115 | 0.150 | 0.075 |" in text
     assert os.path.getsize(tmp_path / "report" / "rollouts.png") > 10_000
+
+
+def test_one_seed_says_so_and_an_all_zero_comparison_warns():
+    from mtprl.report import _fmt, _interval
+    from mtprl.stats import paired_bootstrap
+
+    assert _fmt((0.25, 0.0), seeds=1) == "25.0 (1 seed)" and _fmt((0.25, 0.01), seeds=2) == "25.0 ± 1.0"
+    one = paired_bootstrap([[1.0, 0.0, 1.0]], [[0.0, 0.0, 1.0]])
+    assert _interval(one) == "+33.3 (1 seed, no interval)"
+    two = paired_bootstrap([[1.0, 0.0, 1.0], [1.0, 1.0, 0.0]], [[0.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    assert "[" in _interval(two)
+
+
+def test_a_comparison_whose_every_arm_scores_zero_warns(tmp_path):
+    dirs = [_fake_run(tmp_path, "detach", 0, [0.0] * 6, 0.0, 0.0), _fake_run(tmp_path, "occ", 0, [0.0] * 6, 0.0, 0.0)]
+    with pytest.warns(UserWarning, match="every arm scores 0"):
+        report = build_report(dirs, str(tmp_path / "report"))
+    assert "**Warning:** every arm scores 0" in open(report).read()

@@ -152,17 +152,19 @@ def table_rows(runs, baseline=None, start=None) -> list[dict]:
     return rows
 
 
-def _fmt(ms, best=False, scale=100.0):
+def _fmt(ms, best=False, scale=100.0, seeds=2):
     mean, std = ms
     if math.isnan(mean):
         return "–"
-    text = f"{mean * scale:.1f} ± {std * scale:.1f}"
+    text = f"{mean * scale:.1f} (1 seed)" if seeds == 1 else f"{mean * scale:.1f} ± {std * scale:.1f}"
     return f"**{text}**" if best else text
 
 
 def _interval(diff) -> str:
     if diff is None:
         return "–"
+    if diff.seeds == 1:  # the seed-to-seed variation, the larger part of the noise here, is not measured
+        return f"{100 * diff.mean:+.1f} (1 seed, no interval)"
     return f"{100 * diff.mean:+.1f} [{100 * diff.low:+.1f}, {100 * diff.high:+.1f}] {diff.verdict}"
 
 
@@ -190,7 +192,8 @@ def markdown_table(rows, baseline=None, start=None) -> str:
         cells += ["–"] * (len(headers) - 2)
         lines.append("| starting model | – | " + " | ".join(cells) + " |")
     for r in rows:
-        cells = [_fmt(r[key], not math.isnan(r[key][0]) and shown(r[key]) == best[key]) for key in keys]
+        cells = [_fmt(r[key], not math.isnan(r[key][0]) and shown(r[key]) == best[key], seeds=len(r["seeds"]))
+                 for key in keys]
         cells += ["(baseline)" if key == "vs_baseline" and r["label"] == baseline else _interval(r[key])
                   for key in compare]
         lines.append(f"| {REGIME_LABELS.get(r['label'], r['label'])} | {len(r['seeds'])} | " + " | ".join(cells) + " |")
@@ -579,6 +582,12 @@ def build_report(run_dirs, out_dir, title="mtprl comparison", command=None, base
     lines = [f"# {title}", ""]
     if command:
         lines += [f"Made by `{command}`.", ""]
+    if rows and all(r["avg"][0] == 0.0 for r in rows):
+        zero = ("every arm scores 0 on the held-out questions: nothing learned to answer in the format the verifier "
+                "accepts, or the reward / answer extraction is broken (check rewards/failures and a few samples); "
+                "the comparison says nothing about the regimes")
+        warnings.warn(zero)
+        lines += [f"**Warning:** {zero}.", ""]
     lines += ["## Accuracy on held-out questions (mean ± std over seeds)", "",
               markdown_table(rows, baseline=baseline if len(groups) > 1 else None, start=start_eval), "",
               "Intervals: paired bootstrap over seeds and questions (mtprl.stats), 95%; \"better\" / \"worse\" "
