@@ -404,3 +404,10 @@ def test_an_unknown_yaml_key_names_the_file_and_the_closest_field(tmp_path, caps
     assert main(["train", "--config", str(config), *TINY]) == 1
     err = capsys.readouterr().err
     assert f"{config}: unknown field 'occ_lamda_plus' (did you mean occ_lambda_plus?)" in err
+
+
+def test_report_to_an_integration_that_is_not_installed_is_a_one_line_error(tmp_path, capsys):
+    assert main(["train", *TINY[:4], "--report_to", "tensorboard", "--output_dir", str(tmp_path)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "mtprl train: error: report_to: tensorboard is not installed here (pip install it, or set " \
+                      "report_to none)"

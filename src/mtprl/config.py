@@ -62,6 +62,17 @@ def check_draft_options(num_draft_tokens, policy, num_heads) -> None:
     check_choice("mtp_draft_policy", policy, DRAFT_POLICIES)
 
 
+def check_reporting(report_to) -> None:
+    """Each `report_to` integration is installed (else transformers fails mid-setup with a traceback)."""
+    from transformers.integrations import get_available_reporting_integrations
+
+    names = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    missing = [n for n in names if n not in ("all", "none") and n not in get_available_reporting_integrations()]
+    if missing:
+        raise ValueError(f"report_to: {', '.join(missing)} is not installed here (pip install it, or set report_to "
+                         "none)")
+
+
 # ------------------------------------------------------------------------------------------- shared fields
 
 
@@ -175,6 +186,7 @@ class MTPGRPOConfig(HeadFields, GRPOConfig):
         check_choice("mtp_head_loss", self.mtp_head_loss, (*HEAD_LOSSES, "auto"))
         check_number("mtp_head_coef", self.mtp_head_coef)
         check_choice("reward_failure", self.reward_failure, REWARD_FAILURE_MODES)
+        check_reporting(self.report_to)
         # sampling divides the logits by it (TRL's kernel, the drafter's warpers): 0 would fail mid-run
         check_number("temperature", self.temperature, 0.0, low_open=True)
         if self.mtp_draft_tokens and self.mtp_regime == "none":
