@@ -93,7 +93,7 @@ def unknown_field_error(error: ValueError, argv, types) -> ValueError:
 
     if "Unknown arguments from config file" not in str(error):
         return error
-    config = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"), "the config file")
+    config = config_path(argv) or "the config file"
     known = [f.name for t in types for f in fields(t)]
     parts = []
     for name in re.findall(r"'--([\w.-]+)'", str(error)):
@@ -402,17 +402,25 @@ RUN_TASK_FIELDS = ("task", "task_config", "dataset_name", "dataset_config", "dat
                    "train_size", "eval_size", "task_seed", "eval_k", "eval_max_new_tokens", "eval_datasets")
 
 
+def config_path(argv) -> str | None:
+    """The `--config FILE` (or `--config=FILE`) of a command line."""
+    for i, a in enumerate(argv):
+        if a == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith("--config="):
+            return a.split("=", 1)[1]
+    return None
+
+
 def explicit_fields(argv) -> set[str]:
     """The fields a command line sets itself: `--name` flags and the keys of its `--config` YAML."""
     import yaml
 
     names = {a[2:].split("=", 1)[0] for a in argv if a.startswith("--")}
-    for i, a in enumerate(argv):
-        path = argv[i + 1] if a == "--config" and i + 1 < len(argv) else a.split("=", 1)[1] if a.startswith(
-            "--config=") else None
-        if path and os.path.isfile(path):
-            with open(path) as f:
-                names |= set(yaml.safe_load(f) or {})
+    path = config_path(argv)
+    if path and os.path.isfile(path):
+        with open(path) as f:
+            names |= set(yaml.safe_load(f) or {})
     return names
 
 
@@ -423,7 +431,8 @@ def _run_task_settings(task_args: TaskArguments, argv) -> None:
         return
     with open(info) as f:
         recorded = json.load(f).get("task_args") or {}
-    taken = [name for name in RUN_TASK_FIELDS if name in recorded and name not in explicit_fields(argv)]
+    explicit = explicit_fields(argv)
+    taken = [name for name in RUN_TASK_FIELDS if name in recorded and name not in explicit]
     for name in taken:
         setattr(task_args, name, recorded[name])
     if taken:

@@ -3,8 +3,9 @@
 A run directory holds checkpoint-N/ folders while it trains, the final model once it is trained, and `eval.json`
 once it is evaluated. `run_state` reads which of four states it is in (fresh / resume / evaluate / finished);
 `prepare_run` applies the rule: a fresh run starts from nothing (a log left by a run killed before its first
-checkpoint goes), a resumed one has its `metrics.jsonl` cut back to the checkpoint's step (each step logged once),
-an evaluate or finished one is handed back to the caller. Also here: checkpoint completeness and the starting
+checkpoint goes), a resumed one is handed to the trainer, which cuts `metrics.jsonl` back to the checkpoint's step
+(`ConsistentLogOnResume`: each step logged once, CLI or Python API), an evaluate or finished one is handed back to
+the caller. Also here: checkpoint completeness and the starting
 model's fingerprint (so a run kept from an earlier compare is known to share the current warm start).
 """
 
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 
 from .callbacks import phase
 from .checkpoints import is_complete_checkpoint
-from .jsonl import truncate_log_to_step
+from .jsonl import atomic_write_json, truncate_log_to_step
 
 
 @dataclass
@@ -92,8 +93,6 @@ def trained_steps(run_dir: str) -> int | None:
 
 def record_trained_steps(run_dir: str, steps: int) -> None:
     """Written beside the final model: what `run_state` calls finished is trained to the max_steps asked for."""
-    from .jsonl import atomic_write_json
-
     info = os.path.join(run_dir, "run_info.json")
     record = {}
     if os.path.isfile(info):
@@ -127,8 +126,8 @@ def run_state(run_dir: str, max_steps: int) -> RunState:
 
 def prepare_run(run_dir: str, max_steps: int, who: str, model_name_or_path: str | None = None) -> RunState:
     """The run-state rule, applied: says what happens, makes the directory ready for it and returns the state.
-    resume: metrics.jsonl cut back to the checkpoint's step; fresh: a log without a checkpoint goes (the run
-    starts again from nothing). `model_name_or_path`: a kept run must have started from this model."""
+    resume: an earlier final evaluation is kept aside (the trainer cuts the log back when it resumes); fresh: a log
+    without a checkpoint goes (the run starts again from nothing). `model_name_or_path`: a kept run must have started from this model."""
     state = run_state(run_dir, max_steps)
     if state.kind != "fresh" and model_name_or_path is not None:
         check_same_start(run_dir, model_name_or_path)
@@ -136,10 +135,9 @@ def prepare_run(run_dir: str, max_steps: int, who: str, model_name_or_path: str 
         phase(f"{who}: {run_dir} is finished (eval.json written); not running it again")
     elif state.kind == "evaluate":
         phase(f"{who}: {run_dir} finished training; evaluating it")
-    elif state.kind == "resume":
+    elif state.kind == "resume":  # the trainer cuts metrics.jsonl back itself (`ConsistentLogOnResume`)
         phase(f"{who}: resuming {run_dir} from {state.checkpoint} (to step {max_steps})")
         keep_earlier_evaluation(run_dir, state.step)
-        truncate_metrics(run_dir, state.step)
     elif os.path.isfile(os.path.join(run_dir, "metrics.jsonl")):  # killed before its first checkpoint
         os.remove(os.path.join(run_dir, "metrics.jsonl"))
     return state

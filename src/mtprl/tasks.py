@@ -439,7 +439,7 @@ def _scored_alone(results, policy, batch_error, log_metric):
     if not errors:
         warnings.warn(f"reward function {policy.name!r} raised on the batch ({type(batch_error).__name__}: "
                       f"{batch_error}) but scored each of the {len(results)} samples alone without failing")
-    policy.check(errors or [], len(results))
+    policy.check(errors, len(results))
     if log_metric is not None:
         log_metric("rewards/failures", float(len(errors)))
     return [0.0 if isinstance(r, Exception) else r for r in results]
