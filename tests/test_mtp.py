@@ -149,6 +149,40 @@ def test_entropy_and_acceptance_against_full_distributions():
     assert out.accept.min() >= 0 and out.accept.max() <= 1 + 1e-6
 
 
+def _hand_top_p(p, top_p):
+    """Top-p by hand: keep the most probable tokens until their mass reaches top_p (at least one), renormalise."""
+    order = p.sort(descending=True)
+    before = order.values.cumsum(-1) - order.values  # mass of the more probable tokens
+    keep_sorted = before < top_p
+    keep = torch.zeros_like(p, dtype=torch.bool).scatter(-1, order.indices, keep_sorted)
+    kept = p * keep
+    return kept / kept.sum(-1, keepdim=True)
+
+
+def test_acceptance_under_the_samplers_truncation_against_hand_top_p():
+    """accept_truncation applies the sampler's top-p to target and draft alike: sum_v min(topp(p), topp(q))."""
+    from mtprl.speculative import logits_warpers
+
+    model = _model(heads=2)
+    ids, mask = _batch()
+    temperature, top_p = 0.8, 0.7
+    out = mtprl.forward_logprobs(model, ids, mask, KEEP, temperature=temperature, compute_accept=True,
+                                 accept_truncation=logits_warpers(1.0, 0, top_p))
+    plain = mtprl.forward_logprobs(model, ids, mask, KEEP, temperature=temperature, compute_accept=True).accept
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, -KEEP - 1:-1].float() / temperature
+    row, j, k = 1, 2, 2
+    p = _hand_top_p(torch.softmax(logits[row, j], -1), top_p)
+    vals = []
+    for v in range(VOCAB):
+        ids_v = ids.clone()
+        ids_v[row, PROMPT + j] = v
+        vals.append(mtprl.forward_logprobs(model, ids_v, mask, KEEP, temperature=temperature).mtp[row, k - 1, j])
+    q = _hand_top_p(torch.stack(vals).exp(), top_p)
+    torch.testing.assert_close(out.accept[row, k - 1, j], torch.minimum(p, q).sum(), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(out.accept, plain)  # the truncation changes the number
+    assert out.accept.min() >= 0 and out.accept.max() <= 1 + 1e-6
+
+
 def _grads(model):
     return {n: p.grad for n, p in model.named_parameters()}
 

@@ -135,3 +135,6 @@ def test_evaluation_with_drafting_keeps_the_law_and_reports_rollout_metrics():
         result = evaluate(model, Tok(), data, k=4, max_new_tokens=12, draft=make_draft_policy("fixed", 2))
     assert result["rollout/draft_tokens"] == 2.0 and result["rollout/spec_accept_length"] > 1.5
     assert result["k"] == 4 and result["num_questions"] == 2
+    # mtp/accept/1 is under the evaluation's own law (top-p 0.7), so it predicts the realised depth-1 rate
+    assert result["accept_law"] == "temperature 1.0, top-p 0.7"
+    assert abs(result["mtp/accept/1"] - result["rollout/spec_accept_rate/1"]) < 0.05

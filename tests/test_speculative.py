@@ -174,6 +174,29 @@ def test_tokens_per_verify_match_expected_acceptance(drafter2):
             assert abs(out.conditional_accept_rate_at(k) - a[k - 1]) < 0.1
 
 
+def test_realised_acceptance_at_top_p_matches_the_expected_acceptance_under_the_same_truncation(drafter2):
+    """At top-p 0.5 the sampler's depth-1 acceptance is sum_v min(p, q) of the *truncated* distributions (what
+    `mtp/accept/1` reports with the sampler's truncation); the untruncated number, which eval.json used to
+    report, is off by more than the sampling noise."""
+    from mtprl.speculative import logits_warpers
+
+    model = _imperfect(drafter2, sigma=0.3)
+    ids, mask = _prompts(seed=5, batch=16, pads=(0,) * 16)
+    out = speculative_generate(model, ids, mask, max_new_tokens=96, num_draft_tokens=1, pad_token_id=0,
+                               top_p=0.5, generator=torch.Generator().manual_seed(3))
+    seqs = out.sequences
+    truncated = mtprl.forward_logprobs(model, seqs, torch.ones_like(seqs), 96, compute_accept=True,
+                                       accept_truncation=logits_warpers(1.0, 0, 0.5)).accept[:, 0].mean().item()
+    untruncated = mtprl.forward_logprobs(model, seqs, torch.ones_like(seqs), 96,
+                                         compute_accept=True).accept[:, 0].mean().item()
+    realised, n = out.accept_rate_at(1), out.drafted[0]
+    se = (realised * (1 - realised) / n) ** 0.5
+    print(f"realised {realised:.3f} (se {se:.3f}, {n} drafts), expected truncated {truncated:.3f}, "
+          f"untruncated {untruncated:.3f}")
+    assert abs(realised - truncated) < 4 * se + 0.02
+    assert abs(realised - untruncated) > 4 * se + 0.02
+
+
 def test_zero_drafts_is_plain_sampling_and_bad_options_are_refused(drafter2):
     ids, mask = _prompts()
     g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)

@@ -109,7 +109,8 @@ class HeadFields(DraftFields):
                                                                         "copy_last_layer | random."})
     mtp_log_acceptance: bool = field(default=True, metadata={
         "help": "Log mtp/accept/k, the expected speculative acceptance sum_v min(p_main, p_head) on completion "
-                "tokens (no gradient; one extra LM-head pass per head)."})
+                "tokens, with p and q under the rollouts' sampling law (temperature, top_k, top_p), so it predicts "
+                "rollout/spec_accept_rate/1 (no gradient; one extra LM-head pass per head)."})
 
     def check_head_fields(self) -> None:
         check_int("mtp_num_heads", self.mtp_num_heads, 1)

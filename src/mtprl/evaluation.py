@@ -16,16 +16,19 @@ import torch
 from .jsonl import atomic_write_json
 from .logprobs import forward_logprobs
 from .rollout import merged_rollout_metrics, repeat_rows, sample_with_heads
+from .speculative import logits_warpers
 from .tasks import TaskReward, prompt_text
 
 
-def _sample_acceptance(model, sequences, prompt_mask, eos_token_id):
-    """Per-head sums of sum_v min(p_main, p_head) over the generated tokens (up to and including EOS)."""
+def _sample_acceptance(model, sequences, prompt_mask, eos_token_id, temperature, top_p):
+    """Per-head sums of sum_v min(p_main, p_head) over the generated tokens (up to and including EOS), p and q
+    the distributions the evaluation samples from (its temperature and top-p), as the drafting sampler uses them."""
     gen = sequences[:, prompt_mask.shape[1]:]
     is_eos = (gen == eos_token_id).int()
     after_eos = (is_eos.cumsum(1) - is_eos) > 0  # tokens after the first EOS are padding
     mask = torch.cat([prompt_mask, (~after_eos).to(prompt_mask.dtype)], dim=1)
-    out = forward_logprobs(model, sequences, mask, gen.shape[1], compute_accept=True)
+    out = forward_logprobs(model, sequences, mask, gen.shape[1], temperature=temperature, compute_accept=True,
+                           accept_truncation=logits_warpers(1.0, 0, top_p))
     keep = mask[:, -gen.shape[1]:].unsqueeze(1).float()
     return (out.accept * keep).sum(dim=(0, 2)), keep.sum()
 
@@ -74,7 +77,7 @@ def evaluate(model, tokenizer, dataset, *, k: int = 4, temperature: float = 1.0,
         texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
         if has_heads and out.shape[1] > enc["input_ids"].shape[1]:
             sums, count = _sample_acceptance(model, out, enc["attention_mask"].repeat_interleave(k, dim=0),
-                                             tokenizer.eos_token_id)
+                                             tokenizer.eos_token_id, temperature, top_p)
             accept_sum = sums if accept_sum is None else accept_sum + sums
             accept_count += float(count)
         for i in range(len(rows["prompt"])):
@@ -102,6 +105,9 @@ def evaluate(model, tokenizer, dataset, *, k: int = 4, temperature: float = 1.0,
         f"pass@{k}": sum(any(c) for c in correct) / max(len(correct), 1),
         "mean_reward": sum(map(sum, rewards)) / total,
         "k": k, "num_questions": len(correct), "temperature": temperature, "top_p": top_p,
+        # mtp/accept/k above is sum_v min(p, q) under this same law (temperature, top-p), the one the samples and
+        # the drafting sampler use, so it predicts rollout/spec_accept_rate/k of a drafted evaluation
+        "accept_law": f"temperature {temperature}, top-p {top_p}" if acceptance else None,
         "max_new_tokens": max_new_tokens, "reward_failures": reward.failures, "examples": examples,
         # per question, in dataset order: how many of the k samples were correct (paired statistics use it)
         "correct_per_question": [sum(c) for c in correct], "questions_digest": questions_digest(dataset),

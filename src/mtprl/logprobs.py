@@ -86,10 +86,6 @@ def _logits(hidden, weight, bias, temperature, softcap, scale):
     return logits / temperature, dcap
 
 
-def _probs(hidden, weight, bias, temperature, softcap, scale):
-    return torch.softmax(_logits(hidden, weight, bias, temperature, softcap, scale)[0], dim=-1)
-
-
 class ChunkedDistillKL(torch.autograd.Function):
     """Per-token KL(p_main || q_head) over the full vocabulary, tiled over rows, with gradient into the head's
     hidden states only (the main distribution and the LM head are targets, not trained).
@@ -131,19 +127,30 @@ def distill_kl(head_hidden, main_hidden, weight, bias=None, temperature=1.0, sof
     return kl.view(batch, length)
 
 
+def _processed_probs(hidden, weight, bias, temperature, softcap, scale, truncation):
+    logits = _logits(hidden, weight, bias, temperature, softcap, scale)[0]
+    if truncation is not None and len(truncation):
+        logits = truncation(None, logits.float())
+    return torch.softmax(logits, dim=-1)
+
+
 @torch.no_grad()
-def _expected_acceptance(main_hidden, head_hiddens, weight, bias, temperature, softcap, scale):
+def _expected_acceptance(main_hidden, head_hiddens, weight, bias, temperature, softcap, scale, truncation=None):
     """sum_v min(p_main, p_head) per token: the probability that a draft sampled from the head is accepted
-    by speculative sampling against the main head. Full distributions, so rows are tiled."""
+    by speculative sampling against the main head. Full distributions, so rows are tiled.
+
+    `truncation`: the sampler's top-k / top-p warpers (a transformers `LogitsProcessorList`, applied after the
+    temperature to target and draft alike, as the sampler does), so the number is the acceptance under the law
+    the rollouts are drawn from; None: the untruncated distributions at `temperature`."""
     batch, length, dim = main_hidden.shape
     main_flat = main_hidden.reshape(-1, dim)
     heads_flat = [h.reshape(-1, dim) for h in head_hiddens]
     out = torch.empty(len(heads_flat), main_flat.shape[0], device=main_flat.device, dtype=torch.float32)
     for start in range(0, main_flat.shape[0], _ACCEPT_ROWS):
         rows = slice(start, start + _ACCEPT_ROWS)
-        p = _probs(main_flat[rows], weight, bias, temperature, softcap, scale)
+        p = _processed_probs(main_flat[rows], weight, bias, temperature, softcap, scale, truncation)
         for k, h in enumerate(heads_flat):
-            q = _probs(h[rows], weight, bias, temperature, softcap, scale)
+            q = _processed_probs(h[rows], weight, bias, temperature, softcap, scale, truncation)
             out[k, rows] = torch.minimum(p, q).sum(-1)
     return out.view(len(heads_flat), batch, length).transpose(0, 1)
 
@@ -241,13 +248,15 @@ def router_aux_loss(model, router_logits, attention_mask) -> torch.Tensor:
 
 def forward_logprobs(model, input_ids, attention_mask, logits_to_keep, temperature=1.0, mtp_grad="joint", *,
                      compute_entropy=False, compute_accept=False, compute_distill=False,
-                     return_hidden=False, compute_aux_loss=False) -> LogProbs:
+                     return_hidden=False, compute_aux_loss=False, accept_truncation=None) -> LogProbs:
     """Main and MTP log-probabilities of the last `logits_to_keep` tokens from one trunk forward.
 
     mtp_grad="joint": the MTP heads see the live trunk, embeddings and lm_head, so an MTP loss trains them.
     mtp_grad="detach": hidden states, embeddings and lm_head weights enter the heads detached; an MTP loss
     then only reaches MTP-only parameters (the verl/slime default during RL).
-    compute_distill: also the per-token KL(p_main || q_k) of every head (`distill_kl`), whose gradient reaches
+    compute_accept: also the expected acceptance `sum_v min(p_main, q_k)` of every head, under `temperature` and
+    `accept_truncation` (the sampler's top-k / top-p warpers, `mtprl.speculative.logits_warpers(1.0, k, p)`; None:
+    no truncation). compute_distill: also the per-token KL(p_main || q_k) of every head (`distill_kl`), whose gradient reaches
     the heads only. return_hidden: also the trunk's output states (with their graph), which the `hidden`
     OCC estimator differentiates against. compute_aux_loss: also the MoE router load-balancing loss of the trunk,
     as the model's own forward gives it (what TRL adds, times router_aux_loss_coef, to its loss).
@@ -269,7 +278,8 @@ def forward_logprobs(model, input_ids, attention_mask, logits_to_keep, temperatu
     accept = None
     if compute_accept:
         accept = _expected_acceptance(main_hidden.detach(), [h.detach() for h in head_hidden], weight.detach(),
-                                      None if bias is None else bias.detach(), temperature, softcap, scale)
+                                      None if bias is None else bias.detach(), temperature, softcap, scale,
+                                      accept_truncation)
     pad = None if attention_mask is None else attention_mask[:, -keep:] == 0
     if pad is not None:
         main = main.masked_fill(pad, 0.0)

@@ -47,6 +47,7 @@ from .objectives import LOSS_TYPES, head_only_loss, masked_mean, policy_loss
 from .regimes import (AFTER_BACKWARD, BY_SPLIT_BACKWARD, HeadTerm, LossScaling, Pending, head_data,
                       head_policy_loss, regime_for, weighted_sum, with_scaled_advantages)
 from .rollout import drafted_generate, make_draft_policy
+from .speculative import logits_warpers
 from .runs import ConsistentLogOnResume
 from .split_backward import TrunkCut, split_backward_loss
 from .tasks import safe_reward
@@ -112,6 +113,8 @@ class MTPGRPOTrainer(ConsistentLogOnResume, MTPCheckpointMixin, GRPOTrainer):
         self._draft_policy = (make_draft_policy(args.mtp_draft_policy, args.mtp_draft_tokens)
                               if args.mtp_draft_tokens else None)
         self._acceptance: list[float | None] = [None] * args.mtp_num_heads  # since the last rollout, per depth
+        # mtp/accept/k under the rollouts' own law (temperature, top-k, top-p), the one the drafts are verified in
+        self._accept_truncation = logits_warpers(1.0, args.top_k, args.top_p)
         self.head_loss = self._resolve_head_loss()  # mtp_head_loss with `auto` decided
         self.calibrator: LambdaCalibrator | None = None if self.regime is None else self._attach_heads()
         self._warn_about_settings()
@@ -204,6 +207,7 @@ class MTPGRPOTrainer(ConsistentLogOnResume, MTPCheckpointMixin, GRPOTrainer):
                    "compute_aux_loss": compute_aux_loss,
                    "mtp_grad": self.regime.mtp_grad, "compute_distill": self.regime.needs_distill,
                    "compute_accept": self.args.mtp_log_acceptance and torch.is_grad_enabled(),
+                   "accept_truncation": self._accept_truncation,
                    "return_hidden": torch.is_grad_enabled() and (self.regime.lambda_source == "hidden"
                                                                  or self.head_loss != "none"
                                                                  or self.args.occ_fidelity_every > 0)}
