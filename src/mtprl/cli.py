@@ -47,19 +47,26 @@ from .faults import kill_point
 from .jsonl import atomic_write_json
 from .runs import prepare_run, record_trained_steps, start_fingerprint
 
-USAGE = """usage: mtprl <command> [--config FILE.yaml] [--field value ...]
+def usage() -> str:
+    """`mtprl --help`: the commands, with the regimes, lambda sources and export layouts read from the code's own
+    tables (`regimes.REGIMES`, `regimes.OCC_VARIANTS`, `native.LAYOUT_BY_NAME`), so the help cannot go stale."""
+    from .native import LAYOUT_BY_NAME
+    from .regimes import OCC_VARIANTS, REGIMES
+
+    return f"""usage: mtprl <command> [--config FILE.yaml] [--field value ...]
 
 commands:
   sft      warm start: main CE + MTP CE on every head (MTP pretraining), then evaluate
-  train    RL (GRPO/DAPO/GSPO via TRL) with MTP heads under --mtp_regime none|detach|ce|policy|occ
+  train    RL (GRPO/DAPO/GSPO via TRL) with MTP heads under --mtp_regime {'|'.join(REGIMES)}
+           (occ's lambda source: --occ_variant {'|'.join(OCC_VARIANTS)})
   eval     avg@k and pass@k (temperature 1.0, top-p 0.7) of --model_name_or_path, JSON out
-  compare  --regimes detach,ce,policy,occ --seeds 0,1 --report_dir DIR [train fields]: every regime x seed from
-           the same warm start (resumable), then DIR/report.md with the table and figures
+  compare  --arms detach,ce,policy,occ --seeds 0,1 --report_dir DIR [train fields]: every arm x seed from the
+           same warm start (resumable), then DIR/report.md with the table and figures
   report   RUN_DIR... [--report_dir DIR]: rebuild the report from existing runs, no training
-  export   --model_name_or_path DIR --output_dir OUT [--format native|mtprl]: hand the model and its MTP heads
-           back in the model family's own checkpoint layout (DeepSeek-V3, GLM-4.5, MiMo)
+  export   --model_name_or_path DIR --output_dir OUT [--format {'|'.join(EXPORT_FORMATS)}]: the model and its MTP
+           heads in the model family's own checkpoint layout ({', '.join(LAYOUT_BY_NAME)}) or mtprl's
 
-`mtprl <command> --help` lists every field."""
+`mtprl <command> --help` lists every field, mtprl's own first; docs/configuration.md has them all."""
 
 
 def _json_field(value, name):
@@ -75,8 +82,49 @@ def _json_field(value, name):
     return parsed
 
 
+# `--help` headings: a class's own fields under its heading, fields inherited from TRL / transformers after them
+HEADINGS = {"MTPGRPOConfig": "mtprl: heads, regime, OCC, drafting (the fields MTPGRPOConfig adds to TRL's GRPOConfig)",
+            "MTPSFTConfig": "mtprl: heads and drafting (the fields MTPSFTConfig adds to TRL's SFTConfig)",
+            "TaskArguments": "mtprl: model, task and evaluation (every command)",
+            "EvalArguments": "mtprl eval", "CompareArguments": "mtprl compare: arms, seeds, report",
+            "ReportArguments": "mtprl report", "ExportArguments": "mtprl export"}
+
+
+def _library_base(dtype):
+    """The first TRL / transformers class dtype derives from (GRPOConfig for MTPGRPOConfig), or None."""
+    return next((c for c in dtype.__mro__[1:] if c.__module__.split(".")[0] in ("trl", "transformers")), None)
+
+
 class Parser(TrlParser):
-    """TrlParser whose error for an unknown key in a YAML config names the file, the key and the closest field."""
+    """TrlParser whose `--help` puts mtprl's own fields first, under their own headings (TRL's and transformers'
+    after them), and whose error for an unknown key in a YAML config names the file, the key and the closest
+    field."""
+
+    def __init__(self, dataclass_types, command: str | None = None):
+        super().__init__(dataclass_types,
+                         usage=f"mtprl {command} [--config FILE.yaml] [--field value ...]" if command else None)
+        # groups in creation order are (positional, options, then one per heading); the configs' own first
+        own_first = [g for g in self._action_groups[2:] if g.title.startswith(("mtprl: heads", "mtprl compare"))]
+        library = [g for g in self._action_groups[2:] if not g.title.startswith("mtprl")]
+        rest = [g for g in self._action_groups[2:] if g not in own_first and g not in library]
+        self._action_groups[2:] = own_first + rest + library
+
+    def _add_dataclass_arguments(self, dtype):
+        """HfArgumentParser's, with the fields split into argument groups by where they are defined."""
+        from typing import get_type_hints
+
+        hints = get_type_hints(dtype)
+        base = _library_base(dtype)
+        inherited = {f.name for f in fields(base)} if base is not None else set()
+        own = self.add_argument_group(HEADINGS.get(dtype.__name__, dtype.__name__))
+        library = None
+        if base is not None:
+            library = self.add_argument_group(f"{base.__name__} ({base.__module__.split('.')[0]}; see its "
+                                              "documentation)")
+        for f in fields(dtype):
+            if f.init:
+                f.type = hints[f.name]
+                self._parse_dataclass_field(library if f.name in inherited else own, f)
 
     def parse_args_and_config(self, args=None, **kwargs):
         try:
@@ -280,7 +328,7 @@ def cmd_sft(argv) -> dict | None:
     from .config import MTPSFTConfig
     from .sft_trainer import MTPSFTTrainer
 
-    task_args, cfg = Parser((TaskArguments, MTPSFTConfig)).parse_args_and_config(argv)
+    task_args, cfg = Parser((TaskArguments, MTPSFTConfig), "sft").parse_args_and_config(argv)
     if is_complete_checkpoint(cfg.output_dir) and not task_args.overwrite:
         phase(f"sft: {cfg.output_dir} already holds a model; skipping (pass --overwrite true to train again)")
         return None
@@ -383,7 +431,7 @@ def cmd_train(argv) -> dict | None:
     each of its runs)."""
     from .config import MTPGRPOConfig
 
-    task_args, cfg = Parser((TaskArguments, MTPGRPOConfig)).parse_args_and_config(argv)
+    task_args, cfg = Parser((TaskArguments, MTPGRPOConfig), "train").parse_args_and_config(argv)
     if str(cfg.resume_from_checkpoint).lower() == "true":
         state = prepare_run(cfg.output_dir, cfg.max_steps, "train")
         if state.kind == "finished":
@@ -450,7 +498,7 @@ def _eval_path(task_args: TaskArguments) -> str:
 
 
 def cmd_eval(argv) -> dict:
-    task_args, eval_args = Parser((TaskArguments, EvalArguments)).parse_args_and_config(argv)
+    task_args, eval_args = Parser((TaskArguments, EvalArguments), "eval").parse_args_and_config(argv)
     _run_task_settings(task_args, list(argv))
     model, tokenizer = _load(task_args, trust_remote_code=eval_args.trust_remote_code)
     _, eval_ds = _splits(task_args, tokenizer)
@@ -542,7 +590,7 @@ def cmd_compare(argv) -> str:
     from .config import MTPGRPOConfig
     from .report import build_report
 
-    parser = Parser((CompareArguments, TaskArguments, MTPGRPOConfig))
+    parser = Parser((CompareArguments, TaskArguments, MTPGRPOConfig), "compare")
     compare_args, task_args0, cfg0 = parser.parse_args_and_config(list(argv))
     arms = compare_args.arm_list({f.name for f in fields(MTPGRPOConfig)})
     baseline, seeds = compare_args.baseline_arm(arms), compare_args.seed_list()
@@ -587,7 +635,7 @@ class ReportArguments:
 def cmd_report(argv) -> str:
     from .report import build_report
 
-    report_args, run_dirs = Parser((ReportArguments,)).parse_args_and_config(list(argv),
+    report_args, run_dirs = Parser((ReportArguments,), "report RUN_DIR...").parse_args_and_config(list(argv),
                                                                                   return_remaining_strings=True)
     if not run_dirs:
         raise ValueError("report needs at least one run directory")
@@ -617,7 +665,7 @@ def cmd_export(argv) -> str:
     from .models import load_model
     from .native import export_native
 
-    (args,) = Parser((ExportArguments,)).parse_args_and_config(list(argv))
+    (args,) = Parser((ExportArguments,), "export").parse_args_and_config(list(argv))
     if args.format not in EXPORT_FORMATS:
         raise ValueError(f"format must be one of {', '.join(EXPORT_FORMATS)}, got {args.format!r}")
     if os.path.abspath(args.output_dir) == os.path.abspath(args.model_name_or_path):
@@ -640,11 +688,11 @@ COMMANDS = {"sft": cmd_sft, "train": cmd_train, "eval": cmd_eval, "compare": cmd
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE)
+        print(usage())
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
-        print(f"mtprl: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+        print(f"mtprl: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
         return 2
     try:
         COMMANDS[command](rest)

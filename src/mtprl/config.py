@@ -138,8 +138,12 @@ class MTPGRPOConfig(HeadFields, GRPOConfig):
                 "model (one extra backward) | hidden: gradients at the trunk's output states | last_layers: exact c, "
                 "v2 over the last occ_last_layers decoder layers | ema: running average of the proxies "
                 "(occ_ema_beta)."})
-    occ_lambda_plus: float = field(default=1.0, metadata={"help": "lambda_plus of Eq. 13 (absorbs the "
-                                                                    "smoothness prefactor)."})
+    occ_lambda_plus: float = field(default=1.0, metadata={
+        "help": "lambda_plus of Eq. 13: it absorbs the unknown smoothness prefactor (1 - L eta) / (L eta), so it is "
+                "swept, not derived (the paper: 0.1-2.0, Table 3). Start at 1 for paper, ema, exact and last_layers "
+                "(their lambda is on the parameter-space scale); the hidden source measures c and v2 at the trunk "
+                "output, about 5e-5 of the exact lambda on the tiny model, so it needs about 2e4 (1/5e-5) for the "
+                "same coefficient (docs/guide-estimators.md, 'Choosing occ_lambda_plus')."})
     occ_eps: float = field(default=1e-8, metadata={"help": "eps of Eq. 13."})
     occ_clip: bool = field(default=False, metadata={"help": "OCC-Clip (App. E): c_hat -> max(c_hat, 0)."})
     occ_last_layers: int = field(default=1, metadata={
