@@ -2,6 +2,7 @@
 (arXiv 2605.28184). The OCC formula lives in `mtprl.occ`; the regimes in `mtprl.regimes`; lambda for each micro-batch in
 `mtprl.calibration`."""
 
+from .gain import importance_gain
 from .checkpoints import attach_or_load_heads, load_mtp_heads, load_pretrained, save_pretrained
 from .logprobs import LogProbs, forward_logprobs
 from .mtp import MTPHeads, attach_mtp_heads, get_mtp_heads
