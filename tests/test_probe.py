@@ -1,0 +1,113 @@
+"""The probe's update against autograd: with plain SGD and a small learning rate, the measured change of the
+held-out objective for each lambda matches the first-order prediction from the gradients; dJ(0) is one update
+whichever term is probed; under detach the term never reaches the trunk (the curve is flat)."""
+
+import numpy as np
+import torch
+from conftest import PROMPTS, _mtp_trainer, _small_model
+from datasets import Dataset
+
+from mtprl.gain import per_prompt_gains
+from mtprl.probe import apply_update, draw_rollout, probed_term, restore, sample_held_out, sequence_logps, snapshot
+
+
+class DigitScore:
+    """A deterministic reward with spread on a random tiny model: the fraction of digits in the completion."""
+
+    failures = 0
+
+    def score(self, completion, answer, task, meta):
+        return sum(c.isdigit() for c in completion) / max(len(completion), 1)
+
+
+def _setup(tmp_path, **overrides):
+    model, tok = _small_model()
+    # nn.Embedding's padding_idx drops that row's gradient from autograd although the forward reads it (samples can
+    # hold the pad token), so autograd would not be the true derivative the first-order prediction needs
+    model.get_input_embeddings().padding_idx = None
+    trainer = _mtp_trainer(tmp_path, model=(model, tok), mtp_regime="policy", steps_per_generation=2,
+                           **overrides)
+    trainer.create_optimizer_and_scheduler(num_training_steps=10)
+    # J on the training prompts with the training reward: its gradient then has a real component along the update
+    data = Dataset.from_list([{"prompt": p, "answer": "0"} for p in PROMPTS])
+    held = sample_held_out(trainer.model, trainer.processing_class, data, samples=16, temperature=1.0,
+                           max_new_tokens=6, seed=0, reward=DigitScore())
+    return trainer, held, draw_rollout(trainer, 0, seed=0)
+
+
+def _logps64(model, held):
+    """Sequence log-probs from the model's own logits (a path independent of the probe's tiled LM head)."""
+    out = []
+    for seqs, mask, width in zip(held.sequences, held.masks, held.prompt_widths):
+        logits = model(input_ids=seqs, attention_mask=mask).logits[:, width - 1:-1].double()
+        token = torch.log_softmax(logits, -1).gather(-1, seqs[:, width:, None]).squeeze(-1)
+        out.append((token * mask[:, width:]).sum(1))
+    return torch.cat(out)
+
+
+def _objective(model, held, old):
+    """J_hat(theta') on the fixed samples: the importance estimate, as a differentiable function of theta'."""
+    w = torch.exp(_logps64(model, held) - old)
+    r = torch.from_numpy(held.rewards)
+    pid = torch.from_numpy(held.prompt_ids)
+    count = torch.bincount(pid).double()
+    loo = (torch.bincount(pid, r)[pid] - r) / (count[pid] - 1)
+    return ((w - 1) * (r - loo) / count[pid]).sum() / len(count)
+
+
+def test_measured_gain_matches_the_first_order_prediction_under_sgd(tmp_path):
+    lr = 1e-4
+    trainer, held, batches = _setup(tmp_path, optim="sgd", learning_rate=lr, max_grad_norm=0.0)
+    model = trainer.model
+    main = [p for n, p in model.named_parameters() if not n.startswith("mtp_heads.")]
+    # d J_hat / d theta at theta' = theta, by autograd
+    model.eval()
+    with torch.no_grad():
+        old = _logps64(model, held)
+    grad_j = torch.autograd.grad(_objective(model, held, old), main)
+    # the trainer's gradient at lambda = 0 and 1 (a second path: compute_loss + backward, no optimizer)
+    model.train()
+    trainer.current_gradient_accumulation_steps = 1  # what transformers' loop sets
+    total = {}
+    for lam in (0.0, 1.0):
+        model.zero_grad(set_to_none=True)
+        with probed_term(trainer, "policy", lam):
+            for micro in batches:
+                trainer.compute_loss(model, micro).backward()
+        total[lam] = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in main]
+    model.zero_grad(set_to_none=True)
+    g_rl, g_mtp = total[0.0], [b - a for a, b in zip(total[0.0], total[1.0])]
+    assert sum(float(g.abs().sum()) for g in g_mtp) > 0  # the policy term reaches the trunk
+
+    base = snapshot(trainer)
+    for lam in (0.0, 1.0, 4.0):
+        with probed_term(trainer, "policy", lam):
+            apply_update(trainer, batches)
+        model.eval()
+        with torch.no_grad():
+            measured = per_prompt_gains(_logps64(model, held), old, held.rewards, held.prompt_ids).mean()
+        restore(trainer, base)
+        # steps_per_generation = 2 optimizer steps of SGD; to first order their sum is -lr * total gradient
+        predicted = -lr * sum(float((gj.double() * (a + lam * b).double()).sum())
+                              for gj, a, b in zip(grad_j, g_rl, g_mtp))
+        print(f"lambda {lam}: measured {measured:.3e}, first-order {predicted:.3e}")
+        assert abs(measured - predicted) <= 0.05 * abs(predicted) + 1e-9
+
+
+def test_dj_at_zero_is_one_update_for_every_term_and_detach_is_flat(tmp_path):
+    trainer, held, batches = _setup(tmp_path, max_grad_norm=0.0)
+    base = snapshot(trainer)
+    logps = {}
+    for term, lam in [("policy", 0.0), ("ce", 0.0), ("detach", 0.0), ("detach", 3.0), ("policy", 3.0)]:
+        with probed_term(trainer, term, lam):
+            apply_update(trainer, batches)
+        logps[term, lam] = sequence_logps(trainer.model, held, 1.0)
+        restore(trainer, base)
+    after_restore = sequence_logps(trainer.model, held, 1.0)
+    torch.testing.assert_close(after_restore, held.logps, rtol=0, atol=0)  # restore is exact
+    assert torch.equal(logps["policy", 0.0], logps["ce", 0.0]) and torch.equal(logps["ce", 0.0],
+                                                                              logps["detach", 0.0])
+    assert torch.equal(logps["detach", 0.0], logps["detach", 3.0])  # the term never reaches the trunk
+    assert not torch.equal(logps["policy", 0.0], logps["policy", 3.0])  # a joint term does
+    assert not torch.equal(logps["policy", 0.0], held.logps)  # the update moved the policy
+    assert np.isfinite(held.rewards).all()
