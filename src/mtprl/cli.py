@@ -63,6 +63,8 @@ commands:
   compare  --arms detach,ce,policy,occ --seeds 0,1 --report_dir DIR [train fields]: every arm x seed from the
            same warm start (resumable), then DIR/report.md with the table and figures
   report   RUN_DIR... [--report_dir DIR]: rebuild the report from existing runs, no training
+  probe    --run_dir R [--checkpoints all|last|N,M] [--term ...]: the per-step gain dJ(lambda) at a run's
+           checkpoints (its own update, batch and optimizer state), OCC's lambda on the measured curve
   export   --model_name_or_path DIR --output_dir OUT [--format {'|'.join(EXPORT_FORMATS)}]: the model and its MTP
            heads in the model family's own checkpoint layout ({', '.join(LAYOUT_BY_NAME)}) or mtprl's
 
@@ -87,7 +89,8 @@ HEADINGS = {"MTPGRPOConfig": "mtprl: heads, regime, OCC, drafting (the fields MT
             "MTPSFTConfig": "mtprl: heads and drafting (the fields MTPSFTConfig adds to TRL's SFTConfig)",
             "TaskArguments": "mtprl: model, task and evaluation (every command)",
             "EvalArguments": "mtprl eval", "CompareArguments": "mtprl compare: arms, seeds, report",
-            "ReportArguments": "mtprl report", "ExportArguments": "mtprl export"}
+            "ReportArguments": "mtprl report", "ExportArguments": "mtprl export",
+            "ProbeArguments": "mtprl probe"}
 
 
 def _library_base(dtype):
@@ -681,8 +684,45 @@ def cmd_export(argv) -> str:
     return args.output_dir
 
 
+@dataclass
+class ProbeArguments:
+    """`mtprl probe`: the per-step gain dJ(lambda) at checkpoints of a run (`mtprl.probe`)."""
+
+    run_dir: str = field(default="", metadata={"help": "A run directory `mtprl train` or `compare` wrote."})
+    checkpoints: str = field(default="all", metadata={
+        "help": "all | last | comma-separated steps: the checkpoint-N states to probe (save_steps sets them)."})
+    term: str = field(default="", metadata={
+        "help": "The MTP term probed at fixed lambda: detach | ce | policy | distill; default: the run's regime's "
+                "(occ -> policy, its term)."})
+    lambdas: str = field(default="auto", metadata={
+        "help": "auto ({-1, 0, 0.5, 1, 2, 4} x the largest of |exact lambda|, |OCC's lambda|, mtp_coef) or "
+                "comma-separated values; 0, OCC's lambda and the exact-gradient lambda are always added."})
+    prompts: int = field(default=64, metadata={"help": "Held-out prompts N (the run's eval split)."})
+    samples: int = field(default=16, metadata={"help": "Samples per prompt M, drawn once from pi_theta."})
+    direct: int = field(default=2, metadata={
+        "help": "How many lambdas are also measured directly (fresh samples from theta'), as a check."})
+    seed: int = field(default=0, metadata={"help": "Seed of the held-out samples and the rollout batch."})
+
+
+def cmd_probe(argv) -> list[str]:
+    from .probe import TERM_OF_REGIME, ProbeOptions, probe_run
+
+    (args,) = Parser((ProbeArguments,), "probe").parse_args_and_config(list(argv))
+    if not args.run_dir or not os.path.isdir(args.run_dir):
+        raise ValueError(f"run_dir {args.run_dir!r}: no such directory")
+    if args.term and args.term not in TERM_OF_REGIME.values():
+        raise ValueError(f"term must be one of {', '.join(sorted(set(TERM_OF_REGIME.values())))}, got {args.term!r}")
+    for name in ("prompts", "samples"):
+        if getattr(args, name) < (2 if name == "samples" else 1):
+            raise ValueError(f"{name} must be >= {2 if name == 'samples' else 1} (the baseline leaves one sample "
+                             f"out), got {getattr(args, name)}")
+    options = ProbeOptions(term=args.term, lambdas=args.lambdas, prompts=args.prompts, samples=args.samples,
+                           direct=args.direct, seed=args.seed)
+    return probe_run(args.run_dir, args.checkpoints, options)
+
+
 COMMANDS = {"sft": cmd_sft, "train": cmd_train, "eval": cmd_eval, "compare": cmd_compare, "report": cmd_report,
-            "export": cmd_export}
+            "export": cmd_export, "probe": cmd_probe}
 
 
 def main(argv=None) -> int:

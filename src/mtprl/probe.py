@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from .callbacks import phase
-from .gain import (direct_gain, gain_curve_with_interval, per_prompt_direct, per_prompt_gains, bootstrap_mean)
+from .gain import bootstrap_mean, direct_gain, gain_curve_with_interval, per_prompt_gains
 from .jsonl import atomic_write_json
 from .logprobs import forward_logprobs
 from .regimes import MTP_TERMS, regime_for
@@ -305,6 +305,8 @@ def probe_state(trainer, tokenizer, held_out_data, options: ProbeOptions, *, ste
     per_prompt = np.stack([per_prompt_gains(new_logps[lam], held.logps, held.rewards, held.prompt_ids)
                            for lam in grid])
     gains = [bootstrap_mean(row) for row in per_prompt]
+    zero = grid.index(0.0)
+    relative = [bootstrap_mean(row - per_prompt[zero]) for row in per_prompt]  # paired: the same samples
     curve, best_low, best_high = gain_curve_with_interval(grid, per_prompt)
 
     # the check: fresh samples from theta'(lambda) at a few lambdas, paired against fresh samples from theta
@@ -323,6 +325,9 @@ def probe_state(trainer, tokenizer, held_out_data, options: ProbeOptions, *, ste
     return {
         "step": step, "term": term, "regime": trainer.args.mtp_regime, "lambdas": grid,
         "dJ": [g[0] for g in gains], "dJ_low": [g[1] for g in gains], "dJ_high": [g[2] for g in gains],
+        # dJ(lambda) - dJ(0), the curve the theory draws (paired on the shared samples, so much tighter)
+        "dJ_rel": [g[0] for g in relative], "dJ_rel_low": [g[1] for g in relative],
+        "dJ_rel_high": [g[2] for g in relative],
         "J_theta": float(held.rewards.mean()),
         "fit": {"linear": curve.linear, "quadratic": curve.quadratic, "r2": curve.r2},
         "lambda_hat_star": curve.best_lambda, "lambda_hat_star_interval": [best_low, best_high],

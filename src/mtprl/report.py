@@ -20,6 +20,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from .jsonl import atomic_write_json, atomic_write_text, read_jsonl  # noqa: E402
+from .probe_report import probe_section  # noqa: E402
 from .regimes import REGIME_LABELS  # noqa: E402
 from .stats import mean_std, paired_bootstrap, pearson_r, quantile, spearman_r  # noqa: E402
 
@@ -578,6 +579,8 @@ def build_report(run_dirs, out_dir, title="mtprl comparison", command=None, base
     figures += _plot_dynamics(runs, out_dir)
     figures += _plot_rollouts(runs, out_dir)
     rollouts = rollout_rows(runs)
+    probe_lines, probe_figures, probes = probe_section(groups, out_dir)
+    figures += probe_figures
 
     lines = [f"# {title}", ""]
     if command:
@@ -603,6 +606,7 @@ def build_report(run_dirs, out_dir, title="mtprl comparison", command=None, base
                   "Every lambda source's c and v2 beside the exact ones (gradients over the main model) on the same "
                   "micro-batches (`occ_fidelity_every`), all runs and heads pooled.", "",
                   fidelity_markdown(fidelity), ""]
+    lines += probe_lines
     lines += ["## Figures", ""] + [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in figures] + [""]
     if skipped:
         lines += ["## Skipped runs", ""] + [f"- {s}" for s in skipped] + [""]
@@ -614,5 +618,5 @@ def build_report(run_dirs, out_dir, title="mtprl comparison", command=None, base
                 row[key] = dict(row[key]._asdict(), verdict=row[key].verdict)
     atomic_write_json(os.path.join(out_dir, "report.json"),
                       {"rows": rows, "baseline": baseline, "fidelity": fidelity, "skipped": skipped,
-                       "rollouts": rollouts, "figures": figures}, default=float)
+                       "rollouts": rollouts, "probes": probes, "figures": figures}, default=float)
     return report
