@@ -68,6 +68,25 @@ def test_sft_train_eval_round_trip(tmp_path, capsys):
     (own,) = os.listdir(os.path.join(run, "evals"))
     again = json.load(open(os.path.join(run, "evals", own)))
     assert again["questions_digest"] == json.loads(before)["questions_digest"]
+    # the gain probe at a checkpoint: the grid holds 0, OCC's lambda and the exact lambda; the run's own record
+    # (metrics.jsonl, eval.json) is untouched; the report gains the measured Figure 3
+    log = open(os.path.join(run, "metrics.jsonl")).read()
+    assert main(["probe", "--run_dir", run, "--checkpoints", "4", "--prompts", "4", "--samples", "3",
+                 "--lambdas", "0,1", "--direct", "1"]) == 0
+    probe = json.load(open(os.path.join(run, "probes", "probe-step4.json")))
+    grid = probe["lambdas"]
+    assert {0.0, 1.0, probe["occ_lambda"], probe["exact_lambda"]} == set(grid) and grid == sorted(grid)
+    assert probe["term"] == "policy" and probe["regime"] == "occ" and probe["v2_exact"] > 0
+    for i in range(len(grid)):
+        assert probe["dJ_low"][i] <= probe["dJ"][i] <= probe["dJ_high"][i]
+    assert probe["dJ_rel"][grid.index(0.0)] == 0.0 and len(probe["direct"]) == 1
+    assert open(os.path.join(run, "metrics.jsonl")).read() == log
+    assert open(os.path.join(run, "eval.json")).read() == before
+    assert main(["report", run, "--report_dir", str(tmp_path / "rep")]) == 0
+    assert "Why a regime wins, measured" in open(tmp_path / "rep" / "report.md").read()
+    assert os.path.isfile(tmp_path / "rep" / "figure3_measured.png")
+    assert main(["probe", "--run_dir", run, "--checkpoints", "3"]) == 1  # no such checkpoint: named
+    assert "step(s) [3]" in capsys.readouterr().err
 
 
 def test_bad_input_is_a_clear_error(tmp_path, capsys):
