@@ -8,6 +8,7 @@ Commands (each a `cmd_*` function below):
   compare  every arm (a regime plus overrides, `mtprl.arms`) x seed from one starting model, resumable
            (`runs.prepare_run`), periodic evaluation with `eval_steps`, then the report
   report   the report (`mtprl.report`) from existing run directories, no training
+  probe    the per-step gain dJ(lambda) at a run's checkpoints (`mtprl.probe`)
 
 The package, module by module (docs/layout.md has the same table with more words):
   mtp           the MTP heads (transformers' MtpLayer per depth) and `attach_mtp_heads`
@@ -27,6 +28,9 @@ The package, module by module (docs/layout.md has the same table with more words
   evaluation    avg@k / pass@k
   arms          `regime@field=value` arms of a comparison
   stats         paired bootstrap intervals, correlations and summaries
+  gain          estimators of the per-step gain dJ(lambda): importance sampling, direct, the parabola fit
+  probe         the gain probe: a run's state, its own update per lambda, probe.json
+  probe_report  the report's measured Figure 3 and lambda_hat* table
   report        the comparison report (table with intervals, figures) from run directories
   jsonl         reading and appending JSON Lines files
 """

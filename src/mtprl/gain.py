@@ -115,32 +115,46 @@ class GainCurve(NamedTuple):
         return self.linear * lam + self.quadratic * lam * lam
 
 
-def fit_gain_curve(lambdas, gains) -> GainCurve:
+def fit_gain_curve(lambdas, gains, weights=None) -> GainCurve:
     """Least-squares `a lambda + b lambda^2` through the origin to `gains - gains[lambda == 0]` (the grid must hold
-    0), and the fitted curve's argmax on the grid's range."""
+    0), weighted by `weights` (e.g. 1 / se^2 of each point; None: equal), and the fitted curve's argmax on the grid's
+    range. The theory is a small-lambda expansion, so the weights let the precise points near 0 lead."""
     lam, g = np.asarray(lambdas, dtype=np.float64), np.asarray(gains, dtype=np.float64)
     zero = np.flatnonzero(lam == 0)
     if len(zero) == 0:
         raise ValueError("the lambda grid must contain 0 (the gain is measured relative to it)")
+    w = np.ones_like(lam) if weights is None else np.asarray(weights, dtype=np.float64)
     rel = g - g[zero[0]]
     design = np.stack([lam, lam * lam], axis=1)
-    (a, b), *_ = np.linalg.lstsq(design, rel, rcond=None)
+    root = np.sqrt(w)
+    (a, b), *_ = np.linalg.lstsq(design * root[:, None], rel * root, rcond=None)
     fitted = design @ np.array([a, b])
-    total = ((rel - rel.mean()) ** 2).sum()
-    r2 = float(1 - ((rel - fitted) ** 2).sum() / total) if total > 0 else float("nan")
+    mean = (w * rel).sum() / w.sum() if w.sum() > 0 else 0.0
+    total = (w * (rel - mean) ** 2).sum()
+    r2 = float(1 - (w * (rel - fitted) ** 2).sum() / total) if total > 0 else float("nan")
     low, high = lam.min(), lam.max()
     candidates = [low, high] + ([-a / (2 * b)] if b < 0 and low <= -a / (2 * b) <= high else [])
     best = max(candidates, key=lambda x: a * x + b * x * x)
     return GainCurve(float(a), float(b), r2, float(best))
 
 
+def point_weights(lambdas, per_prompt: np.ndarray) -> np.ndarray:
+    """1 / se^2 of each lambda's dJ(lambda) - dJ(0) over prompts (0 for the lambda = 0 point itself)."""
+    lam = np.asarray(lambdas, dtype=np.float64)
+    rel = per_prompt - per_prompt[int(np.flatnonzero(lam == 0)[0])]
+    se = rel.std(axis=1, ddof=1) / np.sqrt(rel.shape[1])
+    return np.where(se > 0, 1.0 / np.maximum(se, 1e-300) ** 2, 0.0)
+
+
 def gain_curve_with_interval(lambdas, per_prompt: np.ndarray, *, resamples: int = GAIN_RESAMPLES,
                              seed: int = GAIN_SEED, level: float = 0.95) -> tuple[GainCurve, float, float]:
-    """The fit to the per-lambda means of `per_prompt [len(lambdas), P]` and a percentile-bootstrap interval of
-    its argmax, resampling prompts jointly for every lambda (the samples are shared, so the curve moves as one)."""
+    """The weighted fit (`point_weights`) to the per-lambda means of `per_prompt [len(lambdas), P]` and a
+    percentile-bootstrap interval of its argmax, resampling prompts jointly for every lambda (the samples are
+    shared, so the curve moves as one)."""
     per_prompt = np.asarray(per_prompt, dtype=np.float64)
-    curve = fit_gain_curve(lambdas, per_prompt.mean(axis=1))
+    weights = point_weights(lambdas, per_prompt)
+    curve = fit_gain_curve(lambdas, per_prompt.mean(axis=1), weights)
     idx = np.random.default_rng(seed).integers(0, per_prompt.shape[1], (resamples, per_prompt.shape[1]))
-    best = np.array([fit_gain_curve(lambdas, per_prompt[:, i].mean(axis=1)).best_lambda for i in idx])
+    best = np.array([fit_gain_curve(lambdas, per_prompt[:, i].mean(axis=1), weights).best_lambda for i in idx])
     tail = (1 - level) / 2 * 100
     return curve, float(np.percentile(best, tail)), float(np.percentile(best, 100 - tail))

@@ -330,6 +330,9 @@ def probe_state(trainer, tokenizer, held_out_data, options: ProbeOptions, *, ste
         "dJ_rel_high": [g[2] for g in relative],
         "J_theta": float(held.rewards.mean()),
         "fit": {"linear": curve.linear, "quadratic": curve.quadratic, "r2": curve.r2},
+        # the grid's best measured point: robust where the parabola fits badly (R^2 low, e.g. Adam's saturating
+        # step at large lambda)
+        "grid_best_lambda": grid[int(np.argmax([g[0] for g in relative]))],
         "lambda_hat_star": curve.best_lambda, "lambda_hat_star_interval": [best_low, best_high],
         "c_exact": c_exact, "v2_exact": v2_exact, "exact_lambda": exact_lambda, "estimators": stats,
         "occ_lambda": occ_lambda, "occ_variant": occ_settings["occ_variant"],
@@ -338,6 +341,7 @@ def probe_state(trainer, tokenizer, held_out_data, options: ProbeOptions, *, ste
         "occ_update_dJ": list(bootstrap_mean(occ_gain)),
         "occ_share_of_best": (curve.gain_at(occ_lambda) / best_gain) if best_gain > 0 else None,
         "direct": direct, "prompts": options.prompts, "samples": options.samples,
+        "per_prompt": per_prompt.tolist(),  # [lambda, prompt] unbiased per-prompt gains: refits and re-bootstraps
         "seconds": time.perf_counter() - start,
     }
 

@@ -43,6 +43,8 @@ def probe_rows(groups: dict) -> list[dict]:
                 ratio = p["lambda_hat_star"] / p["occ_lambda"] if p["occ_lambda"] else float("nan")
                 rows.append({"arm": label, "seed": run.seed, "step": p["step"], "term": p["term"],
                              "lambda_hat_star": p["lambda_hat_star"], "interval": p["lambda_hat_star_interval"],
+                             "grid_best": p.get("grid_best_lambda",
+                                                p["lambdas"][max(range(len(p["dJ_rel"])), key=p["dJ_rel"].__getitem__)]),
                              "occ_lambda": p["occ_lambda"], "ratio": ratio, "share": p["occ_share_of_best"],
                              "linear": p["fit"]["linear"], "quadratic": p["fit"]["quadratic"], "r2": p["fit"]["r2"],
                              "c_exact": p["c_exact"], "v2_exact": p["v2_exact"], "minutes": p["seconds"] / 60})
@@ -54,12 +56,12 @@ def _g(x) -> str:
 
 
 def probe_markdown(rows: list[dict]) -> str:
-    lines = ["| arm | seed | step | term | lambda_hat* [95% CI] | OCC's lambda | lambda_hat* / OCC | OCC's share of the "
+    lines = ["| arm | seed | step | term | lambda_hat* [95% CI] | best grid lambda | OCC's lambda | lambda_hat* / OCC | OCC's share of the "
              "best gain | linear a | quadratic b | R^2 | exact c | exact v^2 |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['arm']} | {r['seed']} | {r['step']} | {r['term']} | {_g(r['lambda_hat_star'])} "
-                     f"[{_g(r['interval'][0])}, {_g(r['interval'][1])}] | {_g(r['occ_lambda'])} | {_g(r['ratio'])} | "
+                     f"[{_g(r['interval'][0])}, {_g(r['interval'][1])}] | {_g(r['grid_best'])} | {_g(r['occ_lambda'])} | {_g(r['ratio'])} | "
                      f"{_g(r['share'])} | {_g(r['linear'])} | {_g(r['quadratic'])} | {_g(r['r2'])} | "
                      f"{_g(r['c_exact'])} | {_g(r['v2_exact'])} |")
     return "\n".join(lines)
