@@ -20,16 +20,40 @@ from .speculative import logits_warpers
 from .tasks import TaskReward, prompt_text
 
 
+def completion_mask(sequences, prompt_mask, eos_token_id):
+    """Attention mask of prompt + completion with the tokens after the first EOS masked out (they are padding)."""
+    gen = sequences[:, prompt_mask.shape[1]:]
+    is_eos = (gen == eos_token_id).int()
+    after_eos = (is_eos.cumsum(1) - is_eos) > 0
+    return torch.cat([prompt_mask, (~after_eos).to(prompt_mask.dtype)], dim=1)
+
+
+def score_completions(reward: TaskReward, rows, texts, k: int) -> list[list[float]]:
+    """Per row of a dataset slice, the scores of its k completions (`texts` in row order); a scorer that raises
+    scores 0 and is counted in `reward.failures`."""
+    out = []
+    for i in range(len(rows["prompt"])):
+        task = rows["task"][i] if "task" in rows else "jsonl:"
+        meta = rows["metadata"][i] if "metadata" in rows else "{}"
+        scores = []
+        for completion in texts[i * k:(i + 1) * k]:
+            try:
+                scores.append(reward.score(completion, rows["answer"][i], task, meta))
+            except Exception:  # noqa: BLE001 - a failing scorer is a wrong answer, counted
+                reward.failures += 1
+                scores.append(0.0)
+        out.append(scores)
+    return out
+
+
 def _sample_acceptance(model, sequences, prompt_mask, eos_token_id, temperature, top_p):
     """Per-head sums of sum_v min(p_main, p_head) over the generated tokens (up to and including EOS), p and q
     the distributions the evaluation samples from (its temperature and top-p), as the drafting sampler uses them."""
-    gen = sequences[:, prompt_mask.shape[1]:]
-    is_eos = (gen == eos_token_id).int()
-    after_eos = (is_eos.cumsum(1) - is_eos) > 0  # tokens after the first EOS are padding
-    mask = torch.cat([prompt_mask, (~after_eos).to(prompt_mask.dtype)], dim=1)
-    out = forward_logprobs(model, sequences, mask, gen.shape[1], temperature=temperature, compute_accept=True,
+    gen_len = sequences.shape[1] - prompt_mask.shape[1]
+    mask = completion_mask(sequences, prompt_mask, eos_token_id)
+    out = forward_logprobs(model, sequences, mask, gen_len, temperature=temperature, compute_accept=True,
                            accept_truncation=logits_warpers(1.0, 0, top_p))
-    keep = mask[:, -gen.shape[1]:].unsqueeze(1).float()
+    keep = mask[:, -gen_len:].unsqueeze(1).float()
     return (out.accept * keep).sum(dim=(0, 2)), keep.sum()
 
 
@@ -80,16 +104,7 @@ def evaluate(model, tokenizer, dataset, *, k: int = 4, temperature: float = 1.0,
                                              tokenizer.eos_token_id, temperature, top_p)
             accept_sum = sums if accept_sum is None else accept_sum + sums
             accept_count += float(count)
-        for i in range(len(rows["prompt"])):
-            task = rows["task"][i] if "task" in rows else "jsonl:"
-            meta = rows["metadata"][i] if "metadata" in rows else "{}"
-            scores = []
-            for completion in texts[i * k:(i + 1) * k]:
-                try:
-                    scores.append(reward.score(completion, rows["answer"][i], task, meta))
-                except Exception:  # noqa: BLE001 - a failing scorer is a wrong answer, counted below
-                    reward.failures += 1
-                    scores.append(0.0)
+        for i, scores in enumerate(score_completions(reward, rows, texts, k)):
             rewards.append(scores)
             correct.append([s >= 1.0 for s in scores])
             if len(examples) < num_examples:

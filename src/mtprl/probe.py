@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from .callbacks import phase
+from .evaluation import completion_mask, score_completions
 from .gain import bootstrap_mean, direct_gain, gain_curve_with_interval, per_prompt_gains
 from .jsonl import atomic_write_json
 from .logprobs import forward_logprobs
@@ -75,14 +76,6 @@ class HeldOut:
     prompt_widths: list  # per batch: the padded prompt width
     rewards: np.ndarray  # [n]
     logps: torch.Tensor = field(default=None)  # [n] sum of completion log-probs under the policy that sampled
-
-
-def completion_mask(sequences, prompt_mask, eos_token_id):
-    """Attention mask of prompt + completion with the tokens after the first EOS masked out (they are padding)."""
-    gen = sequences[:, prompt_mask.shape[1]:]
-    is_eos = (gen == eos_token_id).int()
-    after_eos = (is_eos.cumsum(1) - is_eos) > 0
-    return torch.cat([prompt_mask, (~after_eos).to(prompt_mask.dtype)], dim=1)
 
 
 @torch.no_grad()
@@ -125,12 +118,9 @@ def sample_held_out(model, tokenizer, dataset, *, samples: int, temperature: flo
         masks.append(completion_mask(out, prompt_mask, tokenizer.eos_token_id))
         widths.append(enc["input_ids"].shape[1])
         texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-        for i in range(len(rows["prompt"])):
-            task = rows["task"][i] if "task" in rows else "jsonl:"
-            meta = rows["metadata"][i] if "metadata" in rows else "{}"
-            for text in texts[i * samples:(i + 1) * samples]:
-                ids.append(start + i)
-                rewards.append(reward.score(text, rows["answer"][i], task, meta))
+        for i, scores in enumerate(score_completions(reward, rows, texts, samples)):
+            ids += [start + i] * len(scores)
+            rewards += scores
     torch.random.set_rng_state(rng_state)
     model.train(was_training)
     held = HeldOut(np.asarray(ids), seqs, masks, widths, np.asarray(rewards, dtype=np.float64))
