@@ -208,3 +208,38 @@ def test_a_comparison_whose_every_arm_scores_zero_warns(tmp_path):
     with pytest.warns(UserWarning, match="every arm scores 0"):
         report = build_report(dirs, str(tmp_path / "report"))
     assert "**Warning:** every arm scores 0" in open(report).read()
+
+
+def _probe_file(run, step, a, b, occ_lambda, lambdas=(-1.0, 0.0, 0.5, 1.0, 2.0)):
+    """A probe.json whose measured curve is exactly a lambda + b lambda^2 (what `mtprl probe` writes)."""
+    rel = [a * x + b * x * x for x in lambdas]
+    best = -a / (2 * b)
+    probe = {"step": step, "term": "policy", "lambdas": list(lambdas), "dJ_rel": rel,
+             "dJ_rel_low": [r - 0.01 for r in rel], "dJ_rel_high": [r + 0.01 for r in rel],
+             "fit": {"linear": a, "quadratic": b, "r2": 1.0}, "lambda_hat_star": best,
+             "lambda_hat_star_interval": [best - 0.1, best + 0.1], "occ_lambda": occ_lambda,
+             "occ_share_of_best": (a * occ_lambda + b * occ_lambda ** 2) / (a * best + b * best ** 2),
+             "c_exact": 2.0, "v2_exact": 5.0, "seconds": 120.0}
+    os.makedirs(os.path.join(run, "probes"), exist_ok=True)
+    with open(os.path.join(run, "probes", f"probe-step{step}.json"), "w") as f:
+        json.dump(probe, f)
+
+
+def test_probe_section_reports_lambda_hat_star_against_occs_lambda(tmp_path):
+    from mtprl.probe_report import probe_rows
+
+    run = _fake_run(tmp_path, "occ", 0, [0.5] * 6, 0.5, 0.8)
+    _probe_file(run, 20, 0.02, -0.01, 0.5)  # peak at 1.0: OCC at half of it
+    _probe_file(run, 60, 0.01, -0.01, 1.0)  # peak at 0.5: OCC at twice it
+    rows = probe_rows({"occ": load_runs([run])[0]})
+    assert [r["step"] for r in rows] == [20, 60]
+    assert [r["ratio"] for r in rows] == pytest.approx([2.0, 0.5])
+    assert rows[0]["share"] == pytest.approx((0.01 - 0.0025) / 0.01)  # G(0.5) / G(1.0) = 0.75
+    assert [r["grid_best"] for r in rows] == [1.0, 0.5]  # the best measured grid point
+    report = build_report([run], str(tmp_path / "report"))
+    text = open(report).read()
+    assert "Why a regime wins, measured" in text
+    # median ratio [IQR]; median share of (0.75, 0: OCC at twice the peak gets nothing); a > 0, b < 0 counts
+    assert "| occ | 2 | 1.25 [0.875, 1.62] | 0.375 | 2/2 | 2/2 |" in text
+    assert os.path.isfile(tmp_path / "report" / "figure3_measured.png")
+    assert "probes" in json.load(open(tmp_path / "report" / "report.json"))
