@@ -143,7 +143,9 @@ def point_weights(lambdas, per_prompt: np.ndarray) -> np.ndarray:
     lam = np.asarray(lambdas, dtype=np.float64)
     rel = per_prompt - per_prompt[int(np.flatnonzero(lam == 0)[0])]
     se = rel.std(axis=1, ddof=1) / np.sqrt(rel.shape[1])
-    return np.where(se > 0, 1.0 / np.maximum(se, 1e-300) ** 2, 0.0)
+    weights = np.zeros_like(se)
+    np.divide(1.0, se ** 2, out=weights, where=se > 0)
+    return weights
 
 
 def gain_curve_with_interval(lambdas, per_prompt: np.ndarray, *, resamples: int = GAIN_RESAMPLES,
