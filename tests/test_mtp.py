@@ -312,3 +312,13 @@ def test_distill_kl_against_full_distributions_and_its_gradient_reaches_heads_on
             assert p.grad is not None and p.grad.abs().sum() > 0, name
         elif not name.startswith("mtp_heads."):
             assert p.grad is None or p.grad.abs().sum() == 0, name
+
+
+def test_main_logprobs_equal_forward_logprobs_main():
+    from mtprl.logprobs import main_logprobs
+
+    model = _model(heads=2)
+    ids, mask = _batch()
+    mask[2, -2:] = 0
+    torch.testing.assert_close(main_logprobs(model, ids, mask, KEEP, 0.8),
+                               mtprl.forward_logprobs(model, ids, mask, KEEP, temperature=0.8).main, rtol=0, atol=0)

@@ -8,6 +8,7 @@ from conftest import PROMPTS, _mtp_trainer, _small_model
 from datasets import Dataset
 
 from mtprl.gain import per_prompt_gains
+from mtprl.regimes import MTP_TERMS
 from mtprl.probe import apply_update, draw_rollout, probed_term, restore, sample_held_out, sequence_logps, snapshot
 
 
@@ -71,7 +72,7 @@ def test_measured_gain_matches_the_first_order_prediction_under_sgd(tmp_path):
     total = {}
     for lam in (0.0, 1.0):
         model.zero_grad(set_to_none=True)
-        with probed_term(trainer, "policy", lam):
+        with probed_term(trainer, MTP_TERMS["policy"], lam):
             for micro in batches:
                 trainer.compute_loss(model, micro).backward()
         total[lam] = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in main]
@@ -81,7 +82,7 @@ def test_measured_gain_matches_the_first_order_prediction_under_sgd(tmp_path):
 
     base = snapshot(trainer)
     for lam in (0.0, 1.0, 4.0):
-        with probed_term(trainer, "policy", lam):
+        with probed_term(trainer, MTP_TERMS["policy"], lam):
             apply_update(trainer, batches)
         model.eval()
         with torch.no_grad():
@@ -99,7 +100,7 @@ def test_dj_at_zero_is_one_update_for_every_term_and_detach_is_flat(tmp_path):
     base = snapshot(trainer)
     logps = {}
     for term, lam in [("policy", 0.0), ("ce", 0.0), ("detach", 0.0), ("detach", 3.0), ("policy", 3.0)]:
-        with probed_term(trainer, term, lam):
+        with probed_term(trainer, MTP_TERMS[term], lam):
             apply_update(trainer, batches)
         logps[term, lam] = sequence_logps(trainer.model, held, 1.0)
         restore(trainer, base)

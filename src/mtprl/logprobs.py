@@ -246,6 +246,19 @@ def router_aux_loss(model, router_logits, attention_mask) -> torch.Tensor:
     return loss_func(router_logits, experts, top_k, attention_mask)
 
 
+def main_logprobs(model, input_ids, attention_mask, logits_to_keep, temperature=1.0) -> torch.Tensor:
+    """[B, L] main-head log-probs of the last `logits_to_keep` tokens (0 on padding), the trunk and the tiled LM
+    head only: what `forward_logprobs(...).main` gives, without running the MTP heads."""
+    keep = _check_inputs(model, input_ids, attention_mask, logits_to_keep, "joint")
+    h0 = decoder_of(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    lm_head = model.get_output_embeddings()
+    softcap, scale = logit_transform(model)
+    seq_len = input_ids.shape[1]
+    main, _ = _token_logprobs(h0[:, seq_len - keep - 1: seq_len - 1], lm_head.weight, lm_head.bias,
+                              input_ids[:, -keep:], temperature, softcap, scale)
+    return main if attention_mask is None else main.masked_fill(attention_mask[:, -keep:] == 0, 0.0)
+
+
 def forward_logprobs(model, input_ids, attention_mask, logits_to_keep, temperature=1.0, mtp_grad="joint", *,
                      compute_entropy=False, compute_accept=False, compute_distill=False,
                      return_hidden=False, compute_aux_loss=False, accept_truncation=None) -> LogProbs:

@@ -43,7 +43,8 @@ from .callbacks import phase
 from .evaluation import completion_mask, score_completions
 from .gain import bootstrap_mean, direct_gain, gain_curve_with_interval, per_prompt_gains
 from .jsonl import atomic_write_json
-from .logprobs import forward_logprobs
+from .logprobs import main_logprobs
+from .occ import OCCStats, lambda_from_stats
 from .regimes import MTP_TERMS, regime_for
 from .tasks import TaskReward, prompt_text
 
@@ -86,7 +87,7 @@ def sequence_logps(model, held: HeldOut, temperature: float) -> torch.Tensor:
     out = []
     for seqs, mask, width in zip(held.sequences, held.masks, held.prompt_widths):
         keep = seqs.shape[1] - width
-        main = forward_logprobs(model, seqs, mask, keep, temperature=temperature).main  # 0 on masked tokens
+        main = main_logprobs(model, seqs, mask, keep, temperature)  # 0 on masked tokens; the heads do not run
         out.append(main.double().sum(dim=1))
     model.train(was_training)
     return torch.cat(out)
@@ -165,10 +166,11 @@ def draw_rollout(trainer, after_step: int, seed: int) -> list[dict]:
 
     args = trainer.args
     steps_per_rollout = max(1, args.steps_per_generation * trainer.num_iterations // args.gradient_accumulation_steps)
-    loader = iter(trainer.get_train_dataloader())
+    loader = trainer.get_train_dataloader()
+    batches = iter(loader)
     batch = None
-    for _ in range(after_step // steps_per_rollout % max(len(trainer.get_train_dataloader()), 1) + 1):
-        batch = next(loader)
+    for _ in range(after_step // steps_per_rollout % max(len(loader), 1) + 1):
+        batch = next(batches)
     torch.manual_seed(seed)
     trainer.model.train()
     rollout = trainer._generate_and_score_completions(batch)
@@ -177,14 +179,12 @@ def draw_rollout(trainer, after_step: int, seed: int) -> list[dict]:
 
 
 @contextmanager
-def probed_term(trainer, term: str | None, coef: float | None = None, fidelity: bool = False):
-    """The trainer's MTP term for one update: the regime table entry `term` at fixed coefficient `coef` (None:
-    the run's own regime and coefficient), with the exact and estimated c, v^2 logged on every micro-batch when
-    `fidelity`. Plain attribute swaps, undone on exit."""
+def probed_term(trainer, regime, coef: float, fidelity: bool = False):
+    """The trainer's MTP term for one update: the regime table entry `regime` (a `regimes.Regime`) with `coef` as
+    its fixed coefficient (OCC entries take lambda from the calibrator instead), with the exact and estimated c,
+    v^2 logged on every micro-batch when `fidelity`. Plain attribute swaps, undone on exit."""
     saved = (trainer.regime, trainer.args.mtp_coef, trainer.args.occ_fidelity_every)
-    if term is not None:
-        trainer.regime = MTP_TERMS[term]
-        trainer.args.mtp_coef = float(coef)
+    trainer.regime, trainer.args.mtp_coef = regime, float(coef)
     trainer.args.occ_fidelity_every = 1 if fidelity else 0
     try:
         yield
@@ -260,18 +260,14 @@ def probe_state(trainer, tokenizer, held_out_data, options: ProbeOptions, *, ste
     batches = draw_rollout(trainer, step, options.seed)
 
     # OCC's lambda at this state: an update under the run's OCC settings (regime occ with its variant)
-    occ_regime = regime_for("occ", occ_settings["occ_variant"])
-    saved_regime = trainer.regime
-    trainer.regime = occ_regime
-    with probed_term(trainer, None, fidelity=False):
+    with probed_term(trainer, regime_for("occ", occ_settings["occ_variant"]), occ_settings["mtp_coef"]):
         occ_metrics = apply_update(trainer, batches)
-    trainer.regime = saved_regime
     occ_lambda = _mean_over_heads(occ_metrics, LAMBDA_KEYS) or 0.0
     occ_logps = sequence_logps(model, held, temperature)
     restore(trainer, base)
 
     # lambda = 0 with the exact and estimated c, v^2 of the probed term on every micro-batch
-    with probed_term(trainer, term, 0.0, fidelity=True):
+    with probed_term(trainer, MTP_TERMS[term], 0.0, fidelity=True):
         zero_metrics = apply_update(trainer, batches)
     zero_logps = sequence_logps(model, held, temperature)
     restore(trainer, base)
@@ -279,7 +275,8 @@ def probe_state(trainer, tokenizer, held_out_data, options: ProbeOptions, *, ste
              if key.startswith(("mtp/c_", "mtp/v2_")) and v}
     c_exact = _mean_over_heads(zero_metrics, "mtp/c_exact/") or 0.0
     v2_exact = _mean_over_heads(zero_metrics, "mtp/v2_exact/") or 0.0
-    exact_lambda = occ_settings["occ_lambda_plus"] * c_exact / (v2_exact + occ_settings["occ_eps"])
+    exact_lambda = float(lambda_from_stats(OCCStats(torch.tensor(c_exact), torch.tensor(v2_exact)),
+                                           lambda_plus=occ_settings["occ_lambda_plus"], eps=occ_settings["occ_eps"]))
     reference = max(abs(exact_lambda), abs(occ_lambda), abs(occ_settings["mtp_coef"]), 1e-6)
     grid = sorted(set(lambda_grid(options.lambdas, reference)) | {0.0, occ_lambda, exact_lambda})
 
@@ -287,7 +284,7 @@ def probe_state(trainer, tokenizer, held_out_data, options: ProbeOptions, *, ste
     for lam in grid:
         if lam in new_logps:
             continue
-        with probed_term(trainer, term, lam):
+        with probed_term(trainer, MTP_TERMS[term], lam):
             apply_update(trainer, batches)
         new_logps[lam] = sequence_logps(model, held, temperature)
         restore(trainer, base)
@@ -302,7 +299,7 @@ def probe_state(trainer, tokenizer, held_out_data, options: ProbeOptions, *, ste
     # the check: fresh samples from theta'(lambda) at a few lambdas, paired against fresh samples from theta
     direct = []
     for lam in _direct_lambdas(grid, options.direct, occ_lambda):
-        with probed_term(trainer, term, lam):
+        with probed_term(trainer, MTP_TERMS[term], lam):
             apply_update(trainer, batches)
         fresh = sample_held_out(model, tokenizer, held_out_data, seed=options.seed + 1, **sample)
         restore(trainer, base)
