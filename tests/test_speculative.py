@@ -214,3 +214,97 @@ def test_zero_drafts_is_plain_sampling_and_bad_options_are_refused(drafter2):
     right_padded = mask.flip(1)
     with pytest.raises(ValueError, match="left-padded"):
         speculative_generate(drafter2, ids, right_padded, max_new_tokens=4, num_draft_tokens=1, pad_token_id=0)
+
+
+# ---- trimmed drafting (draft_vocab): lossless whatever subset the heads draft from
+
+def _draft_vocab_law(model, prompt, options, draft_vocab, n=6000, seed=0):
+    ids = torch.tensor([prompt] * n)
+    out = speculative_generate(model, ids, None, max_new_tokens=3, num_draft_tokens=2, do_sample=True,
+                               pad_token_id=0, generator=torch.Generator().manual_seed(seed),
+                               draft_vocab=draft_vocab, **options)
+    gen = out.sequences[:, len(prompt):]
+    vocab = model.config.vocab_size
+    return torch.bincount(gen[:, 0] * vocab * vocab + gen[:, 1] * vocab + gen[:, 2], minlength=vocab ** 3).double(), out
+
+
+def test_trimmed_draft_vocabulary_keeps_the_law(law_setup):
+    """Drafts from 4 of the 8 tokens only; the excluded ones carry real target mass, and they are still sampled at
+    their exact rates (the verify and the residual use the full target)."""
+    model, prompt, options, joint = law_setup
+    draft_vocab = torch.tensor([0, 2, 5, 7])
+    excluded = torch.tensor([1, 3, 4, 6])
+    first_token_mass = joint.sum(dim=(1, 2))
+    assert first_token_mass[excluded].sum() > 0.2, first_token_mass  # the target really wants excluded tokens
+    counts, out = _draft_vocab_law(model, prompt, options, draft_vocab)
+    assert 0.05 < out.accept_rate < 0.9, out.accept_rate
+    drafted = out.sequences[:, len(prompt):]
+    assert torch.isin(drafted, excluded).float().mean() > 0.2  # excluded tokens committed (from the residual)
+    assert _chi_square_pvalue(counts, joint.flatten() * counts.sum()) > 1e-3
+
+
+def test_trimmed_draft_with_target_cut_to_the_draft_vocabulary_fails_the_same_test(law_setup, monkeypatch):
+    """A broken trimmed sampler that verifies against the target renormalised over the draft vocabulary (q's
+    support) never commits the excluded tokens: the same chi-square test rejects it."""
+    model, prompt, options, joint = law_setup
+    honest = speculative.accept_drafts
+
+    def cut_target(p, q, drafts, *, greedy, generator=None):
+        support = (q > 0).any(dim=1, keepdim=True) if q is not None else torch.ones_like(p[:, :1], dtype=torch.bool)
+        cut = torch.where(support, p, torch.zeros_like(p))
+        mass = cut.sum(-1, keepdim=True)
+        return honest(torch.where(mass > 0, cut / mass.clamp(min=1e-30), p), q, drafts, greedy=greedy,
+                      generator=generator)
+
+    monkeypatch.setattr(speculative, "accept_drafts", cut_target)
+    counts, _ = _draft_vocab_law(model, prompt, options, torch.tensor([0, 2, 5, 7]))
+    assert _chi_square_pvalue(counts, joint.flatten() * counts.sum()) < 1e-6
+
+
+@pytest.mark.parametrize("heads", [1, 2])
+def test_trimmed_greedy_equals_generate_where_the_argmax_is_outside_the_draft_vocabulary(drafter1, drafter2,
+                                                                                           heads):
+    model = _imperfect(drafter1 if heads == 1 else drafter2)
+    ids, mask = _prompts()
+    ref = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=24, pad_token_id=0)
+    generated = ref[:, ids.shape[1]:]
+    draft_vocab = torch.arange(0, model.config.vocab_size, 2)  # the even tokens: half the greedy path is odd
+    outside = ~torch.isin(generated, draft_vocab)
+    assert 0.2 < outside.float().mean() < 0.8
+    out = speculative_generate(model, ids, mask, max_new_tokens=24, num_draft_tokens=heads, do_sample=False,
+                               pad_token_id=0, draft_vocab=draft_vocab)
+    assert torch.equal(out.sequences, ref)
+    assert 0 < sum(out.accepted) < sum(out.drafted)
+
+
+def test_tokens_per_verify_match_expected_acceptance_with_a_trimmed_vocabulary(drafter2):
+    """With drafts from 22 of the 40 tokens, acceptance drops, and `forward_logprobs(accept_draft_vocab=...)`
+    predicts the new tokens per verify within 15% (the full-vocabulary prediction does not)."""
+    ids, mask = _prompts(seed=5, batch=16, pads=(0,) * 16)
+    draft_vocab = torch.arange(18, 40)
+    out = speculative_generate(drafter2, ids, mask, max_new_tokens=96, num_draft_tokens=2, pad_token_id=0,
+                               generator=torch.Generator().manual_seed(2), draft_vocab=draft_vocab)
+    seqs = out.sequences
+
+    def predicted(vocab):
+        a = mtprl.forward_logprobs(drafter2, seqs, torch.ones_like(seqs), 96, compute_accept=True,
+                                   accept_draft_vocab=vocab).accept.mean(dim=(0, 2)).tolist()
+        return 1 + a[0] + a[0] * a[1], a
+
+    trimmed, a = predicted(draft_vocab)
+    full, _ = predicted(None)
+    print(f"trimmed: {out.accept_length:.3f} tokens per verify, predicted {trimmed:.3f} (full vocabulary "
+          f"{full:.3f}), acceptance {[round(x, 3) for x in a]}")
+    assert abs(out.accept_length - trimmed) / trimmed < 0.15
+    assert abs(out.accept_length - full) / full > 0.15  # trimming cost acceptance, which only the trimmed sees
+    assert abs(out.conditional_accept_rate_at(1) - a[0]) < 0.1
+
+
+def test_bad_draft_vocabulary_is_refused_naming_it(drafter2):
+    ids, mask = _prompts(batch=2)
+    for bad, words in [(torch.tensor([[1, 2]]), "1-D"), (torch.tensor([], dtype=torch.long), "non-empty"),
+                       (torch.tensor([0, 40]), "outside 0..39"), (torch.tensor([0.5, 2.0]), "token ids")]:
+        with pytest.raises(ValueError, match="draft_vocab") as err:
+            speculative_generate(drafter2, ids, mask, max_new_tokens=4, num_draft_tokens=1, pad_token_id=0,
+                                 draft_vocab=bad)
+        assert words in str(err.value)

@@ -48,8 +48,8 @@ from trl import TrlParser
 from .callbacks import PeriodicEvalCallback, phase
 from .config import DraftFields, check_draft_options
 from .faults import kill_point
-from .jsonl import atomic_write_json
-from .runs import prepare_run, record_trained_steps, start_fingerprint
+from .jsonl import atomic_write_json, atomic_write_text
+from .runs import prepare_run, record_trained_steps, resume_point, start_fingerprint
 
 def usage() -> str:
     """`mtprl --help`: the commands, with the regimes, lambda sources and export layouts read from the code's own
@@ -305,11 +305,17 @@ def _evaluate(model, tokenizer, eval_ds, task_args, path, label, draft=None):
 
 def _self_distillation_data(model, tokenizer, train_ds, cfg):
     """prompt + the model's own sampled completion, for `sft --mtp_only`: the heads learn what the policy
-    predicts, on the policy's own text."""
+    predicts, on the policy's own text. Kept in `<output_dir>/self_distillation.jsonl`, so that a resumed warm-up
+    trains on the same text without sampling it again (minutes on a real model)."""
     from datasets import Dataset
 
     from .evaluation import sample_completions
 
+    path = os.path.join(cfg.output_dir, "self_distillation.jsonl")
+    if os.path.isfile(path):
+        phase(f"sft --mtp_only: reusing the self-sampled completions in {path}")
+        with open(path) as f:
+            return Dataset.from_list([json.loads(line) for line in f if line.strip()])
     phase(f"sft --mtp_only: sampling {len(train_ds)} completions of up to {cfg.mtp_only_max_new_tokens} tokens "
           "from the model itself")
     prompts = list(train_ds["prompt"])
@@ -317,6 +323,8 @@ def _self_distillation_data(model, tokenizer, train_ds, cfg):
                                draft=draft_policy(cfg.mtp_draft_tokens, cfg.mtp_draft_policy, model))
     rows = [{"prompt": p, "completion": [{"role": "assistant", "content": t}] if isinstance(p, list) else t}
             for p, t in zip(prompts, texts) if t.strip()]
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
     return Dataset.from_list(rows)
 
 
@@ -339,15 +347,23 @@ def cmd_sft(argv) -> dict | None:
     if is_complete_checkpoint(cfg.output_dir) and not task_args.overwrite:
         phase(f"sft: {cfg.output_dir} already holds a model; skipping (pass --overwrite true to train again)")
         return None
+    if str(cfg.resume_from_checkpoint).lower() == "true":  # the latest complete checkpoint-N, or a fresh start
+        point = resume_point(cfg.output_dir, "true")
+        cfg.resume_from_checkpoint = point[0] if point else None
+        phase(f"sft: resuming from {point[0]} (step {point[1]})" if point else "sft: no checkpoint yet, fresh start")
     model, tokenizer = _load(task_args, cfg.mtp_num_heads, cfg.mtp_init, seed=cfg.seed,
                              trust_remote_code=cfg.trust_remote_code)
     train_ds, eval_ds = _splits(task_args, tokenizer)
     before = None
     draft = draft_policy(cfg.mtp_draft_tokens, cfg.mtp_draft_policy, model)
     if cfg.mtp_only:
-        if task_args.eval_after:
-            before = _evaluate(model, tokenizer, eval_ds, task_args, os.path.join(cfg.output_dir, "eval_before.json"),
-                               "model before the head warm-up", draft)
+        before_path = os.path.join(cfg.output_dir, "eval_before.json")
+        if task_args.eval_after and cfg.resume_from_checkpoint and os.path.isfile(before_path):
+            with open(before_path) as f:  # a resumed warm-up: the starting model was measured already
+                before = json.load(f)
+        elif task_args.eval_after:
+            before = _evaluate(model, tokenizer, eval_ds, task_args, before_path, "model before the head warm-up",
+                               draft)
         train_ds = _self_distillation_data(model, tokenizer, train_ds, cfg)
     else:
         train_ds = _sft_completions(train_ds, cfg.answer_suffix_fraction, cfg.seed)

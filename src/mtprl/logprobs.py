@@ -135,22 +135,30 @@ def _processed_probs(hidden, weight, bias, temperature, softcap, scale, truncati
 
 
 @torch.no_grad()
-def _expected_acceptance(main_hidden, head_hiddens, weight, bias, temperature, softcap, scale, truncation=None):
+def _expected_acceptance(main_hidden, head_hiddens, weight, bias, temperature, softcap, scale, truncation=None,
+                         draft_vocab=None):
     """sum_v min(p_main, p_head) per token: the probability that a draft sampled from the head is accepted
     by speculative sampling against the main head. Full distributions, so rows are tiled.
 
     `truncation`: the sampler's top-k / top-p warpers (a transformers `LogitsProcessorList`, applied after the
     temperature to target and draft alike, as the sampler does), so the number is the acceptance under the law
-    the rollouts are drawn from; None: the untruncated distributions at `temperature`."""
+    the rollouts are drawn from; None: the untruncated distributions at `temperature`. `draft_vocab`: the token
+    ids the heads draft from (trimmed drafting: q over those rows of the LM head, processed there, zero elsewhere,
+    as `speculative_generate(draft_vocab=...)` drafts); None: the full vocabulary."""
     batch, length, dim = main_hidden.shape
+    q_weight, q_bias = weight, bias
+    if draft_vocab is not None:
+        q_weight, q_bias = weight[draft_vocab], None if bias is None else bias[draft_vocab]
     main_flat = main_hidden.reshape(-1, dim)
     heads_flat = [h.reshape(-1, dim) for h in head_hiddens]
     out = torch.empty(len(heads_flat), main_flat.shape[0], device=main_flat.device, dtype=torch.float32)
     for start in range(0, main_flat.shape[0], _ACCEPT_ROWS):
         rows = slice(start, start + _ACCEPT_ROWS)
         p = _processed_probs(main_flat[rows], weight, bias, temperature, softcap, scale, truncation)
+        if draft_vocab is not None:
+            p = p[:, draft_vocab]
         for k, h in enumerate(heads_flat):
-            q = _processed_probs(h[rows], weight, bias, temperature, softcap, scale, truncation)
+            q = _processed_probs(h[rows], q_weight, q_bias, temperature, softcap, scale, truncation)
             out[k, rows] = torch.minimum(p, q).sum(-1)
     return out.view(len(heads_flat), batch, length).transpose(0, 1)
 
@@ -261,7 +269,8 @@ def main_logprobs(model, input_ids, attention_mask, logits_to_keep, temperature=
 
 def forward_logprobs(model, input_ids, attention_mask, logits_to_keep, temperature=1.0, mtp_grad="joint", *,
                      compute_entropy=False, compute_accept=False, compute_distill=False,
-                     return_hidden=False, compute_aux_loss=False, accept_truncation=None) -> LogProbs:
+                     return_hidden=False, compute_aux_loss=False, accept_truncation=None,
+                     accept_draft_vocab=None) -> LogProbs:
     """Main and MTP log-probabilities of the last `logits_to_keep` tokens from one trunk forward.
 
     mtp_grad="joint": the MTP heads see the live trunk, embeddings and lm_head, so an MTP loss trains them.
@@ -269,7 +278,7 @@ def forward_logprobs(model, input_ids, attention_mask, logits_to_keep, temperatu
     then only reaches MTP-only parameters (the verl/slime default during RL).
     compute_accept: also the expected acceptance `sum_v min(p_main, q_k)` of every head, under `temperature` and
     `accept_truncation` (the sampler's top-k / top-p warpers, `mtprl.speculative.logits_warpers(1.0, k, p)`; None:
-    no truncation). compute_distill: also the per-token KL(p_main || q_k) of every head (`distill_kl`), whose gradient reaches
+    no truncation) and `accept_draft_vocab` (the token ids the heads draft from; None: all). compute_distill: also the per-token KL(p_main || q_k) of every head (`distill_kl`), whose gradient reaches
     the heads only. return_hidden: also the trunk's output states (with their graph), which the `hidden`
     OCC estimator differentiates against. compute_aux_loss: also the MoE router load-balancing loss of the trunk,
     as the model's own forward gives it (what TRL adds, times router_aux_loss_coef, to its loss).
@@ -292,7 +301,7 @@ def forward_logprobs(model, input_ids, attention_mask, logits_to_keep, temperatu
     if compute_accept:
         accept = _expected_acceptance(main_hidden.detach(), [h.detach() for h in head_hidden], weight.detach(),
                                       None if bias is None else bias.detach(), temperature, softcap, scale,
-                                      accept_truncation)
+                                      accept_truncation, accept_draft_vocab)
     pad = None if attention_mask is None else attention_mask[:, -keep:] == 0
     if pad is not None:
         main = main.masked_fill(pad, 0.0)

@@ -8,6 +8,10 @@ One verify cycle for a row whose committed tokens are x_0 .. x_{L-1} (the trunk 
     accept  d_j with probability min(1, p_{j-1}(d_j) / q_j(d_j)) until the first rejection (Leviathan et al. 2023,
             Chen et al. 2023); then draw one token from norm(max(0, p_n - q_{n+1})), or from p_D when all D passed.
 
+Trimmed drafting (`draft_vocab`, FastMTP's vocabulary compression): the heads' logits are computed over those rows of
+the LM head only and q is zero elsewhere; the verify and the residual use the full target p, so the output law is
+unchanged (speculative sampling is exact for any draft distribution) and only the acceptance can drop.
+
 p and q are the *processed* distributions plain sampling uses (transformers' own temperature, top-k and top-p
 warpers, applied to target and draft alike), so every committed token is distributed exactly as under
 `model.generate(do_sample=True)`; greedy (`do_sample=False`) commits the trunk's argmax, as `generate` does.
@@ -172,6 +176,35 @@ def _lm_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     return transform_logits(model.get_output_embeddings()(hidden).float(), *logit_transform(model))[0]
 
 
+def check_draft_vocab(draft_vocab, vocab_size: int, device) -> torch.Tensor | None:
+    """The draft vocabulary as sorted unique token ids on `device` (None: the full vocabulary); raises naming
+    `draft_vocab` for anything that is not a non-empty 1-D set of ids in 0..vocab_size-1."""
+    if draft_vocab is None:
+        return None
+    ids = torch.as_tensor(draft_vocab)
+    if ids.dim() != 1 or ids.numel() == 0 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        raise ValueError(f"draft_vocab must be a non-empty 1-D tensor of token ids, got dtype {ids.dtype} and shape "
+                         f"{tuple(ids.shape)}")
+    if int(ids.min()) < 0 or int(ids.max()) >= vocab_size:
+        raise ValueError(f"draft_vocab holds ids outside 0..{vocab_size - 1} (the LM head's rows): "
+                         f"min {int(ids.min())}, max {int(ids.max())}")
+    ids = torch.unique(ids.long())
+    return None if ids.numel() == vocab_size else ids.to(device)
+
+
+def _draft_logits_fn(model, draft_ids: torch.Tensor | None):
+    """hidden -> float32 draft logits: the full LM head, or only its `draft_ids` rows (a [V_d, H] copy made once
+    per call, so a draft step costs V_d / V of the LM head)."""
+    if draft_ids is None:
+        return lambda hidden: _lm_logits(model, hidden)
+    head = model.get_output_embeddings()
+    weight = head.weight[draft_ids]
+    bias = None if getattr(head, "bias", None) is None else head.bias[draft_ids]
+    softcap, scale = logit_transform(model)
+    return lambda hidden: transform_logits(torch.nn.functional.linear(hidden, weight, bias).float(), softcap,
+                                           scale)[0]
+
+
 def _eos_tensor(eos_token_id, device) -> torch.Tensor | None:
     if eos_token_id is None:
         return None
@@ -210,9 +243,11 @@ class _Rows:
 def speculative_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                          max_new_tokens: int, num_draft_tokens: int, do_sample: bool = True,
                          temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, eos_token_id=None,
-                         pad_token_id: int, generator: torch.Generator | None = None) -> SpeculativeOutput:
+                         pad_token_id: int, generator: torch.Generator | None = None,
+                         draft_vocab: torch.Tensor | None = None) -> SpeculativeOutput:
     """Sample up to `max_new_tokens` per row with the model's own MTP heads drafting `num_draft_tokens` tokens per
-    trunk forward (0: plain sampling through the same code). Lossless; see the module docstring."""
+    trunk forward (0: plain sampling through the same code). `draft_vocab`: 1-D token ids the heads draft from
+    (None: the full vocabulary). Lossless; see the module docstring."""
     depth = _check_model(model, num_draft_tokens)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
@@ -238,6 +273,9 @@ def speculative_generate(model, input_ids: torch.Tensor, attention_mask: torch.T
     decoder, heads = decoder_of(model), get_mtp_heads(model)
     embed, rotary = model.get_input_embeddings(), getattr(decoder, "rotary_emb", None)
     hidden_size = embed.weight.shape[1]
+    vocab_size = model.get_output_embeddings().weight.shape[0]
+    draft_ids = check_draft_vocab(draft_vocab, vocab_size, device)
+    draft_logits = _draft_logits_fn(model, draft_ids)
     width = prompt_len + max_new_tokens + D + 1  # committed tokens plus room for a cycle's drafts
 
     def sample(probs):
@@ -319,8 +357,11 @@ def speculative_generate(model, input_ids: torch.Tensor, attention_mask: torch.T
                 pe = rotary(emb, pos) if rotary is not None else None
                 h = heads.layers[k - 1](emb, h, position_embeddings=pe, attention_mask=mask, position_ids=pos,
                                         past_key_values=head_cache, use_cache=True)
-                q_k = processed_probs(_lm_logits(model, h[ar, frontier]), warpers)
+                q_k = processed_probs(draft_logits(h[ar, frontier]), warpers)
                 d_k = sample(q_k)
+                if draft_ids is not None:  # back to token ids; q is zero outside the draft vocabulary
+                    d_k = draft_ids[d_k]
+                    q_k = q_k.new_zeros(n_rows, vocab_size).index_copy_(1, draft_ids, q_k)
                 drafts[:, k - 1] = d_k
                 q_list.append(q_k)
                 # d_k is x_{L+k-1}: deeper depths embed it (the slot is overwritten once a token is committed there)
