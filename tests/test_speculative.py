@@ -297,7 +297,8 @@ def test_tokens_per_verify_match_expected_acceptance_with_a_trimmed_vocabulary(d
           f"{full:.3f}), acceptance {[round(x, 3) for x in a]}")
     assert abs(out.accept_length - trimmed) / trimmed < 0.15
     assert abs(out.accept_length - full) / full > 0.15  # trimming cost acceptance, which only the trimmed sees
-    assert abs(out.conditional_accept_rate_at(1) - a[0]) < 0.1
+    # (the per-draft rate is not compared: drafts are made more often where acceptance is low, at tokens outside
+    # the draft vocabulary, so per draft it sits below the per-position mean; tokens per verify weighs that in)
 
 
 def test_bad_draft_vocabulary_is_refused_naming_it(drafter2):
