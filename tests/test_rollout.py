@@ -138,3 +138,66 @@ def test_evaluation_with_drafting_keeps_the_law_and_reports_rollout_metrics():
     # mtp/accept/1 is under the evaluation's own law (top-p 0.7), so it predicts the realised depth-1 rate
     assert result["accept_law"] == "temperature 1.0, top-p 0.7"
     assert abs(result["mtp/accept/1"] - result["rollout/spec_accept_rate/1"]) < 0.05
+    # trimmed: one batch, so the draft vocabulary comes from the prompts' tokens; mtp/accept/k is under it too
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trimmed = evaluate(model, Tok(), data, k=8, max_new_tokens=12,
+                           draft=make_draft_policy("fixed", 2, vocab_size=12, model=model))
+    assert trimmed["rollout/draft_vocab_size"] == 12.0
+    a1, a2 = trimmed["mtp/accept/1"], trimmed["mtp/accept/2"]
+    assert a1 < result["mtp/accept/1"] - 0.1  # drafting from 12 of 40 tokens costs acceptance, and it shows
+    predicted = 1 + a1 + a1 * a2
+    assert abs(trimmed["rollout/spec_accept_length"] - predicted) / predicted < 0.15
+
+
+def test_draft_vocabulary_is_the_most_frequent_recent_tokens_by_hand():
+    from mtprl.draft_vocab import DraftVocabulary, generated_mask
+
+    vocab = DraftVocabulary(2, 6, decay=0.5)
+    assert vocab.ids() is None  # nothing observed: the full vocabulary
+    seqs = torch.tensor([[9, 9, 3, 3, 4, 1, 5, 5], [9, 9, 2, 1, 0, 0, 0, 0]])  # prompt of 2, EOS = 1, pad 0 after
+    mask = generated_mask(seqs, 2, 1)
+    assert mask.tolist() == [[1, 1, 1, 1, 0, 0], [1, 1, 0, 0, 0, 0]]
+    vocab.observe(seqs[:, 2:], mask)  # counts: 3 -> 2, 4 -> 1, 1 -> 2, 2 -> 1 (the tail 5 5 and pads not counted)
+    assert vocab.ids().tolist() == [1, 3]
+    vocab.observe(torch.tensor([[2, 2, 2, 4]]))  # decayed: 1 -> 1, 3 -> 1, 2 -> 0.5 + 3, 4 -> 0.5 + 1
+    assert vocab.ids().tolist() == [2, 4]
+    assert vocab.coverage(torch.tensor([[2, 4, 3, 0]])) == 0.5
+    vocab.seed(torch.tensor([[5, 5, 5, 5]]))  # seeding only counts before the first observation
+    assert vocab.ids().tolist() == [2, 4]
+    assert DraftVocabulary(0, 6).ids() is None and DraftVocabulary(6, 6).ids() is None  # 0 or all: no trimming
+    with pytest.raises(ValueError, match="mtp_draft_vocab_size"):
+        DraftVocabulary(-1, 6)
+
+
+def test_trimmed_policy_drafts_from_the_last_rollouts_most_frequent_tokens():
+    """sample_with_heads: the first rollout drafts from all tokens; the second from the N tokens the first one
+    wrote most often (recounted here by hand from its sequences)."""
+    from mtprl.rollout import sample_with_heads
+
+    model = trained_drafter(num_heads=2)
+    policy = make_draft_policy("fixed", 2, vocab_size=12, model=model)
+    ids = torch.randint(2, 40, (8, 5), generator=torch.Generator().manual_seed(0))
+    first = sample_with_heads(model, ids, None, policy, max_new_tokens=20, pad_token_id=0, eos_token_id=None)
+    assert first.draft_vocab is None and "rollout/draft_vocab_size" not in first.metrics()
+    counts = torch.bincount(first.sequences[:, 5:].reshape(-1), minlength=40)
+    second = sample_with_heads(model, ids, None, policy, max_new_tokens=20, pad_token_id=0, eos_token_id=None)
+    assert second.draft_vocab.numel() == 12 and second.metrics()["rollout/draft_vocab_size"] == 12.0
+    in_vocab = counts[second.draft_vocab]
+    outside = counts[~torch.isin(torch.arange(40), second.draft_vocab)]
+    assert in_vocab.min() >= outside.max()  # the 12 most frequent (ties either way)
+    with pytest.raises(ValueError, match="mtp_draft_vocab_size must be an integer >= 0"):
+        MTPGRPOConfig(**dict(COMMON, output_dir="unused", mtp_num_heads=2, mtp_draft_tokens=1,
+                             mtp_draft_vocab_size=-4))
+
+
+def test_training_with_a_trimmed_draft_vocabulary(tmp_path):
+    """train with mtp_draft_vocab_size: rollouts after the first draft from the trimmed set (logged)."""
+    trainer = _mtp_trainer(tmp_path, mtp_draft_tokens=1, mtp_regime="detach", max_steps=3, steps_per_generation=1,
+                           mtp_draft_vocab_size=8)
+    trainer.train()
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    sizes = [r.get("rollout/draft_vocab_size") for r in rows if "rollout/spec_accept_length" in r]
+    assert sizes[0] is None and sizes[1:] == [8.0, 8.0]
+    vocab = trainer._draft_policy.vocabulary.ids()
+    assert vocab.numel() == 8

@@ -266,13 +266,16 @@ def _benchmarks(task_args: TaskArguments, tokenizer) -> dict:
     return out
 
 
-def draft_policy(num_draft_tokens: int, name: str, model=None):
-    """The rollout policy of `mtp_draft_tokens` / `mtp_draft_policy` (None: plain generate)."""
+def draft_policy(fields: DraftFields, model=None):
+    """The rollout policy of `mtp_draft_tokens` / `mtp_draft_policy` / `mtp_draft_vocab_size` (None: plain
+    generate)."""
     from .rollout import make_draft_policy
 
     heads = getattr(model, "mtp_heads", None)
-    check_draft_options(num_draft_tokens, name, heads.num_heads if heads is not None else num_draft_tokens)
-    return make_draft_policy(name, num_draft_tokens) if num_draft_tokens else None
+    drafts = fields.mtp_draft_tokens
+    check_draft_options(drafts, fields.mtp_draft_policy, heads.num_heads if heads is not None else drafts,
+                        fields.mtp_draft_vocab_size)
+    return make_draft_policy(fields.mtp_draft_policy, drafts, fields.mtp_draft_vocab_size, model) if drafts else None
 
 
 def _evaluate(model, tokenizer, eval_ds, task_args, path, label, draft=None):
@@ -320,7 +323,7 @@ def _self_distillation_data(model, tokenizer, train_ds, cfg):
           "from the model itself")
     prompts = list(train_ds["prompt"])
     texts = sample_completions(model, tokenizer, prompts, max_new_tokens=cfg.mtp_only_max_new_tokens, seed=cfg.seed,
-                               draft=draft_policy(cfg.mtp_draft_tokens, cfg.mtp_draft_policy, model))
+                               draft=draft_policy(cfg, model))
     rows = [{"prompt": p, "completion": [{"role": "assistant", "content": t}] if isinstance(p, list) else t}
             for p, t in zip(prompts, texts) if t.strip()]
     os.makedirs(cfg.output_dir, exist_ok=True)
@@ -355,7 +358,7 @@ def cmd_sft(argv) -> dict | None:
                              trust_remote_code=cfg.trust_remote_code)
     train_ds, eval_ds = _splits(task_args, tokenizer)
     before = None
-    draft = draft_policy(cfg.mtp_draft_tokens, cfg.mtp_draft_policy, model)
+    draft = draft_policy(cfg, model)
     if cfg.mtp_only:
         before_path = os.path.join(cfg.output_dir, "eval_before.json")
         if task_args.eval_after and cfg.resume_from_checkpoint and os.path.isfile(before_path):
@@ -394,7 +397,7 @@ def run_training(task_args: TaskArguments, cfg, label: str | None = None) -> dic
     model, tokenizer = _load(task_args, cfg.mtp_num_heads, cfg.mtp_init, seed=cfg.seed,
                              trust_remote_code=cfg.trust_remote_code)
     train_ds, eval_ds = _splits(task_args, tokenizer)
-    draft = draft_policy(cfg.mtp_draft_tokens, cfg.mtp_draft_policy, model)
+    draft = draft_policy(cfg, model)
     if task_args.eval_before:
         _evaluate(model, tokenizer, eval_ds, task_args, os.path.join(cfg.output_dir, "eval_before.json"),
                   "starting model", draft)
@@ -526,7 +529,7 @@ def cmd_eval(argv) -> dict:
     model, tokenizer = _load(task_args, trust_remote_code=eval_args.trust_remote_code)
     _, eval_ds = _splits(task_args, tokenizer)
     return _evaluate(model, tokenizer, eval_ds, task_args, _eval_path(task_args), task_args.model_name_or_path,
-                     draft_policy(eval_args.mtp_draft_tokens, eval_args.mtp_draft_policy, model))
+                     draft_policy(eval_args, model))
 
 
 def _finish_run(run_dir, checkpoint, task_args):
@@ -605,7 +608,7 @@ def _evaluate_start(task_args, cfg, report_dir) -> None:
     model, tokenizer = _load(task_args, cfg.mtp_num_heads, cfg.mtp_init, seed=0, trust_remote_code=cfg.trust_remote_code)
     _, eval_ds = _splits(task_args, tokenizer)
     result = _evaluate(model, tokenizer, eval_ds, task_args, path, "starting model",
-                       draft_policy(cfg.mtp_draft_tokens, cfg.mtp_draft_policy, model))
+                       draft_policy(cfg, model))
     write_eval({**result, "start_model": fingerprint}, path)
 
 

@@ -56,10 +56,12 @@ def check_number(name, value, low=None, high=None, *, low_open=False, high_open=
         raise ValueError(f"{name} must be a finite number{bounds}, got {value!r}")
 
 
-def check_draft_options(num_draft_tokens, policy, num_heads) -> None:
-    """mtp_draft_tokens in 0..mtp_num_heads, mtp_draft_policy one of DRAFT_POLICIES (train, sft, eval)."""
+def check_draft_options(num_draft_tokens, policy, num_heads, vocab_size=0) -> None:
+    """mtp_draft_tokens in 0..mtp_num_heads, mtp_draft_policy one of DRAFT_POLICIES, mtp_draft_vocab_size >= 0
+    (train, sft, eval)."""
     check_int("mtp_draft_tokens", num_draft_tokens, 0, num_heads, "mtp_num_heads")
     check_choice("mtp_draft_policy", policy, DRAFT_POLICIES)
+    check_int("mtp_draft_vocab_size", vocab_size, 0)
 
 
 def check_reporting(report_to) -> None:
@@ -85,6 +87,13 @@ DRAFT_POLICY_HELP = (
     "most expected tokens per second (live acceptance, measured costs).")
 
 
+DRAFT_VOCAB_HELP = (
+    "Trimmed drafting: the heads draft only from this many tokens, the most frequent of the recent rollouts "
+    "(refreshed after every rollout; the first drafts from all), so a draft step runs that many rows of the LM head "
+    "instead of all. Lossless (the verify uses the full distribution); costs acceptance where the policy writes a "
+    "token outside the set. 0 = the full vocabulary.")
+
+
 REWARD_FAILURE_HELP = (
     "A reward function that raises: zero (that sample scores 0 and is counted in rewards/failures; the first failure "
     "prints its traceback; a batch on which every sample fails stops the run) | raise (any failure stops the run, as "
@@ -97,6 +106,7 @@ class DraftFields:
 
     mtp_draft_tokens: int = field(default=0, metadata={"help": DRAFT_TOKENS_HELP})
     mtp_draft_policy: str = field(default="fixed", metadata={"help": DRAFT_POLICY_HELP})
+    mtp_draft_vocab_size: int = field(default=0, metadata={"help": DRAFT_VOCAB_HELP})
 
 
 @dataclass
@@ -115,7 +125,8 @@ class HeadFields(DraftFields):
     def check_head_fields(self) -> None:
         check_int("mtp_num_heads", self.mtp_num_heads, 1)
         check_choice("mtp_init", self.mtp_init, INIT_CHOICES)
-        check_draft_options(self.mtp_draft_tokens, self.mtp_draft_policy, self.mtp_num_heads)
+        check_draft_options(self.mtp_draft_tokens, self.mtp_draft_policy, self.mtp_num_heads,
+                            self.mtp_draft_vocab_size)
 
 
 # ------------------------------------------------------------------------------------------- RL

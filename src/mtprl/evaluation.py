@@ -13,6 +13,7 @@ import os
 
 import torch
 
+from .draft_vocab import generated_mask
 from .jsonl import atomic_write_json
 from .logprobs import forward_logprobs
 from .rollout import merged_rollout_metrics, repeat_rows, sample_with_heads
@@ -22,10 +23,8 @@ from .tasks import TaskReward, prompt_text
 
 def completion_mask(sequences, prompt_mask, eos_token_id):
     """Attention mask of prompt + completion with the tokens after the first EOS masked out (they are padding)."""
-    gen = sequences[:, prompt_mask.shape[1]:]
-    is_eos = (gen == eos_token_id).int()
-    after_eos = (is_eos.cumsum(1) - is_eos) > 0
-    return torch.cat([prompt_mask, (~after_eos).to(prompt_mask.dtype)], dim=1)
+    generated = generated_mask(sequences, prompt_mask.shape[1], eos_token_id)
+    return torch.cat([prompt_mask, generated.to(prompt_mask.dtype)], dim=1)
 
 
 def score_completions(reward: TaskReward, rows, texts, k: int) -> list[list[float]]:
@@ -46,13 +45,14 @@ def score_completions(reward: TaskReward, rows, texts, k: int) -> list[list[floa
     return out
 
 
-def _sample_acceptance(model, sequences, prompt_mask, eos_token_id, temperature, top_p):
+def _sample_acceptance(model, sequences, prompt_mask, eos_token_id, temperature, top_p, draft_vocab=None):
     """Per-head sums of sum_v min(p_main, p_head) over the generated tokens (up to and including EOS), p and q
-    the distributions the evaluation samples from (its temperature and top-p), as the drafting sampler uses them."""
+    the distributions the evaluation samples from (its temperature and top-p) and the heads drafted from
+    (`draft_vocab`: the batch's trimmed draft vocabulary), as the drafting sampler uses them."""
     gen_len = sequences.shape[1] - prompt_mask.shape[1]
     mask = completion_mask(sequences, prompt_mask, eos_token_id)
     out = forward_logprobs(model, sequences, mask, gen_len, temperature=temperature, compute_accept=True,
-                           accept_truncation=logits_warpers(1.0, 0, top_p))
+                           accept_truncation=logits_warpers(1.0, 0, top_p), accept_draft_vocab=draft_vocab)
     keep = mask[:, -gen_len:].unsqueeze(1).float()
     return (out.accept * keep).sum(dim=(0, 2)), keep.sum()
 
@@ -92,16 +92,22 @@ def evaluate(model, tokenizer, dataset, *, k: int = 4, temperature: float = 1.0,
     accept_sum, accept_count = None, 0.0
     rollouts = []
     n = len(dataset)
+    if getattr(draft, "vocabulary", None) is not None:  # trimmed drafting: until rollouts exist, the prompts' tokens
+        enc = tokenizer([prompt_text(tokenizer, p) for p in dataset["prompt"]], return_tensors="pt", padding=True,
+                        padding_side="left", add_special_tokens=False)
+        draft.vocabulary.seed(enc["input_ids"], enc["attention_mask"])
     for start in range(0, n, batch_size):
         rows = dataset[start:start + batch_size]
         enc = tokenizer([prompt_text(tokenizer, p) for p in rows["prompt"]], return_tensors="pt", padding=True,
                         padding_side="left", add_special_tokens=False).to(device)
+        drafted_before = len(rollouts)
         out = _sample(model, tokenizer, enc, k, draft, rollouts, temperature=temperature, top_p=top_p,
                       max_new_tokens=max_new_tokens)
         texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
         if has_heads and out.shape[1] > enc["input_ids"].shape[1]:
+            draft_vocab = rollouts[-1].draft_vocab if len(rollouts) > drafted_before else None
             sums, count = _sample_acceptance(model, out, enc["attention_mask"].repeat_interleave(k, dim=0),
-                                             tokenizer.eos_token_id, temperature, top_p)
+                                             tokenizer.eos_token_id, temperature, top_p, draft_vocab)
             accept_sum = sums if accept_sum is None else accept_sum + sums
             accept_count += float(count)
         for i, scores in enumerate(score_completions(reward, rows, texts, k)):

@@ -148,6 +148,7 @@ def _expected_acceptance(main_hidden, head_hiddens, weight, bias, temperature, s
     batch, length, dim = main_hidden.shape
     q_weight, q_bias = weight, bias
     if draft_vocab is not None:
+        draft_vocab = draft_vocab.to(weight.device)
         q_weight, q_bias = weight[draft_vocab], None if bias is None else bias[draft_vocab]
     main_flat = main_hidden.reshape(-1, dim)
     heads_flat = [h.reshape(-1, dim) for h in head_hiddens]

@@ -22,6 +22,7 @@ from contextlib import contextmanager
 
 import torch
 
+from .draft_vocab import DraftVocabulary, generated_mask
 from .speculative import SpeculativeOutput, check_generation_options, speculative_generate
 
 DRAFT_POLICIES = ("fixed", "adaptive")
@@ -30,8 +31,9 @@ DRAFT_POLICIES = ("fixed", "adaptive")
 class FixedDraft:
     """Always `num_draft_tokens` drafts."""
 
-    def __init__(self, num_draft_tokens: int):
+    def __init__(self, num_draft_tokens: int, vocabulary: DraftVocabulary | None = None):
         self.num_draft_tokens = num_draft_tokens
+        self.vocabulary = vocabulary  # which tokens the heads draft from (None: all)
 
     def choose(self, batch_size: int) -> int:
         return self.num_draft_tokens
@@ -61,8 +63,9 @@ class AdaptiveDraft:
     `recheck_every` rollouts the least recently measured D is measured again."""
 
     def __init__(self, max_draft_tokens: int, beta: float = 0.7, window: int = 5, explore: int = 2,
-                 recheck_every: int = 16):
+                 recheck_every: int = 16, vocabulary: DraftVocabulary | None = None):
         self.max_draft_tokens = max_draft_tokens
+        self.vocabulary = vocabulary  # which tokens the heads draft from (None: all)
         self.beta = beta  # weight of the history in the running average of the acceptance
         self.window, self.explore, self.recheck_every = window, explore, recheck_every
         self.accept: list[float | None] = [None] * max_draft_tokens  # conditional acceptance per depth
@@ -117,17 +120,37 @@ class AdaptiveDraft:
                 self.accept[k] = self._ema(self.accept[k], rate)
 
 
-def make_draft_policy(name: str, num_draft_tokens: int):
+def make_draft_policy(name: str, num_draft_tokens: int, vocab_size: int = 0, model=None):
+    """The rollout policy `name` over 0..num_draft_tokens drafts; `vocab_size` > 0 trims the heads' drafts to that
+    many most frequent tokens of the recent rollouts (`DraftVocabulary`; `model` gives the LM head's size)."""
     if name not in DRAFT_POLICIES:
         raise ValueError(f"mtp_draft_policy must be one of {', '.join(DRAFT_POLICIES)}, got {name!r}")
-    return FixedDraft(num_draft_tokens) if name == "fixed" else AdaptiveDraft(num_draft_tokens)
+    vocabulary = None
+    if vocab_size:
+        if model is None:
+            raise ValueError("mtp_draft_vocab_size needs the model (the size of its LM head)")
+        vocabulary = DraftVocabulary(vocab_size, model.get_output_embeddings().weight.shape[0])
+    cls = FixedDraft if name == "fixed" else AdaptiveDraft
+    return cls(num_draft_tokens, vocabulary=vocabulary)
+
+
+def draft_vocab_of(policy) -> torch.Tensor | None:
+    """The token ids a policy's heads draft from now (None: the full vocabulary, or no policy)."""
+    vocabulary = getattr(policy, "vocabulary", None)
+    return None if vocabulary is None else vocabulary.ids()
 
 
 def sample_with_heads(model, input_ids, attention_mask, policy, **options) -> SpeculativeOutput:
-    """One rollout: the policy picks the drafts for this batch size, the sampler runs, the policy learns from it."""
+    """One rollout: the policy picks the drafts for this batch size and the tokens they come from, the sampler
+    runs, the policy learns from it (its costs, acceptance and, when trimming, the tokens the policy wrote)."""
     batch = input_ids.shape[0]
-    out = speculative_generate(model, input_ids, attention_mask, num_draft_tokens=policy.choose(batch), **options)
+    out = speculative_generate(model, input_ids, attention_mask, num_draft_tokens=policy.choose(batch),
+                               draft_vocab=draft_vocab_of(policy), **options)
     policy.observe(out, batch)
+    if getattr(policy, "vocabulary", None) is not None:
+        prompt_len = input_ids.shape[1]
+        policy.vocabulary.observe(out.sequences[:, prompt_len:],
+                                  generated_mask(out.sequences, prompt_len, options.get("eos_token_id")))
     return out
 
 
@@ -191,4 +214,7 @@ def merged_rollout_metrics(outputs: list[SpeculativeOutput]) -> dict[str, float]
             total.accepted[k] += o.accepted[k]
     metrics = total.metrics()
     metrics["rollout/draft_tokens"] = sum(o.num_draft_tokens for o in outputs) / len(outputs)
+    trimmed = [o.draft_vocab.numel() for o in outputs if o.draft_vocab is not None]
+    if trimmed:  # mean size over the calls that drafted from a trimmed vocabulary
+        metrics["rollout/draft_vocab_size"] = sum(trimmed) / len(trimmed)
     return metrics

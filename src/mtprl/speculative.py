@@ -59,6 +59,7 @@ class SpeculativeOutput:
     drafted: list[int] = field(default_factory=list)
     reached: list[int] = field(default_factory=list)
     accepted: list[int] = field(default_factory=list)
+    draft_vocab: torch.Tensor | None = None  # the token ids the heads drafted from (None: the full vocabulary)
     prefill_seconds: float = 0.0
     loop_seconds: float = 0.0  # everything after the prefill: drafting, verifying, accepting
 
@@ -89,6 +90,8 @@ class SpeculativeOutput:
         out = {"rollout/draft_tokens": float(self.num_draft_tokens),
                "rollout/tokens_per_s": self.committed_tokens / max(self.seconds, 1e-9)}
         if self.num_draft_tokens > 0:
+            if self.draft_vocab is not None:
+                out["rollout/draft_vocab_size"] = float(self.draft_vocab.numel())
             out["rollout/spec_accept_length"] = self.accept_length
             out["rollout/spec_accept_rate"] = self.accept_rate
             for k in range(1, self.num_draft_tokens + 1):
@@ -276,6 +279,7 @@ def speculative_generate(model, input_ids: torch.Tensor, attention_mask: torch.T
     vocab_size = model.get_output_embeddings().weight.shape[0]
     draft_ids = check_draft_vocab(draft_vocab, vocab_size, device)
     draft_logits = _draft_logits_fn(model, draft_ids)
+    out.draft_vocab = draft_ids if D > 0 else None
     width = prompt_len + max_new_tokens + D + 1  # committed tokens plus room for a cycle's drafts
 
     def sample(probs):

@@ -46,7 +46,7 @@ from .mtp import decoder_of, last_layer_params
 from .objectives import LOSS_TYPES, head_only_loss, masked_mean, policy_loss
 from .regimes import (AFTER_BACKWARD, BY_SPLIT_BACKWARD, HeadTerm, LossScaling, Pending, head_data,
                       head_policy_loss, regime_for, weighted_sum, with_scaled_advantages)
-from .rollout import drafted_generate, make_draft_policy
+from .rollout import draft_vocab_of, drafted_generate, make_draft_policy
 from .speculative import logits_warpers
 from .runs import ConsistentLogOnResume
 from .split_backward import TrunkCut, split_backward_loss
@@ -110,7 +110,8 @@ class MTPGRPOTrainer(ConsistentLogOnResume, MTPCheckpointMixin, GRPOTrainer):
         self.add_callback(MetricsJsonlCallback(args.output_dir))
         self.regime = regime_for(args.mtp_regime, args.occ_variant)  # None: plain GRPO
         self._ledger: ForwardLedger | None = None  # open while one of TRL's calls runs (`_recording_forwards`)
-        self._draft_policy = (make_draft_policy(args.mtp_draft_policy, args.mtp_draft_tokens)
+        self._draft_policy = (make_draft_policy(args.mtp_draft_policy, args.mtp_draft_tokens,
+                                                args.mtp_draft_vocab_size, self.accelerator.unwrap_model(self.model))
                               if args.mtp_draft_tokens else None)
         self._acceptance: list[float | None] = [None] * args.mtp_num_heads  # since the last rollout, per depth
         # mtp/accept/k under the rollouts' own law (temperature, top-k, top-p), the one the drafts are verified in
@@ -208,6 +209,7 @@ class MTPGRPOTrainer(ConsistentLogOnResume, MTPCheckpointMixin, GRPOTrainer):
                    "mtp_grad": self.regime.mtp_grad, "compute_distill": self.regime.needs_distill,
                    "compute_accept": self.args.mtp_log_acceptance and torch.is_grad_enabled(),
                    "accept_truncation": self._accept_truncation,
+                   "accept_draft_vocab": draft_vocab_of(self._draft_policy),
                    "return_hidden": torch.is_grad_enabled() and (self.regime.lambda_source == "hidden"
                                                                  or self.head_loss != "none"
                                                                  or self.args.occ_fidelity_every > 0)}
