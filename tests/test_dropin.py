@@ -265,7 +265,7 @@ def test_a_config_without_norm_epsilon_is_a_clear_error():
     assert torch.is_tensor(next(model.parameters()))
 
 
-@pytest.mark.parametrize("kind", ["ce", "distill"])
+@pytest.mark.parametrize("kind", ["ce", "distill", "tv"])
 def test_head_only_term_trains_the_heads_even_when_lambda_is_zero(tmp_path, kind):
     """OCC at TRL's defaults (one optimizer step per rollout: delta_RL = 0, lambda = 0): without a head-only term the
     heads get no gradient; with mtp_head_loss they do, and the trunk's gradient is exactly TRL's (the term stops at
@@ -293,10 +293,12 @@ def test_head_only_term_trains_the_heads_even_when_lambda_is_zero(tmp_path, kind
     ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
     mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
     with torch.no_grad():
-        out = mtprl.forward_logprobs(trainer.model, ids, mask, 5, mtp_grad="detach", compute_distill=True)
+        out = mtprl.forward_logprobs(trainer.model, ids, mask, 5, mtp_grad="detach", compute_distill=True,
+                                     compute_accept=True)
     m = inputs["completion_mask"].unsqueeze(1) * out.mtp_mask
-    expected = [(-(out.mtp[:, k] * m[:, k]).sum() / m[:, k].sum()).item() if kind == "ce" else
-                ((out.distill[:, k] * m[:, k]).sum() / m[:, k].sum()).item() for k in range(2)]
+    # tv: 1 - the expected acceptance sum_v min(p, q), from the acceptance code path, not the loss's
+    per_token = {"ce": -out.mtp, "distill": out.distill, "tv": 1 - out.accept}[kind]
+    expected = [((per_token[:, k] * m[:, k]).sum() / m[:, k].sum()).item() for k in range(2)]
     logged = [trainer._metrics["train"][f"mtp/head_loss/{k}"][-1] for k in (1, 2)]
     assert logged == pytest.approx(expected, rel=1e-4)
 

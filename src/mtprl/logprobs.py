@@ -38,7 +38,9 @@ class LogProbs(ModelOutput):
     mtp: torch.Tensor | None = None  # [B, K, L]
     entropy: torch.Tensor | None = None  # [B, L] main-head entropy (compute_entropy=True)
     accept: torch.Tensor | None = None  # [B, K, L] sum_v min(p_main, p_head), no grad (compute_accept=True)
-    distill: torch.Tensor | None = None  # [B, K, L] KL(p_main || q_head), grad into the heads only (compute_distill)
+    # [B, K, L] KL(p_main || q_head) (compute_distill True / "kl") or 1 - sum_v min(p_main, q_head) ("tv"), grad
+    # into the heads only
+    distill: torch.Tensor | None = None
     hidden: torch.Tensor | None = None  # [B, T, H] trunk output states, live graph (return_hidden=True)
     # [B, K, L] head k has context for token j: position j-k-1 is a real token (a prompt of K tokens or fewer, or a
     # short left-padded row, leaves the first tokens without one; their mtp / accept / distill entries hold 0)
@@ -86,45 +88,73 @@ def _logits(hidden, weight, bias, temperature, softcap, scale):
     return logits / temperature, dcap
 
 
-class ChunkedDistillKL(torch.autograd.Function):
-    """Per-token KL(p_main || q_head) over the full vocabulary, tiled over rows, with gradient into the head's
-    hidden states only (the main distribution and the LM head are targets, not trained).
+def _kl_tile(log_p, log_q):
+    """KL(p || q) per row, and its gradient with respect to the head's logits: q - p."""
+    p = log_p.exp()
+    return (p * (log_p - log_q)).sum(-1), log_q.exp() - p
 
-    The gradient of a row's KL with respect to its head logits is `q - p`, so the forward computes
-    `d KL / d h = ((q - p) * dcap / T) @ W * scale` tile by tile and keeps only that `[N, H]` tensor: no
+
+def _tv_tile(log_p, log_q):
+    """1 - sum_v min(p, q) per row (the total variation: the probability that speculative sampling rejects a
+    draft from q; Bebop's head objective), and its gradient with respect to the head's logits. Where q < p the
+    min is q (m = 1[q < p]), so with S = sum_v m_v q_v: d/dz_j (1 - sum_v m_v q_v) = q_j (S - m_j)."""
+    p, q = log_p.exp(), log_q.exp()
+    m = (q < p).to(q.dtype)
+    return 1.0 - torch.minimum(p, q).sum(-1), q * ((m * q).sum(-1, keepdim=True) - m)
+
+
+# Head divergences from the main head's distribution, per token (`compute_distill`): name -> tile function
+# (log p, log q) -> (value per row, d value / d head logits).
+HEAD_DIVERGENCES = {"kl": _kl_tile, "tv": _tv_tile}
+
+
+class ChunkedHeadDivergence(torch.autograd.Function):
+    """Per-token divergence of the head from the main head (`HEAD_DIVERGENCES`: KL(p_main || q_head) or
+    1 - sum_v min(p_main, q_head)) over the full vocabulary, tiled over rows, with gradient into the head's hidden
+    states only (the main distribution and the LM head are targets, not trained).
+
+    Each tile function gives the gradient with respect to the head logits, so the forward computes
+    `d D / d h = (dD/dz * dcap / T) @ W * scale` tile by tile and keeps only that `[N, H]` tensor: no
     `[N, V]` tensor is ever kept for backward."""
 
     @staticmethod
-    def forward(ctx, head_hidden, main_hidden, weight, bias, temperature, softcap, scale):
+    def forward(ctx, head_hidden, main_hidden, weight, bias, temperature, softcap, scale, kind):
+        tile = HEAD_DIVERGENCES[kind]
         n = head_hidden.shape[0]
-        kl = torch.empty(n, device=head_hidden.device, dtype=torch.float32)
+        value = torch.empty(n, device=head_hidden.device, dtype=torch.float32)
         grad = torch.empty(head_hidden.shape, device=head_hidden.device, dtype=torch.float32)
         with torch.no_grad():
             for start in range(0, n, _ACCEPT_ROWS):
                 rows = slice(start, start + _ACCEPT_ROWS)
                 log_p = torch.log_softmax(_logits(main_hidden[rows], weight, bias, temperature, softcap, scale)[0], -1)
                 z_q, dcap = _logits(head_hidden[rows], weight, bias, temperature, softcap, scale)
-                log_q = torch.log_softmax(z_q, -1)
-                p = log_p.exp()
-                kl[rows] = (p * (log_p - log_q)).sum(-1)
-                grad[rows] = (((log_q.exp() - p) * dcap) @ weight.float()) * (scale / temperature)
+                value[rows], d_logits = tile(log_p, torch.log_softmax(z_q, -1))
+                grad[rows] = ((d_logits * dcap) @ weight.float()) * (scale / temperature)
         ctx.save_for_backward(grad)
         ctx.hidden_dtype = head_hidden.dtype
-        return kl
+        return value
 
     @staticmethod
-    def backward(ctx, grad_kl):
+    def backward(ctx, grad_value):
         (grad,) = ctx.saved_tensors
-        return (grad * grad_kl.unsqueeze(-1)).to(ctx.hidden_dtype), None, None, None, None, None, None
+        return (grad * grad_value.unsqueeze(-1)).to(ctx.hidden_dtype), None, None, None, None, None, None, None
+
+
+def head_divergence(kind, head_hidden, main_hidden, weight, bias=None, temperature=1.0, softcap=None, scale=1.0):
+    """`kind` ("kl" | "tv") of the head from the main head per token, for hidden states [B, L, H] -> [B, L];
+    gradient into `head_hidden` only."""
+    if kind not in HEAD_DIVERGENCES:
+        raise ValueError(f"head divergence must be one of {', '.join(HEAD_DIVERGENCES)}, got {kind!r}")
+    batch, length, dim = head_hidden.shape
+    value = ChunkedHeadDivergence.apply(head_hidden.reshape(-1, dim), main_hidden.detach().reshape(-1, dim),
+                                        weight.detach(), None if bias is None else bias.detach(), temperature,
+                                        softcap, scale, kind)
+    return value.view(batch, length)
 
 
 def distill_kl(head_hidden, main_hidden, weight, bias=None, temperature=1.0, softcap=None, scale=1.0):
     """KL(p_main || q_head) per token for hidden states [B, L, H] -> [B, L]; gradient into `head_hidden` only."""
-    batch, length, dim = head_hidden.shape
-    kl = ChunkedDistillKL.apply(head_hidden.reshape(-1, dim), main_hidden.detach().reshape(-1, dim),
-                                weight.detach(), None if bias is None else bias.detach(), temperature, softcap,
-                                scale)
-    return kl.view(batch, length)
+    return head_divergence("kl", head_hidden, main_hidden, weight, bias, temperature, softcap, scale)
 
 
 def _processed_probs(hidden, weight, bias, temperature, softcap, scale, truncation):
@@ -200,8 +230,8 @@ def _with_head_context(h0, input_ids, attention_mask, keep, num_heads):
 def head_logprobs(model, h0, input_ids, attention_mask, logits_to_keep, temperature=1.0, mtp_grad="joint", *,
                   compute_distill=False):
     """The MTP heads on the trunk's output states `h0` [B, T, H]: (log-probs [B, K, L] of the last
-    `logits_to_keep` tokens, each head's hidden states over those positions, KL(p_main || q_k) [B, K, L] or
-    None, context [B, K, L]: head k has a real token at position j-k-1). Called by `forward_logprobs`, and by the
+    `logits_to_keep` tokens, each head's hidden states over those positions, the divergence `compute_distill`
+    (True / "kl": KL(p_main || q_k), "tv": 1 - sum_v min(p_main, q_k)) [B, K, L] or None, context [B, K, L]: head k has a real token at position j-k-1). Called by `forward_logprobs`, and by the
     trainer to re-run detached heads on the live trunk when it measures gradient statistics
     (`occ_fidelity_every`). Pad positions and positions without context are not masked here."""
     keep = _check_inputs(model, input_ids, attention_mask, logits_to_keep, mtp_grad)
@@ -231,7 +261,8 @@ def head_logprobs(model, h0, input_ids, attention_mask, logits_to_keep, temperat
     )
     distill = None
     if compute_distill:
-        distill = torch.stack([distill_kl(h, main_hidden, weight, bias, temperature, softcap, scale)
+        kind = "kl" if compute_distill is True else compute_distill
+        distill = torch.stack([head_divergence(kind, h, main_hidden, weight, bias, temperature, softcap, scale)
                                for h in head_hidden], dim=1)
     return mtp, head_hidden, distill, context
 
@@ -279,9 +310,10 @@ def forward_logprobs(model, input_ids, attention_mask, logits_to_keep, temperatu
     then only reaches MTP-only parameters (the verl/slime default during RL).
     compute_accept: also the expected acceptance `sum_v min(p_main, q_k)` of every head, under `temperature` and
     `accept_truncation` (the sampler's top-k / top-p warpers, `mtprl.speculative.logits_warpers(1.0, k, p)`; None:
-    no truncation) and `accept_draft_vocab` (the token ids the heads draft from; None: all). compute_distill: also the per-token KL(p_main || q_k) of every head (`distill_kl`), whose gradient reaches
-    the heads only. return_hidden: also the trunk's output states (with their graph), which the `hidden`
-    OCC estimator differentiates against. compute_aux_loss: also the MoE router load-balancing loss of the trunk,
+    no truncation) and `accept_draft_vocab` (the token ids the heads draft from; None: all). compute_distill: also
+    every head's per-token divergence from the main head (True / "kl": KL(p_main || q_k); "tv": 1 - sum_v
+    min(p_main, q_k), `head_divergence`), whose gradient reaches the heads only. return_hidden: also the trunk's output
+    states (with their graph), which the `hidden` OCC estimator differentiates against. compute_aux_loss: also the MoE router load-balancing loss of the trunk,
     as the model's own forward gives it (what TRL adds, times router_aux_loss_coef, to its loss).
     """
     keep = _check_inputs(model, input_ids, attention_mask, logits_to_keep, mtp_grad)

@@ -43,7 +43,7 @@ from .checkpoints import MTPCheckpointMixin, attach_or_load_heads
 from .config import MTPGRPOConfig
 from .logprobs import LogProbs, add_mtp_forward, head_logprobs
 from .mtp import decoder_of, last_layer_params
-from .objectives import LOSS_TYPES, head_only_loss, masked_mean, policy_loss
+from .objectives import HEAD_LOSS_DIVERGENCE, LOSS_TYPES, head_only_loss, masked_mean, policy_loss
 from .regimes import (AFTER_BACKWARD, BY_SPLIT_BACKWARD, HeadTerm, LossScaling, Pending, head_data,
                       head_policy_loss, regime_for, weighted_sum, with_scaled_advantages)
 from .rollout import draft_vocab_of, drafted_generate, make_draft_policy
@@ -383,7 +383,8 @@ class MTPGRPOTrainer(ConsistentLogOnResume, MTPCheckpointMixin, GRPOTrainer):
         """`mtp_head_loss` per head [K]: the heads re-run on the trunk's states, embeddings and LM head detached
         (their gradient reaches the heads' own parameters only)."""
         kind = self.head_loss
-        mtp, _, distill, context = self._head_logprobs(logprobs, inputs, "detach", kind == "distill")
+        mtp, _, distill, context = self._head_logprobs(logprobs, inputs, "detach",
+                                                       HEAD_LOSS_DIVERGENCE.get(kind, False))
         token_mask = _token_mask(inputs)
         return head_only_loss(kind, mtp, distill, token_mask.unsqueeze(1) * context.to(token_mask.dtype))
 
