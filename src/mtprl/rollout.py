@@ -55,24 +55,36 @@ class AdaptiveDraft:
 
     For each (batch-size bucket, D) the policy keeps the tokens per second it measured (the whole rollout: prefill,
     drafting, verifying, rows ending early), each divided by the tokens per verify cycle that the acceptance of the
-    moment predicted, `E(D) = 1 + a_1 + a_1 a_2 + ...`; its prediction is the median of those, times `E(D)` with
-    today's live acceptance (the sampler's counts and the training step's `mtp/accept/k`). So a drift of the
-    heads' acceptance during RL moves the choice at once, and what acceptance cannot see (a compute-bound verify,
-    completions that end after three tokens) is in the measurement. Every D is measured `explore` times at a batch
-    size before the choice is trusted (the first measurement of each is a warm-up and dropped), and every
-    `recheck_every` rollouts the least recently measured D is measured again."""
+    moment predicted, `E(D) = 1 + a_1 + a_1 a_2 + ...`; its prediction is the geometric mean of the last `window`
+    of those, times `E(D)` with today's live acceptance (the sampler's counts and the training step's
+    `mtp/accept/k`). So a drift of the heads' acceptance during RL moves the choice at once, and what acceptance
+    cannot see (a compute-bound verify, completions that end after three tokens) is in the measurement.
 
-    def __init__(self, max_draft_tokens: int, beta: float = 0.7, window: int = 5, explore: int = 2,
-                 recheck_every: int = 16, vocabulary: DraftVocabulary | None = None):
+    Timing noise is the enemy on short rollouts (tens of milliseconds on a CPU measure anywhere within a factor of
+    two), so: every D is measured `explore` times at a batch size (the first measurement of each is a warm-up and
+    dropped) and, for short rollouts, until `explore_seconds` of it are measured (at most `max_explore` times).
+    The policy starts on plain sampling (D = 0) and moves to another D only on clear evidence: it wins (drafting
+    over plain sampling by `margin` more) by twice the standard error of the measured difference in mean log
+    speed; while it wins but not yet clearly, the less certain of the two is measured again (at most
+    `max_challenge` times each). So noise alone neither makes the policy lose to plain sampling nor flips it away
+    from a real gain. Every `recheck_every` rollouts the least recently measured D is measured again."""
+
+    def __init__(self, max_draft_tokens: int, beta: float = 0.7, window: int = 16, explore: int = 2,
+                 recheck_every: int = 16, vocabulary: DraftVocabulary | None = None, explore_seconds: float = 0.25,
+                 max_explore: int = 6, margin: float = 0.05, max_challenge: int = 16):
         self.max_draft_tokens = max_draft_tokens
         self.vocabulary = vocabulary  # which tokens the heads draft from (None: all)
         self.beta = beta  # weight of the history in the running average of the acceptance
         self.window, self.explore, self.recheck_every = window, explore, recheck_every
+        self.explore_seconds, self.max_explore = explore_seconds, max_explore
+        self.margin, self.max_challenge = margin, max_challenge
         self.accept: list[float | None] = [None] * max_draft_tokens  # conditional acceptance per depth
         self.samples: dict[tuple[int, int], list[float]] = {}  # (bucket, D) -> tokens/s / E(D), newest last
         self.measured: dict[tuple[int, int], int] = {}  # (bucket, D) -> measurements so far
+        self.seconds: dict[tuple[int, int], float] = {}  # (bucket, D) -> rollout seconds measured after warm-up
         self.last_measured: dict[tuple[int, int], int] = {}  # (bucket, D) -> rollout count when last measured
         self.rollouts: dict[int, int] = {}  # bucket -> rollouts chosen
+        self.current: dict[int, int] = {}  # bucket -> the D chosen now (plain sampling until drafting wins)
 
     def _ema(self, old, new):
         return new if old is None else self.beta * old + (1 - self.beta) * new
@@ -86,19 +98,51 @@ class AdaptiveDraft:
         return total
 
     def predicted_tokens_per_s(self, drafts: int, batch_size: int) -> float | None:
+        """Geometric mean of the measured tokens/s / E_then(D), times E_now(D)."""
         samples = self.samples.get((_bucket(batch_size), drafts))
-        return None if not samples else statistics.median(samples) * self.expected_tokens(drafts)
+        if not samples:
+            return None
+        return math.exp(statistics.fmean(math.log(x) for x in samples)) * self.expected_tokens(drafts)
+
+    def _log_se(self, drafts: int, batch_size: int) -> float:
+        """Standard error of the mean log tokens/s of D's measurements (0 with a single one)."""
+        samples = self.samples.get((_bucket(batch_size), drafts), [])
+        if len(samples) < 2:
+            return 0.0
+        return statistics.stdev(math.log(x) for x in samples) / math.sqrt(len(samples))
+
+    def _explored(self, key) -> bool:
+        """Enough measurements of (bucket, D) to compare: `explore` (the warm-up included), and `explore_seconds`
+        of rollouts after the warm-up unless `max_explore` were taken."""
+        n = self.measured.get(key, 0)
+        return n >= self.explore and (n >= self.max_explore or self.seconds.get(key, 0.0) >= self.explore_seconds)
 
     def choose(self, batch_size: int) -> int:
         bucket = _bucket(batch_size)
         count = self.rollouts[bucket] = self.rollouts.get(bucket, 0) + 1
         options = range(self.max_draft_tokens + 1)
-        for drafts in options:  # measure every option `explore` times at this batch size
-            if self.measured.get((bucket, drafts), 0) < self.explore:
+        for drafts in options:  # measure every option at this batch size first
+            if not self._explored((bucket, drafts)):
                 return drafts
         if count % self.recheck_every == 0:
             return min(options, key=lambda d: self.last_measured.get((bucket, d), 0))
-        return max(options, key=lambda d: self.predicted_tokens_per_s(d, batch_size))
+        current = self.current.get(bucket, 0)
+        best = max(options, key=lambda d: self.predicted_tokens_per_s(d, batch_size))
+        if best == current:
+            return current
+        gain = math.log(self.predicted_tokens_per_s(best, batch_size) /
+                        self.predicted_tokens_per_s(current, batch_size))
+        if current == 0:
+            gain -= math.log1p(self.margin)  # drafting must beat plain sampling by the margin
+        se_best, se_current = self._log_se(best, batch_size), self._log_se(current, batch_size)
+        if gain > 2 * math.hypot(se_best, se_current):
+            self.current[bucket] = best
+            return best
+        if gain > 0:  # ahead but not clearly: measure the less certain of the two again
+            uncertain = best if se_best >= se_current else current
+            if self.measured[(bucket, uncertain)] < self.max_challenge:
+                return uncertain
+        return current
 
     def observe(self, out: SpeculativeOutput, batch_size: int) -> None:
         key = (_bucket(batch_size), out.num_draft_tokens)
@@ -112,6 +156,8 @@ class AdaptiveDraft:
         # an option's first measurement is a warm-up (allocations, caches): replaced by the second
         kept = [] if self.measured[key] == 2 else self.samples.get(key, [])
         self.samples[key] = (kept + [sample])[-self.window:]
+        if self.measured[key] >= 2:
+            self.seconds[key] = self.seconds.get(key, 0.0) + out.seconds
 
     def observe_acceptance(self, rates: list[float]) -> None:
         """Expected acceptance of each head on the latest training batch (`mtp/accept/k`)."""
