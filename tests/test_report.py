@@ -243,3 +243,34 @@ def test_probe_section_reports_lambda_hat_star_against_occs_lambda(tmp_path):
     assert "| occ | 2 | 1.25 [0.875, 1.62] | 0.375 | 2/2 | 2/2 |" in text
     assert os.path.isfile(tmp_path / "report" / "figure3_measured.png")
     assert "probes" in json.load(open(tmp_path / "report" / "report.json"))
+
+
+def test_late_acceptance_interval_pairs_seeds_and_steps_against_a_hand_bootstrap(tmp_path):
+    """The last-quarter draft-1 acceptance of an arm against detach: the same seeds, the rollouts at the same
+    steps of the baseline's last quarter, equal to stats.paired_bootstrap on the hand-built matrices; in the table."""
+    from mtprl.report import late_acceptance_difference, rollout_rows
+    from mtprl.stats import paired_bootstrap
+
+    dirs = [_fake_run(tmp_path, regime, s, [0.1] * 8, 0.3, 0.6) for regime in ("detach", "occ") for s in (0, 1)]
+    rate = {("detach", 0): [0.5] * 8, ("detach", 1): [0.6] * 8,
+            ("occ", 0): [0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.3, 0.2], ("occ", 1): [0.6] * 6 + [0.4, 0.45]}
+    for path in dirs:
+        regime, seed = os.path.basename(path).split("-s")
+        with open(os.path.join(path, "metrics.jsonl"), "a") as f:
+            for step, a in enumerate(rate[(regime, int(seed))], start=1):
+                f.write(json.dumps({"step": step, "rollout/spec_accept_length": 1 + a, "rollout/tokens_per_s": 10.0,
+                                    "rollout/draft_tokens": 1.0, "rollout/spec_accept_rate/1": a}) + "\n")
+    runs = load_runs(dirs)[0]
+    detach = [r for r in runs if r.label == "detach"]
+    occ = [r for r in runs if r.label == "occ"]
+    diff = late_acceptance_difference(occ, detach)
+    expected = paired_bootstrap([[0.3, 0.2], [0.4, 0.45]], [[0.5, 0.5], [0.6, 0.6]])  # steps 7, 8 of seeds 0, 1
+    assert (diff.mean, diff.low, diff.high) == pytest.approx((expected.mean, expected.low, expected.high))
+    assert diff.mean == pytest.approx((-0.2 - 0.3 - 0.2 - 0.15) / 4) and diff.verdict == "worse"
+    rows = {r["label"]: r for r in rollout_rows(runs, "detach")}
+    assert "accept1_vs_baseline" not in rows["detach"] and rows["occ"]["accept1_vs_baseline"].mean == diff.mean
+    text = open(build_report(dirs, str(tmp_path / "report"))).read()
+    from mtprl.report import _interval
+
+    assert "depth 1, last quarter, vs detach (points, 95%)" in text and "(baseline)" in text
+    assert f"| {_interval(diff)} |" in text

@@ -220,12 +220,36 @@ def _early_late(values, share=0.25):
     return statistics.fmean(values[:n]), statistics.fmean(values[-n:])
 
 
-def rollout_rows(runs) -> list[dict]:
+def late_acceptance_difference(arm_runs, base_runs, depth: int = 1, share: float = 0.25):
+    """Paired bootstrap of the last-quarter draft-`depth` acceptance rate, arm - baseline: per seed both arms have,
+    the rollouts at the same steps of the last `share` of the baseline's rollouts (same seed and step: the same
+    prompts), resampled over seeds and rollouts (`stats.paired_bootstrap`). None when nothing pairs."""
+    key = f"rollout/spec_accept_rate/{depth}"
+    base_by_seed = {r.seed: dict(zip(*r.series(key))) for r in base_runs}
+    arm_by_seed = {r.seed: dict(zip(*r.series(key))) for r in arm_runs}
+    seeds = sorted(s for s in set(base_by_seed) & set(arm_by_seed) if base_by_seed[s] and arm_by_seed[s])
+    if not seeds:
+        return None
+    steps = None
+    for seed in seeds:
+        base_steps = sorted(base_by_seed[seed])
+        late = set(base_steps[-max(1, int(len(base_steps) * share)):]) & set(arm_by_seed[seed])
+        steps = late if steps is None else steps & late
+    steps = sorted(steps)
+    if not steps:
+        return None
+    return paired_bootstrap([[arm_by_seed[s][t] for t in steps] for s in seeds],
+                            [[base_by_seed[s][t] for t in steps] for s in seeds])
+
+
+def rollout_rows(runs, baseline=None) -> list[dict]:
     """Per arm, for runs whose rollouts the heads drafted (`mtp_draft_tokens`): tokens per verify forward and
-    tokens/s early and late in training (first and last quarter of the rollouts, mean over seeds), and the
-    per-depth acceptance rate over the last quarter."""
+    tokens/s early and late in training (first and last quarter of the rollouts, mean over seeds), the
+    per-depth acceptance rate over the last quarter, and (given a `baseline` arm label) the paired interval of the
+    last-quarter draft-1 acceptance against the baseline (`late_acceptance_difference`)."""
     rows = []
-    for label, group in _by_label(runs).items():
+    groups = _by_label(runs)
+    for label, group in groups.items():
         series = [(run.series("rollout/spec_accept_length")[1], run.series("rollout/tokens_per_s")[1], run)
                   for run in group]
         series = [s for s in series if s[0]]
@@ -247,21 +271,30 @@ def rollout_rows(runs) -> list[dict]:
                 break
             row[f"rate_late/{depth}"] = statistics.fmean(_early_late(r)[1] for r in rates)
             depth += 1
+        if baseline in groups and label != baseline:
+            row["accept1_vs_baseline"] = late_acceptance_difference(group, groups[baseline])
         rows.append(row)
     return rows
 
 
-def rollout_markdown(rows) -> str:
+def rollout_markdown(rows, baseline=None) -> str:
     depths = sorted({int(k.split("/")[1]) for r in rows for k in r if k.startswith("rate_late/")})
+    paired = baseline is not None and any("accept1_vs_baseline" in r for r in rows)
+    base_name = REGIME_LABELS.get(baseline, baseline)
     lines = ["| arm | seeds | drafts per verify (mean) | accept length, first quarter | accept length, last quarter | "
              "tokens/s, first quarter | tokens/s, last quarter | " +
-             " | ".join(f"accept rate depth {d}, last quarter" for d in depths) + " |",
-             "|---" * (7 + len(depths)) + "|"]
+             " | ".join(f"accept rate depth {d}, last quarter" for d in depths) + " |" +
+             (f" depth 1, last quarter, vs {base_name} (points, 95%) |" if paired else ""),
+             "|---" * (7 + len(depths) + paired) + "|"]
     for r in rows:
         rates = " | ".join(f"{r[f'rate_late/{d}']:.3f}" if f"rate_late/{d}" in r else "–" for d in depths)
-        lines.append(f"| {REGIME_LABELS.get(r['label'], r['label'])} | {r['seeds']} | {r['draft_tokens']:.2f} | "
-                     f"{r['accept_early']:.3f} | {r['accept_late']:.3f} | {r['tps_early']:.0f} | {r['tps_late']:.0f} | "
-                     f"{rates} |")
+        line = (f"| {REGIME_LABELS.get(r['label'], r['label'])} | {r['seeds']} | {r['draft_tokens']:.2f} | "
+                f"{r['accept_early']:.3f} | {r['accept_late']:.3f} | {r['tps_early']:.0f} | {r['tps_late']:.0f} | "
+                f"{rates} |")
+        if paired:
+            diff = r.get("accept1_vs_baseline")
+            line += " (baseline) |" if r["label"] == baseline else f" {_interval(diff)} |"
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -578,7 +611,7 @@ def build_report(run_dirs, out_dir, title="mtprl comparison", command=None, base
     figures += _plot_fidelity(runs, out_dir)
     figures += _plot_dynamics(runs, out_dir)
     figures += _plot_rollouts(runs, out_dir)
-    rollouts = rollout_rows(runs)
+    rollouts = rollout_rows(runs, baseline if len(groups) > 1 else None)
     probe_lines, probe_figures, probes = probe_section(groups, out_dir)
     figures += probe_figures
 
@@ -600,7 +633,9 @@ def build_report(run_dirs, out_dir, title="mtprl comparison", command=None, base
         lines += ["## Rollouts drafted by the heads", "",
                   "Each arm's own heads draft its rollouts (`mtp_draft_tokens`, lossless speculative sampling): the "
                   "accept length is the tokens committed per trunk forward (1 = the heads never help), early and "
-                  "late in training. See rollouts.png.", "", rollout_markdown(rollouts), ""]
+                  "late in training; the last column is the paired interval of the last-quarter draft-1 acceptance "
+                  "against the baseline (seeds and rollouts at the same steps resampled). See rollouts.png.", "",
+                  rollout_markdown(rollouts, baseline if len(groups) > 1 else None), ""]
     if fidelity:
         lines += ["## Estimators against the exact statistics", "",
                   "Every lambda source's c and v2 beside the exact ones (gradients over the main model) on the same "
