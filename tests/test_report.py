@@ -272,5 +272,5 @@ def test_late_acceptance_interval_pairs_seeds_and_steps_against_a_hand_bootstrap
     text = open(build_report(dirs, str(tmp_path / "report"))).read()
     from mtprl.report import _interval
 
-    assert "depth 1, last quarter, vs detach (points, 95%)" in text and "(baseline)" in text
+    assert "depth 1, last quarter, vs Detach (points, 95%)" in text and "(baseline)" in text
     assert f"| {_interval(diff)} |" in text
