@@ -33,7 +33,8 @@ import warnings
 import torch
 
 import mtprl
-from mtprl.rollout import AdaptiveDraft, sample_with_heads
+from mtprl.draft_vocab import DraftVocabulary, generated_mask
+from mtprl.rollout import AdaptiveDraft, _bucket, sample_with_heads
 from mtprl.speculative import speculative_generate
 
 
@@ -128,19 +129,59 @@ def _completion_tokens(sequences, prompt_len, pad_token_id, eos_token_id):
     return int((~after).sum())
 
 
+def _calibrated_vocabulary(model, tok, prompts, sampling, eos, args, device):
+    """The `--vocab` most frequent tokens of the model's own completions (plain `generate`) of the last
+    `--calibration` prompts, which the timed batches (the first prompts) never use: what `mtp_draft_vocab_size`
+    holds after a few rollouts in RL."""
+    ids, mask = _encode(tok, prompts[-args.calibration:], args.calibration, device)
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, top_k=0,
+                             max_new_tokens=sampling["max_new_tokens"], temperature=sampling["temperature"],
+                             top_p=sampling["top_p"], pad_token_id=tok.pad_token_id, eos_token_id=eos)
+    vocabulary = DraftVocabulary(args.vocab, model.get_output_embeddings().weight.shape[0])
+    vocabulary.observe(out[:, ids.shape[1]:], generated_mask(out, ids.shape[1], eos))
+    return vocabulary
+
+
+def _predicted_accept_length(model, out, prompt_len, eos, top_p, draft_vocab):
+    """1 + a_1 + a_1 a_2 + ... from the heads' expected acceptance (`mtp/accept/k` under the sampler's law and
+    draft vocabulary) over the completion tokens the sampler wrote."""
+    from mtprl.speculative import logits_warpers
+
+    seqs = out.sequences
+    gen = generated_mask(seqs, prompt_len, eos)
+    mask = torch.cat([(seqs[:, :prompt_len] != -1).long(), gen.long()], 1)
+    with torch.no_grad():
+        accept = mtprl.forward_logprobs(model, seqs, mask, seqs.shape[1] - prompt_len, compute_accept=True,
+                                        accept_truncation=logits_warpers(1.0, 0, top_p),
+                                        accept_draft_vocab=draft_vocab).accept
+    keep = gen.unsqueeze(1).float()
+    rates = ((accept * keep).sum(dim=(0, 2)) / keep.sum(dim=(0, 2)).clamp(min=1)).tolist()
+    total, run = 1.0, 1.0
+    for a in rates[: out.num_draft_tokens]:
+        run *= a
+        total += run
+    return total
+
+
 def run_setup(name, setup, args, device):
     model, tok, prompts, sampling, eos = setup
     model.to(device=device, dtype=getattr(torch, args.dtype)).eval()
     heads = model.mtp_heads.num_heads
     drafts = [d for d in (0, 1, 2) if d <= heads]
+    vocabulary = _calibrated_vocabulary(model, tok, prompts, sampling, eos, args, device) if args.vocab else None
+    if vocabulary is not None:
+        progress(f"{name}: draft vocabulary of {args.vocab} tokens from {args.calibration} calibration completions")
     rows = []
     for batch in args.batches:
         ids, mask = _encode(tok, prompts, batch, device)
         pad = tok.pad_token_id
         opts = dict(sampling, do_sample=True, eos_token_id=eos, pad_token_id=pad)
-        adaptive = AdaptiveDraft(max(drafts))
-        for _ in range(adaptive.explore * len(drafts)):  # the policy's exploration: every draft count measured
-            sample_with_heads(model, ids, mask, adaptive, **opts)
+        adaptive = AdaptiveDraft(max(drafts), vocabulary=copy.deepcopy(vocabulary))
+        explore = 0
+        while any(not adaptive._explored((_bucket(batch), d)) for d in range(max(drafts) + 1)) and explore < 64:
+            sample_with_heads(model, ids, mask, adaptive, **opts)  # the policy's exploration: untimed
+            explore += 1
 
         def plain():
             out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, top_k=0,
@@ -152,6 +193,10 @@ def run_setup(name, setup, args, device):
         for d in drafts:
             methods[f"drafts={d}"] = lambda d=d: (None, speculative_generate(model, ids, mask, num_draft_tokens=d,
                                                                              **opts))
+        if vocabulary is not None:
+            for d in drafts[1:]:
+                methods[f"drafts={d}/trim"] = lambda d=d: (None, speculative_generate(
+                    model, ids, mask, num_draft_tokens=d, draft_vocab=vocabulary.ids(), **opts))
         methods["adaptive"] = lambda: (None, sample_with_heads(model, ids, mask, adaptive, **opts))
         times = {m: [] for m in methods}
         tokens = {m: [] for m in methods}
@@ -185,8 +230,13 @@ def run_setup(name, setup, args, device):
                 row.update(accept_length=accept, cycle_cost=cycle / base_cycle, ideal=accept / (cycle / base_cycle),
                            draft_tokens=statistics.mean(o.num_draft_tokens for o in outs),
                            prefill_share=sum(o.prefill_seconds for o in outs) / sum(o.seconds for o in outs))
+                if outs[-1].num_draft_tokens and m != "adaptive":
+                    row["predicted_accept_length"] = _predicted_accept_length(
+                        model, outs[-1], ids.shape[1], eos, sampling["top_p"], outs[-1].draft_vocab)
             rows.append(row)
-            extra = "" if not stats[m] else (f"  accept length {row['accept_length']:.2f}  cycle cost "
+            predicted = (f" (predicted {row['predicted_accept_length']:.2f})"
+                         if "predicted_accept_length" in row else "")
+            extra = "" if not stats[m] else (f"  accept length {row['accept_length']:.2f}{predicted}  cycle cost "
                                              f"{row['cycle_cost']:.2f}  ideal {row['ideal']:.2f}x  drafts "
                                              f"{row['draft_tokens']:.1f}  prefill {row['prefill_share']:.0%}")
             progress(f"{name} batch {batch:3d} {m:10s} {tps[m]:9.1f} tok/s  {row['ratio']:.3f}x{extra}")
@@ -202,6 +252,8 @@ def main():
     p.add_argument("--smollm2_model", default="runs/smollm2-heads")
     p.add_argument("--math_file", default="runs/data/arith_gsm8k.jsonl")
     p.add_argument("--drafter_steps", type=int, default=300)
+    p.add_argument("--vocab", type=int, default=0, help="also draft from this many most frequent tokens (trimmed)")
+    p.add_argument("--calibration", type=int, default=64, help="completions the trimmed vocabulary is counted on")
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 (sampling; GPU rows use bfloat16)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--json", default=None)
@@ -220,11 +272,13 @@ def main():
             progress(f"{name}: model or data absent, skipped (see the docstring)")
             continue
         rows += run_setup(name, setup, args, device)
-    print("\n| setup | batch | method | tokens/s | / generate | accept length | cycle cost | ideal | drafts |")
+    print("\n| setup | batch | method | tokens/s | / generate | accept length (predicted) | cycle cost | ideal | "
+          "drafts |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        extra = (f"{r['accept_length']:.2f} | {r['cycle_cost']:.2f} | {r['ideal']:.2f}x | {r['draft_tokens']:.1f}"
-                 if "accept_length" in r else "– | – | – | –")
+        predicted = f" ({r['predicted_accept_length']:.2f})" if "predicted_accept_length" in r else ""
+        extra = (f"{r['accept_length']:.2f}{predicted} | {r['cycle_cost']:.2f} | {r['ideal']:.2f}x | "
+                 f"{r['draft_tokens']:.1f}" if "accept_length" in r else "– | – | – | –")
         print(f"| {r['setup']} | {r['batch']} | {r['method']} | {r['tokens_per_s']:.0f} | {r['ratio']:.3f} | {extra} |")
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
