@@ -385,6 +385,9 @@ def test_eval_and_mtp_only_sampling_take_the_draft_options(tmp_path):
     assert result["rollout/draft_tokens"] == 1.0 and result["rollout/spec_accept_length"] >= 1.0
     assert {"avg@2", "pass@2", "rollout/spec_accept_rate/1", "rollout/tokens_per_s"} <= set(result)
     assert main(["eval", *TASK, "--model_name_or_path", "tiny", "--eval_output", out, "--mtp_draft_tokens", "3"]) == 1
+    assert main(["eval", *TASK, "--model_name_or_path", "tiny", "--eval_output", out, "--mtp_draft_tokens", "1",
+                 "--mtp_draft_vocab_size", "8"]) == 0
+    assert json.load(open(out))["rollout/draft_vocab_size"] == 8.0
     sft = str(tmp_path / "heads")
     assert main(["sft", "--config", os.path.join(ROOT, "configs", "tiny_sft.yaml"), *TASK, *TINY, "--output_dir", sft,
                  "--max_steps", "2", "--mtp_only", "true", "--mtp_only_max_new_tokens", "4", "--mtp_draft_tokens", "2",
@@ -430,3 +433,26 @@ def test_report_to_an_integration_that_is_not_installed_is_a_one_line_error(tmp_
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == "mtprl train: error: report_to: tensorboard is not installed here (pip install it, or set " \
                       "report_to none)"
+
+
+def test_sft_mtp_only_resumes_from_its_last_checkpoint_without_resampling(tmp_path):
+    """A warm-up killed after checkpoint-2: `--resume_from_checkpoint true` continues from it to max_steps, on the
+    self-sampled text kept in the run directory (not sampled again)."""
+    sft = tmp_path / "heads"
+    common = ["sft", "--config", os.path.join(ROOT, "configs", "tiny_sft.yaml"), *TASK, *TINY, "--output_dir",
+              str(sft), "--mtp_only", "true", "--mtp_only_max_new_tokens", "4", "--per_device_train_batch_size", "8",
+              "--eval_after", "false", "--save_strategy", "steps", "--save_steps", "2"]
+    assert main(common + ["--max_steps", "2"]) == 0
+    data = sft / "self_distillation.jsonl"
+    kept = data.read_text()
+    assert kept.count("\n") > 0 and (sft / "checkpoint-2" / "trainer_state.json").is_file()
+    for name in os.listdir(sft):  # the kill: no final model, only the checkpoint
+        if name.endswith(".safetensors"):
+            os.remove(sft / name)
+    os.utime(data, (0, 0))
+    assert main(common + ["--max_steps", "4", "--resume_from_checkpoint", "true"]) == 0
+    assert data.read_text() == kept and os.stat(data).st_mtime == 0  # reused, not rewritten
+    state = json.load(open(sft / "checkpoint-4" / "trainer_state.json"))
+    assert state["global_step"] == 4 and os.path.isfile(sft / "mtp_heads.safetensors")
+    steps = [json.loads(line)["step"] for line in open(sft / "metrics.jsonl") if '"loss"' in line]
+    assert steps == sorted(set(steps))  # each step logged once across the resume
