@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import argparse
 import functools
-import importlib.util
 import json
 import os
 import statistics
-import sys
 import time
 import warnings
 from collections import defaultdict
@@ -29,19 +27,8 @@ from transformers import DynamicCache
 from mtprl import speculative
 from mtprl.mtp import decoder_of, get_mtp_heads
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def progress(message):
-    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
-def _rollout_bench():
-    spec = importlib.util.spec_from_file_location("rollout_bench", os.path.join(HERE, "rollout.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
+import rollout as rollout_bench  # its setups, prompts, calibrated vocabulary (benchmarks/ is on sys.path)
+from common import progress, run_setups
 
 def _median_seconds(fn, repeats):
     fn()  # warm-up
@@ -134,12 +121,11 @@ class Timers:
 def run_setup(name, setup, args):
     model, tok, prompts, sampling, eos = setup
     model.eval()
-    rollout = _rollout_bench()
-    vocabulary = (rollout._calibrated_vocabulary(model, tok, prompts, sampling, eos, args, torch.device("cpu"))
+    vocabulary = (rollout_bench._calibrated_vocabulary(model, tok, prompts, sampling, eos, args, torch.device("cpu"))
                   if args.vocab else None)
     rows = []
     for batch in args.batches:
-        ids, mask = rollout._encode(tok, prompts, batch, torch.device("cpu"))
+        ids, mask = rollout_bench._encode(tok, prompts, batch, torch.device("cpu"))
         opts = dict(sampling, do_sample=True, eos_token_id=eos, pad_token_id=tok.pad_token_id)
         for drafts in args.drafts:
             if drafts > model.mtp_heads.num_heads:
@@ -200,16 +186,7 @@ def main():
     args.batches = [int(b) for b in args.batches.split(",")]
     args.drafts = [int(d) for d in args.drafts.split(",")]
     warnings.filterwarnings("ignore")
-    setups = _rollout_bench().SETUPS
-    rows = []
-    for name in args.setups.split(","):
-        if name not in setups:
-            sys.exit(f"unknown setup {name!r} (choose from {', '.join(setups)})")
-        setup = setups[name](args)
-        if setup is None:
-            progress(f"{name}: model or data absent, skipped")
-            continue
-        rows += run_setup(name, setup, args)
+    rows = run_setups(args.setups, rollout_bench.SETUPS, args, run_setup)
     parts = sorted({k for r in rows for k in r["breakdown_ms"]})
     print("\n| setup | batch | drafts | draft vocab | cycle (ms) | floor (ms) | cycle / floor | " +
           " | ".join(parts) + " |")

@@ -29,11 +29,9 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import json
 import os
 import statistics
-import sys
 import time
 import warnings
 
@@ -42,19 +40,8 @@ from transformers import PrinterCallback, TrainerCallback
 
 from mtprl.trainer import MTPGRPOConfig, MTPGRPOTrainer
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def progress(message):
-    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
-def _rollout_bench():
-    spec = importlib.util.spec_from_file_location("rollout_bench", os.path.join(HERE, "rollout.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
+import rollout as rollout_bench  # the drafter setup (benchmarks/ is on sys.path)
+from common import progress, run_setups
 
 class StepClock(TrainerCallback):
     """Wall time at the end of every optimizer step."""
@@ -87,7 +74,7 @@ def _drafter(args):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    model, _, prompts, _, _ = _rollout_bench()._drafter(args)
+    model, _, prompts, _, _ = rollout_bench._drafter(args)
     vocab = model.config.vocab_size
     word = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t0"))
     word.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
@@ -196,15 +183,7 @@ def main():
     p.add_argument("--drafter_steps", type=int, default=300)
     p.add_argument("--json", default=None)
     args = p.parse_args()
-    rows = []
-    for name in args.setups.split(","):
-        if name not in SETUPS:
-            sys.exit(f"unknown setup {name!r} (choose from {', '.join(SETUPS)})")
-        setup = SETUPS[name](args)
-        if setup is None:
-            progress(f"{name}: model or data absent, skipped (see the docstring)")
-            continue
-        rows += run_setup(name, setup, args)
+    rows = run_setups(args.setups, SETUPS, args, run_setup)
     print("\n| setup | arm | s per optimizer step | speed-up vs off | rollout share of the step | accept length |")
     print("|---|---|---|---|---|---|")
     for r in rows:

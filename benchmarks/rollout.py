@@ -26,7 +26,6 @@ import copy
 import json
 import os
 import statistics
-import sys
 import time
 import warnings
 
@@ -37,9 +36,7 @@ from mtprl.draft_vocab import DraftVocabulary, generated_mask
 from mtprl.rollout import AdaptiveDraft, _bucket, sample_with_heads
 from mtprl.speculative import speculative_generate
 
-
-def progress(message):
-    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", flush=True)
+from common import progress, run_setups
 
 
 def _tiny(args):
@@ -263,15 +260,7 @@ def main():
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     warnings.filterwarnings("ignore")
-    rows = []
-    for name in args.setups.split(","):
-        if name not in SETUPS:
-            sys.exit(f"unknown setup {name!r} (choose from {', '.join(SETUPS)})")
-        setup = SETUPS[name](args)
-        if setup is None:
-            progress(f"{name}: model or data absent, skipped (see the docstring)")
-            continue
-        rows += run_setup(name, setup, args, device)
+    rows = run_setups(args.setups, SETUPS, args, run_setup, device)
     print("\n| setup | batch | method | tokens/s | / generate | accept length (predicted) | cycle cost | ideal | "
           "drafts |")
     print("|---|---|---|---|---|---|---|---|---|")
