@@ -34,7 +34,7 @@ import torch
 import mtprl
 from mtprl.draft_vocab import DraftVocabulary, generated_mask
 from mtprl.rollout import AdaptiveDraft, _bucket, sample_with_heads
-from mtprl.speculative import speculative_generate
+from mtprl.speculative import expected_accept_length, speculative_generate
 
 from common import progress, run_setups
 
@@ -141,8 +141,9 @@ def _calibrated_vocabulary(model, tok, prompts, sampling, eos, args, device):
 
 
 def _predicted_accept_length(model, out, prompt_len, eos, top_p, draft_vocab):
-    """1 + a_1 + a_1 a_2 + ... from the heads' expected acceptance (`mtp/accept/k` under the sampler's law and
-    draft vocabulary) over the completion tokens the sampler wrote."""
+    """Tokens per verify predicted from the heads' expected acceptance (`mtp/accept/k` under the sampler's law and
+    draft vocabulary) over the completion tokens the sampler wrote: (1 + a_1 + a_1 a_2 + ... from the mean
+    acceptances, the sampler's walk over the per-position acceptances: `speculative.expected_accept_length`)."""
     from mtprl.speculative import logits_warpers
 
     seqs = out.sequences
@@ -158,7 +159,7 @@ def _predicted_accept_length(model, out, prompt_len, eos, top_p, draft_vocab):
     for a in rates[: out.num_draft_tokens]:
         run *= a
         total += run
-    return total
+    return total, expected_accept_length(accept, gen.sum(1), out.num_draft_tokens)
 
 
 def run_setup(name, setup, args, device):
@@ -228,11 +229,11 @@ def run_setup(name, setup, args, device):
                            draft_tokens=statistics.mean(o.num_draft_tokens for o in outs),
                            prefill_share=sum(o.prefill_seconds for o in outs) / sum(o.seconds for o in outs))
                 if outs[-1].num_draft_tokens and m != "adaptive":
-                    row["predicted_accept_length"] = _predicted_accept_length(
+                    row["predicted_accept_length"], row["walk_accept_length"] = _predicted_accept_length(
                         model, outs[-1], ids.shape[1], eos, sampling["top_p"], outs[-1].draft_vocab)
             rows.append(row)
-            predicted = (f" (predicted {row['predicted_accept_length']:.2f})"
-                         if "predicted_accept_length" in row else "")
+            predicted = "" if "predicted_accept_length" not in row else (
+                f" (predicted {row['predicted_accept_length']:.2f} mean, {row['walk_accept_length']:.2f} walk)")
             extra = "" if not stats[m] else (f"  accept length {row['accept_length']:.2f}{predicted}  cycle cost "
                                              f"{row['cycle_cost']:.2f}  ideal {row['ideal']:.2f}x  drafts "
                                              f"{row['draft_tokens']:.1f}  prefill {row['prefill_share']:.0%}")
@@ -265,7 +266,8 @@ def main():
           "drafts |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        predicted = f" ({r['predicted_accept_length']:.2f})" if "predicted_accept_length" in r else ""
+        predicted = (f" ({r['predicted_accept_length']:.2f} / {r['walk_accept_length']:.2f})"
+                     if "predicted_accept_length" in r else "")
         extra = (f"{r['accept_length']:.2f}{predicted} | {r['cycle_cost']:.2f} | {r['ideal']:.2f}x | "
                  f"{r['draft_tokens']:.1f}" if "accept_length" in r else "– | – | – | –")
         print(f"| {r['setup']} | {r['batch']} | {r['method']} | {r['tokens_per_s']:.0f} | {r['ratio']:.3f} | {extra} |")

@@ -287,12 +287,16 @@ def test_tokens_per_verify_match_expected_acceptance_with_a_trimmed_vocabulary(d
     seqs = out.sequences
 
     def predicted(vocab):
-        a = mtprl.forward_logprobs(drafter2, seqs, torch.ones_like(seqs), 96, compute_accept=True,
-                                   accept_draft_vocab=vocab).accept.mean(dim=(0, 2)).tolist()
-        return 1 + a[0] + a[0] * a[1], a
+        accept = mtprl.forward_logprobs(drafter2, seqs, torch.ones_like(seqs), 96, compute_accept=True,
+                                        accept_draft_vocab=vocab).accept
+        a = accept.mean(dim=(0, 2)).tolist()
+        return 1 + a[0] + a[0] * a[1], a, accept
 
-    trimmed, a = predicted(draft_vocab)
-    full, _ = predicted(None)
+    trimmed, a, accept = predicted(draft_vocab)
+    full, _, _ = predicted(None)
+    walk = speculative.expected_accept_length(accept, torch.full((seqs.shape[0],), 96), 2)
+    print(f"walk prediction {walk:.3f}")
+    assert abs(out.accept_length - walk) / walk < 0.05  # 1.567 predicted by the walk, 1.558 measured
     print(f"trimmed: {out.accept_length:.3f} tokens per verify, predicted {trimmed:.3f} (full vocabulary "
           f"{full:.3f}), acceptance {[round(x, 3) for x in a]}")
     assert abs(out.accept_length - trimmed) / trimmed < 0.15
@@ -309,3 +313,36 @@ def test_bad_draft_vocabulary_is_refused_naming_it(drafter2):
             speculative_generate(drafter2, ids, mask, max_new_tokens=4, num_draft_tokens=1, pad_token_id=0,
                                  draft_vocab=bad)
         assert words in str(err.value)
+
+
+def test_expected_accept_length_walk_against_a_monte_carlo_of_the_sampler_walk():
+    """The walk's E(j) recursion against a direct simulation of the cycle walk (accept draft m+1 at token j+m with
+    probability accept[m, j+m] until the first rejection, commit n+1 tokens): clustered easy tokens make the mean
+    formula 1 + a1 + a1 a2 overshoot, the walk does not; a walk that forgets the jump (advances one token per
+    accepted run) is caught."""
+    from mtprl.speculative import expected_accept_length
+
+    g = torch.Generator().manual_seed(0)
+    n_tok, depth = 60, 2
+    easy = (torch.arange(n_tok) // 6) % 2 == 0  # runs of 6 easy tokens, then 6 hard ones
+    accept = torch.where(easy, 0.95, 0.05).expand(2, depth, n_tok).clone()
+    lengths = torch.tensor([n_tok, 45])
+    walk = expected_accept_length(accept, lengths, depth)
+    tokens = cycles = 0
+    for b, n in enumerate(lengths.tolist()):
+        for _ in range(2000):
+            j, c = 1, 1  # the prefill commits token 0
+            while j < n:
+                run = 0
+                while run < depth and j + run < n and torch.rand(1, generator=g).item() < accept[b, run, j + run]:
+                    run += 1
+                j, c = j + run + 1, c + 1
+            tokens, cycles = tokens + n, cycles + c
+    simulated = tokens / cycles
+    a1, a2 = accept[:, 0].mean().item(), accept[:, 1].mean().item()
+    print(f"walk {walk:.4f}, simulated {simulated:.4f}, mean formula {1 + a1 + a1 * a2:.4f}")
+    assert abs(walk - simulated) < 0.01
+    assert (1 + a1 + a1 * a2) - simulated > 0.1  # the mean formula is off here
+    # a broken walk that drops the last accepted token's jump is off by more than the noise
+    broken = expected_accept_length(accept, lengths, depth - 1)
+    assert abs(broken - simulated) > 0.1

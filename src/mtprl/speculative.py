@@ -174,6 +174,35 @@ def accept_drafts(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, *, gre
     return n, torch.multinomial(target, 1, generator=generator).squeeze(-1), accepted
 
 
+def expected_accept_length(accept: torch.Tensor, lengths: torch.Tensor, num_draft_tokens: int) -> float:
+    """The sampler's expected `accept_length` (tokens per verify forward, the prefill's included) on given rows,
+    from the heads' per-position expected acceptance `accept` [B, K, N] (`forward_logprobs(...).accept` over the
+    completions: `accept[b, k, j]` = sum_v min(p, q) of head k+1 predicting token j) and each row's generated
+    tokens `lengths` [B]. It walks each row as the sampler does: a cycle that must commit token j drafts tokens
+    j .. j+D-1, the run of accepted drafts has P(n >= m) = prod_{i<m} accept[i, j+i], and the cycle commits n+1
+    tokens, so E(j) = 1 + sum_n P(n) E(j+n+1) cycles remain (E = 0 past the row's end). Unlike
+    `1 + a_1 + a_1 a_2` from mean acceptances, this sees that where easy tokens cluster, accepted drafts jump over
+    easy positions and the drafts land more often where acceptance is low."""
+    accept = accept.double().cpu()
+    tokens = cycles = 0.0
+    for b in range(accept.shape[0]):
+        n_tok = int(lengths[b])
+        if n_tok <= 0:
+            continue
+        remaining = [0.0] * (n_tok + num_draft_tokens + 2)  # E(j), zero from n_tok on
+        for j in range(n_tok - 1, 0, -1):
+            expected, run = 1.0, 1.0  # P(n >= m) as m grows
+            for m in range(num_draft_tokens + 1):
+                # P(the run stops at m | it reached m): draft m+1 rejected; after D drafts (or the row's end) it stops
+                stop = 1.0 - float(accept[b, m, j + m]) if m < num_draft_tokens and j + m < n_tok else 1.0
+                expected += run * stop * remaining[min(j + m + 1, n_tok)]
+                run *= 1.0 - stop
+            remaining[j] = expected
+        tokens += n_tok
+        cycles += 1.0 + remaining[1]  # the prefill commits token 0
+    return tokens / max(cycles, 1.0)
+
+
 def _lm_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     """Float32 logits from the shared LM head, with the model's logit scale and softcap (as its forward applies)."""
     return transform_logits(model.get_output_embeddings()(hidden).float(), *logit_transform(model))[0]
