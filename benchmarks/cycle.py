@@ -3,8 +3,9 @@
     python benchmarks/cycle.py [--setups smollm2,drafter] [--batches 1,8] [--drafts 1,2] [--vocab 2048] [--json PATH]
 
 The floor of a cycle with D drafts is what it cannot avoid: one trunk forward over D+1 new tokens against a KV
-cache, plus D head steps (a head layer over the sampler's chunk of 2D tokens, and one row of the LM head: its full
-49k rows for SmolLM2, or the trimmed `--vocab`), each timed alone here on the same model, batch and cache length.
+cache with the target's LM-head rows (the verify), plus D head steps (a head layer over the sampler's chunk of 2D
+tokens, and one row of the LM head: its full 49k rows for SmolLM2, or the trimmed `--vocab`), each timed alone
+here on the same model, batch and cache length.
 The cycle is `speculative_generate`'s own (loop seconds / cycles), run with every component wrapped by a timer:
 trunk forwards, head layers, LM-head logits (draft and verify), softmax/warpers, the accept step; what remains is
 the sampler's bookkeeping (cache masks, gathers, scatters, Python). Cycle / floor is the sampler's overhead.
@@ -42,7 +43,8 @@ def _median_seconds(fn, repeats):
 
 @torch.no_grad()
 def floor_seconds(model, ids, drafts, cache_len, draft_vocab, repeats):
-    """(trunk forward over D+1 cached tokens, one head step) timed alone: the cycle's floor is trunk + D * head."""
+    """Timed alone: (the verify: a trunk forward over D+1 cached tokens and its LM-head rows, one head step, a
+    plain step: the same over 1 token). The cycle's floor is verify + D * head step."""
     decoder, heads = decoder_of(model), get_mtp_heads(model)
     embed, rotary = model.get_input_embeddings(), getattr(decoder, "rotary_emb", None)
     batch = ids.shape[0]
@@ -52,9 +54,11 @@ def floor_seconds(model, ids, drafts, cache_len, draft_vocab, repeats):
     new = torch.randint(2, model.config.vocab_size, (batch, drafts + 1))
     pos = torch.arange(cache_len, cache_len + drafts + 1).expand(batch, -1)
 
-    def trunk():
-        decoder(input_ids=new, position_ids=pos, past_key_values=cache, use_cache=True)
-        cache.crop(-(drafts + 1))  # back to the context alone
+    def trunk(width=drafts + 1):  # the verify: decoder over `width` new tokens, the target's LM-head rows
+        h = decoder(input_ids=new[:, :width], position_ids=pos[:, :width], past_key_values=cache,
+                    use_cache=True).last_hidden_state
+        speculative._lm_logits(model, h)
+        cache.crop(-width)  # back to the context alone
 
     head_cache = DynamicCache()
     h_ctx = torch.randn(batch, cache_len, embed.weight.shape[1])
@@ -77,7 +81,8 @@ def floor_seconds(model, ids, drafts, cache_len, draft_vocab, repeats):
         head_cache.crop(-width)
         torch.multinomial(speculative.processed_probs(logits(out[:, -1]), warpers), 1)
 
-    return _median_seconds(trunk, repeats), _median_seconds(head_step, repeats)
+    return (_median_seconds(trunk, repeats), _median_seconds(head_step, repeats),
+            _median_seconds(lambda: trunk(1), repeats))
 
 
 class Timers:
@@ -135,7 +140,7 @@ def run_setup(name, setup, args):
                 if vocab_name == "trimmed" and draft_vocab is None:
                     continue
                 cache_len = ids.shape[1] + sampling["max_new_tokens"] // 2  # the mean cache length of a rollout
-                trunk_s, head_s = floor_seconds(model, ids, drafts, cache_len, draft_vocab, args.repeats)
+                trunk_s, head_s, plain_s = floor_seconds(model, ids, drafts, cache_len, draft_vocab, args.repeats)
                 floor = trunk_s + drafts * head_s
                 timers = Timers(model)
                 try:
@@ -159,13 +164,15 @@ def run_setup(name, setup, args):
                 per_cycle["bookkeeping"] = max(cycle - sum(per_cycle.values()), 0.0)
                 row = {"setup": name, "batch": batch, "drafts": drafts, "vocab": vocab_name,
                        "cycle_ms": 1000 * cycle, "floor_ms": 1000 * floor, "overhead": cycle / floor,
-                       "trunk_alone_ms": 1000 * trunk_s, "head_step_alone_ms": 1000 * head_s,
+                       "verify_alone_ms": 1000 * trunk_s, "head_step_alone_ms": 1000 * head_s,
+                       "plain_step_alone_ms": 1000 * plain_s,
                        "breakdown_ms": {k: 1000 * v for k, v in per_cycle.items()}}
                 rows.append(row)
                 shares = ", ".join(f"{k} {v / cycle:.0%}" for k, v in sorted(per_cycle.items(), key=lambda kv: -kv[1]))
                 progress(f"{name} batch {batch} D={drafts} {vocab_name}: cycle {1000 * cycle:.1f} ms, floor "
-                         f"{1000 * floor:.1f} ms (trunk {1000 * trunk_s:.1f} + {drafts} x head {1000 * head_s:.1f}) "
-                         f"-> {cycle / floor:.2f}x; cycle = {shares}")
+                         f"{1000 * floor:.1f} ms (verify {1000 * trunk_s:.1f} + {drafts} x head {1000 * head_s:.1f}) "
+                         f"-> {cycle / floor:.2f}x; a plain 1-token step alone {1000 * plain_s:.1f} ms; "
+                         f"cycle = {shares}")
     return rows
 
 
@@ -188,11 +195,13 @@ def main():
     warnings.filterwarnings("ignore")
     rows = run_setups(args.setups, rollout_bench.SETUPS, args, run_setup)
     parts = sorted({k for r in rows for k in r["breakdown_ms"]})
-    print("\n| setup | batch | drafts | draft vocab | cycle (ms) | floor (ms) | cycle / floor | " +
+    print("\n| setup | batch | drafts | draft vocab | plain step alone (ms) | cycle (ms) | floor (ms) | cycle / floor "
+          "| " +
           " | ".join(parts) + " |")
-    print("|---" * (7 + len(parts)) + "|")
+    print("|---" * (8 + len(parts)) + "|")
     for r in rows:
-        print(f"| {r['setup']} | {r['batch']} | {r['drafts']} | {r['vocab']} | {r['cycle_ms']:.1f} | "
+        print(f"| {r['setup']} | {r['batch']} | {r['drafts']} | {r['vocab']} | {r['plain_step_alone_ms']:.1f} | "
+              f"{r['cycle_ms']:.1f} | "
               f"{r['floor_ms']:.1f} | {r['overhead']:.2f}x | " +
               " | ".join(f"{r['breakdown_ms'].get(k, 0.0):.1f}" for k in parts) + " |")
     if args.json:
