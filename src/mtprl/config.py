@@ -172,8 +172,9 @@ class MTPGRPOConfig(HeadFields, GRPOConfig):
         "help": "A head-only term added under every regime, its gradient stopped at the heads' inputs (trunk, "
                 "embeddings and LM head detached): none | ce (the sampled tokens) | distill (KL from the policy's own "
                 "next-token distribution) | tv (1 - sum_v min(p_main, q_k): one minus the speculative acceptance, so "
-                "the heads are trained as drafters) | auto (none, except under occ when every rollout feeds one optimizer step: "
-                "there lambda = 0 throughout and the heads would never learn, so ce, and the start warning says so). "
+                "the heads are trained as drafters) | auto (none, except under occ when every rollout feeds one "
+                "optimizer step: there lambda = 0 throughout and the heads would never learn, so ce, and the start "
+                "warning says so). "
                 "The heads then always learn, while lambda (or mtp_coef) decides only what reaches the trunk; none "
                 "keeps OCC as the paper defines it."})
     mtp_head_coef: float = field(default=0.1, metadata={"help": "Weight of the mtp_head_loss term."})

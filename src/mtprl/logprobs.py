@@ -231,9 +231,10 @@ def head_logprobs(model, h0, input_ids, attention_mask, logits_to_keep, temperat
                   compute_distill=False):
     """The MTP heads on the trunk's output states `h0` [B, T, H]: (log-probs [B, K, L] of the last
     `logits_to_keep` tokens, each head's hidden states over those positions, the divergence `compute_distill`
-    (True / "kl": KL(p_main || q_k), "tv": 1 - sum_v min(p_main, q_k)) [B, K, L] or None, context [B, K, L]: head k has a real token at position j-k-1). Called by `forward_logprobs`, and by the
-    trainer to re-run detached heads on the live trunk when it measures gradient statistics
-    (`occ_fidelity_every`). Pad positions and positions without context are not masked here."""
+    (True / "kl": KL(p_main || q_k), "tv": 1 - sum_v min(p_main, q_k)) [B, K, L] or None, context [B, K, L]:
+    head k has a real token at position j-k-1). Called by `forward_logprobs`, and by the trainer to re-run
+    detached heads on the live trunk when it measures gradient statistics (`occ_fidelity_every`). Pad positions
+    and positions without context are not masked here."""
     keep = _check_inputs(model, input_ids, attention_mask, logits_to_keep, mtp_grad)
     heads, decoder = get_mtp_heads(model), decoder_of(model)
     main_hidden = h0[:, input_ids.shape[1] - keep - 1: input_ids.shape[1] - 1]
@@ -312,9 +313,10 @@ def forward_logprobs(model, input_ids, attention_mask, logits_to_keep, temperatu
     `accept_truncation` (the sampler's top-k / top-p warpers, `mtprl.speculative.logits_warpers(1.0, k, p)`; None:
     no truncation) and `accept_draft_vocab` (the token ids the heads draft from; None: all). compute_distill: also
     every head's per-token divergence from the main head (True / "kl": KL(p_main || q_k); "tv": 1 - sum_v
-    min(p_main, q_k), `head_divergence`), whose gradient reaches the heads only. return_hidden: also the trunk's output
-    states (with their graph), which the `hidden` OCC estimator differentiates against. compute_aux_loss: also the MoE router load-balancing loss of the trunk,
-    as the model's own forward gives it (what TRL adds, times router_aux_loss_coef, to its loss).
+    min(p_main, q_k), `head_divergence`), whose gradient reaches the heads only. return_hidden: also the trunk's
+    output states (with their graph), which the `hidden` OCC estimator differentiates against. compute_aux_loss:
+    also the MoE router load-balancing loss of the trunk, as the model's own forward gives it (what TRL adds, times
+    router_aux_loss_coef, to its loss).
     """
     keep = _check_inputs(model, input_ids, attention_mask, logits_to_keep, mtp_grad)
     decoder, seq_len = decoder_of(model), input_ids.shape[1]
