@@ -14,6 +14,7 @@ import os
 import torch
 
 from .draft_vocab import generated_mask
+from .eval_mode import evaluating
 from .jsonl import atomic_write_json
 from .logprobs import forward_logprobs
 from .rollout import merged_rollout_metrics, repeat_rows, sample_with_heads
@@ -82,42 +83,38 @@ def evaluate(model, tokenizer, dataset, *, k: int = 4, temperature: float = 1.0,
         if column not in dataset.column_names:
             raise ValueError(f"eval dataset has no {column!r} column (columns: {dataset.column_names})")
     reward = reward or TaskReward()
-    was_training = model.training
-    model.eval()
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
     device = next(model.parameters()).device
     correct, rewards, examples = [], [], []
     has_heads = getattr(model, "mtp_heads", None) is not None
     accept_sum, accept_count = None, 0.0
     rollouts = []
     n = len(dataset)
-    if getattr(draft, "vocabulary", None) is not None:  # trimmed drafting: until rollouts exist, the prompts' tokens
-        enc = tokenizer([prompt_text(tokenizer, p) for p in dataset["prompt"]], return_tensors="pt", padding=True,
-                        padding_side="left", add_special_tokens=False)
-        draft.vocabulary.seed(enc["input_ids"], enc["attention_mask"])
-    for start in range(0, n, batch_size):
-        rows = dataset[start:start + batch_size]
-        enc = tokenizer([prompt_text(tokenizer, p) for p in rows["prompt"]], return_tensors="pt", padding=True,
-                        padding_side="left", add_special_tokens=False).to(device)
-        drafted_before = len(rollouts)
-        out = _sample(model, tokenizer, enc, k, draft, rollouts, temperature=temperature, top_p=top_p,
-                      max_new_tokens=max_new_tokens)
-        texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-        if has_heads and out.shape[1] > enc["input_ids"].shape[1]:
-            draft_vocab = rollouts[-1].draft_vocab if len(rollouts) > drafted_before else None
-            sums, count = _sample_acceptance(model, out, enc["attention_mask"].repeat_interleave(k, dim=0),
-                                             tokenizer.eos_token_id, temperature, top_p, draft_vocab)
-            accept_sum = sums if accept_sum is None else accept_sum + sums
-            accept_count += float(count)
-        for i, scores in enumerate(score_completions(reward, rows, texts, k)):
-            rewards.append(scores)
-            correct.append([s >= 1.0 for s in scores])
-            if len(examples) < num_examples:
-                examples.append({"prompt": rows["prompt"][i], "answer": rows["answer"][i],
-                                 "completions": texts[i * k:(i + 1) * k], "scores": scores})
-    torch.random.set_rng_state(generator_state)
-    model.train(was_training)
+    with evaluating(model, seed):
+        # trimmed drafting: until rollouts exist, the prompts' tokens
+        if getattr(draft, "vocabulary", None) is not None:
+            enc = tokenizer([prompt_text(tokenizer, p) for p in dataset["prompt"]], return_tensors="pt", padding=True,
+                            padding_side="left", add_special_tokens=False)
+            draft.vocabulary.seed(enc["input_ids"], enc["attention_mask"])
+        for start in range(0, n, batch_size):
+            rows = dataset[start:start + batch_size]
+            enc = tokenizer([prompt_text(tokenizer, p) for p in rows["prompt"]], return_tensors="pt", padding=True,
+                            padding_side="left", add_special_tokens=False).to(device)
+            drafted_before = len(rollouts)
+            out = _sample(model, tokenizer, enc, k, draft, rollouts, temperature=temperature, top_p=top_p,
+                          max_new_tokens=max_new_tokens)
+            texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            if has_heads and out.shape[1] > enc["input_ids"].shape[1]:
+                draft_vocab = rollouts[-1].draft_vocab if len(rollouts) > drafted_before else None
+                sums, count = _sample_acceptance(model, out, enc["attention_mask"].repeat_interleave(k, dim=0),
+                                                 tokenizer.eos_token_id, temperature, top_p, draft_vocab)
+                accept_sum = sums if accept_sum is None else accept_sum + sums
+                accept_count += float(count)
+            for i, scores in enumerate(score_completions(reward, rows, texts, k)):
+                rewards.append(scores)
+                correct.append([s >= 1.0 for s in scores])
+                if len(examples) < num_examples:
+                    examples.append({"prompt": rows["prompt"][i], "answer": rows["answer"][i],
+                                     "completions": texts[i * k:(i + 1) * k], "scores": scores})
     total = max(len(correct) * k, 1)
     acceptance = {} if accept_sum is None else {
         f"mtp/accept/{i + 1}": float(v) / max(accept_count, 1.0) for i, v in enumerate(accept_sum)}
@@ -153,21 +150,16 @@ def sample_completions(model, tokenizer, prompts, *, max_new_tokens: int = 64, t
                        top_p: float = 1.0, batch_size: int = 32, seed: int = 0, draft=None) -> list[str]:
     """One sampled completion per prompt (text, special tokens removed): the model's own text, e.g. for the
     self-distillation of fresh heads (`mtprl sft --mtp_only true`)."""
-    was_training = model.training
-    model.eval()
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
     device = next(model.parameters()).device
     from tqdm.auto import tqdm
 
     texts = []
-    for start in tqdm(range(0, len(prompts), batch_size), desc="sampling", unit="batch"):
-        batch = [prompt_text(tokenizer, p) for p in prompts[start:start + batch_size]]
-        enc = tokenizer(batch, return_tensors="pt", padding=True, padding_side="left",
-                        add_special_tokens=False).to(device)
-        out = _sample(model, tokenizer, enc, 1, draft, [], temperature=temperature, top_p=top_p,
-                      max_new_tokens=max_new_tokens)
-        texts += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-    torch.random.set_rng_state(generator_state)
-    model.train(was_training)
+    with evaluating(model, seed):
+        for start in tqdm(range(0, len(prompts), batch_size), desc="sampling", unit="batch"):
+            batch = [prompt_text(tokenizer, p) for p in prompts[start:start + batch_size]]
+            enc = tokenizer(batch, return_tensors="pt", padding=True, padding_side="left",
+                            add_special_tokens=False).to(device)
+            out = _sample(model, tokenizer, enc, 1, draft, [], temperature=temperature, top_p=top_p,
+                          max_new_tokens=max_new_tokens)
+            texts += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
     return texts

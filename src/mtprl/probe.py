@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from .callbacks import phase
+from .eval_mode import evaluating
 from .evaluation import completion_mask, score_completions
 from .gain import bootstrap_mean, direct_gain, gain_curve_with_interval, per_prompt_gains
 from .jsonl import atomic_write_json
@@ -82,14 +83,12 @@ class HeldOut:
 @torch.no_grad()
 def sequence_logps(model, held: HeldOut, temperature: float) -> torch.Tensor:
     """[n] log pi(y | x) of every sample under `model` at `temperature` (the rollouts' untruncated law)."""
-    was_training = model.training
-    model.eval()
     out = []
-    for seqs, mask, width in zip(held.sequences, held.masks, held.prompt_widths):
-        keep = seqs.shape[1] - width
-        main = main_logprobs(model, seqs, mask, keep, temperature)  # 0 on masked tokens; the heads do not run
-        out.append(main.double().sum(dim=1))
-    model.train(was_training)
+    with evaluating(model):
+        for seqs, mask, width in zip(held.sequences, held.masks, held.prompt_widths):
+            keep = seqs.shape[1] - width
+            main = main_logprobs(model, seqs, mask, keep, temperature)  # 0 on masked tokens; the heads do not run
+            out.append(main.double().sum(dim=1))
     return torch.cat(out)
 
 
@@ -100,30 +99,25 @@ def sample_held_out(model, tokenizer, dataset, *, samples: int, temperature: flo
     plain sampling at `temperature` (top-k 0, top-p 1: the law TRL's rollouts use by default), scored by the task's
     reward, with their sequence log-probs."""
     reward = reward or TaskReward()
-    was_training = model.training
-    model.eval()
-    rng_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
     device = next(model.parameters()).device
     per_call = max(1, batch_size // samples)
     ids, seqs, masks, widths, rewards = [], [], [], [], []
-    for start in range(0, len(dataset), per_call):
-        rows = dataset[start:start + per_call]
-        enc = tokenizer([prompt_text(tokenizer, p) for p in rows["prompt"]], return_tensors="pt", padding=True,
-                        padding_side="left", add_special_tokens=False).to(device)
-        out = model.generate(**enc, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
-                             max_new_tokens=max_new_tokens, num_return_sequences=samples,
-                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-        prompt_mask = enc["attention_mask"].repeat_interleave(samples, dim=0)
-        seqs.append(out)
-        masks.append(completion_mask(out, prompt_mask, tokenizer.eos_token_id))
-        widths.append(enc["input_ids"].shape[1])
-        texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-        for i, scores in enumerate(score_completions(reward, rows, texts, samples)):
-            ids += [start + i] * len(scores)
-            rewards += scores
-    torch.random.set_rng_state(rng_state)
-    model.train(was_training)
+    with evaluating(model, seed):
+        for start in range(0, len(dataset), per_call):
+            rows = dataset[start:start + per_call]
+            enc = tokenizer([prompt_text(tokenizer, p) for p in rows["prompt"]], return_tensors="pt", padding=True,
+                            padding_side="left", add_special_tokens=False).to(device)
+            out = model.generate(**enc, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
+                                 max_new_tokens=max_new_tokens, num_return_sequences=samples,
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+            prompt_mask = enc["attention_mask"].repeat_interleave(samples, dim=0)
+            seqs.append(out)
+            masks.append(completion_mask(out, prompt_mask, tokenizer.eos_token_id))
+            widths.append(enc["input_ids"].shape[1])
+            texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            for i, scores in enumerate(score_completions(reward, rows, texts, samples)):
+                ids += [start + i] * len(scores)
+                rewards += scores
     held = HeldOut(np.asarray(ids), seqs, masks, widths, np.asarray(rewards, dtype=np.float64))
     held.logps = sequence_logps(model, held, temperature)
     return held
