@@ -7,8 +7,8 @@ import os
 import numpy as np
 import pytest
 
-from mtprl.report import (build_report, fidelity_points, fidelity_table, load_runs, mean_std, pearson_r, quantile,
-                          spearman_r, table_rows)
+from mtprl.report import (build_report, fidelity_table, load_runs, mean_std, pearson_r, quantile, spearman_r,
+                          table_rows)
 
 
 def test_pearson_r_and_mean_std_match_numpy():
@@ -63,8 +63,8 @@ def test_table_matches_the_runs_files(tmp_path):
     for png in ("reward.png", "acceptance.png", "occ_lambda_c_v2.png", "estimators_vs_exact.png",
                 "figure2_dynamics.png"):
         assert os.path.getsize(tmp_path / "report" / png) > 1000
-    pts = fidelity_points(load_runs(dirs)[0])
-    c_hat, c_exact = [p[0] for p in pts], [p[1] for p in pts]
+    # only the OCC run logged the exact statistics: its c_hat (0.01 step) against its c_exact (0.02 step)
+    c_hat, c_exact = [0.01 * s for s in range(1, 7)], [0.02 * s for s in range(1, 7)]
     row = next(line for line in text.splitlines() if line.startswith("| paper proxy"))
     assert f"| {np.corrcoef(c_hat, c_exact)[0, 1]:.3f} |" in row
 

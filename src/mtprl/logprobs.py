@@ -152,11 +152,6 @@ def head_divergence(kind, head_hidden, main_hidden, weight, bias=None, temperatu
     return value.view(batch, length)
 
 
-def distill_kl(head_hidden, main_hidden, weight, bias=None, temperature=1.0, softcap=None, scale=1.0):
-    """KL(p_main || q_head) per token for hidden states [B, L, H] -> [B, L]; gradient into `head_hidden` only."""
-    return head_divergence("kl", head_hidden, main_hidden, weight, bias, temperature, softcap, scale)
-
-
 def _processed_probs(hidden, weight, bias, temperature, softcap, scale, truncation):
     logits = _logits(hidden, weight, bias, temperature, softcap, scale)[0]
     if truncation is not None and len(truncation):

@@ -397,11 +397,6 @@ def fidelity_pairs(runs, source="hat"):
     return pts
 
 
-def fidelity_points(runs):
-    """The paper proxy against the exact statistics: (c_hat, c_exact, v2_hat, v2_exact)."""
-    return fidelity_pairs(runs, "hat")
-
-
 def fidelity_table(runs) -> list[dict]:
     """Per lambda source: Pearson and Spearman r against the exact c and v2, the fraction of steps where the sign of c
     agrees, and lambda_est / lambda_exact (= (c_est / v2_est) / (c / v2); lambda_plus cancels): median and IQR."""

@@ -125,16 +125,16 @@ def rows_to_dataset(rows, task: str, prompt_format: str = "plain", system_prompt
 
 
 # ---------------------------------------------------------------------------------------------------- math datasets
-# The formats a math-RL user has, recognised by their columns (lower-cased, so AIME's `Problem` / `Answer` too):
+DATA_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+# The formats a math-RL user has, recognised by their columns (`detect_math_format`; lower-cased, so AIME's
+# `Problem` / `Answer` too):
 #   dapo      DAPO-Math-17k: `prompt` (chat messages, carrying their own answer instruction),
 #             `reward_model.ground_truth`
 #   answer    DeepScaleR, MATH-500, AIME: `problem` + `answer`
 #   solution  MATH: `problem` + `solution` whose last \boxed{} is the answer
 #   question  GSM8K (`answer` ends in `#### 42`) or any `question` + `answer` file
-MATH_FORMATS = ("dapo", "answer", "solution", "question")
-DATA_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
-
-
 def detect_math_format(columns) -> str:
     cols = {c.lower() for c in columns}
     if {"prompt", "reward_model"} <= cols:
