@@ -17,8 +17,9 @@ One set of samples serves every theta'(lambda) of a probe, so the differences be
 
 The interval is a percentile bootstrap over prompts (the prompts are the independent units), 95% by default.
 `direct_gain` is the plain estimate from fresh samples of theta' and of theta (unbiased, much noisier): the probe
-uses it at a few lambdas to check the importance estimate. `gain_curve` fits the paper's parabola
-dJ(lambda) - dJ(0) = a lambda + b lambda^2 (Eq. 7-11: a ~ eta c, b ~ -L eta^2 v^2 / 2) and its argmax.
+uses it at a few lambdas to check the importance estimate. `fit_gain_curve` fits the paper's parabola
+dJ(lambda) - dJ(0) = a lambda + b lambda^2 (Eq. 7-11: a ~ eta c, b ~ -L eta^2 v^2 / 2) and its argmax;
+`gain_curve_with_interval` adds a bootstrap interval of the argmax over prompts.
 """
 
 from __future__ import annotations
