@@ -60,3 +60,88 @@ def test_train_help_shows_mtprls_fields_first_under_their_own_heading():
     _, cfg = parser.parse_args_and_config(["--output_dir", "x", "--use_cpu", "true", "--bf16", "false", "--mtp_regime", "ce",
                                          "--learning_rate", "0.5"])
     assert cfg.mtp_regime == "ce" and cfg.learning_rate == 0.5
+
+
+# What `test_docs_name_only_code_that_exists` does not resolve: names from other libraries and instances (by their first
+# part), files (by their ending), and names of data rather than code (a dataset column, a checkpoint tensor's).
+NOT_MTPRL = {"trl", "transformers", "torch", "accelerate", "datasets", "GRPOTrainer", "GRPOConfig",
+             "AutoModelForCausalLM", "MtpModel", "DistributedType", "model", "ref_model", "reward_model", "shared_head"}
+FILE_ENDINGS = {"py", "yaml", "json", "jsonl", "md", "png", "toml", "bin", "safetensors"}
+INSTANCE_NAMES = {"trainer.train"}  # a trainer's `train` (MTPGRPOTrainer.train), not the module mtprl.trainer
+
+
+def _doc_code_names():
+    """{dotted name in backticks: the docs naming it}, from README.md and docs/; `name(...)` counts as `name`."""
+    import glob
+
+    found = {}
+    for path in [os.path.join(ROOT, "README.md"), *sorted(glob.glob(os.path.join(ROOT, "docs", "**", "*.md"),
+                                                                      recursive=True))]:
+        with open(path) as f:
+            for span in re.findall(r"`([^`\n]+)`", f.read()):
+                m = re.match(r"([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+)(\(.*\))?$", span)
+                if m:
+                    found.setdefault(m.group(1), set()).add(os.path.relpath(path, ROOT))
+    return found
+
+
+def _mtprl_classes():
+    """{public class name: class} over every mtprl module that imports here (docs name a class by itself)."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    import mtprl
+
+    classes = {}
+    for info in pkgutil.iter_modules(mtprl.__path__):
+        try:
+            module = importlib.import_module(f"mtprl.{info.name}")
+        except ImportError:
+            continue
+        for name, value in vars(module).items():
+            if inspect.isclass(value) and not name.startswith("_") and value.__module__ == module.__name__:
+                classes.setdefault(name, value)
+    return classes
+
+
+def _resolves(name: str, classes: dict) -> bool:
+    import importlib
+
+    import mtprl
+
+    first, *rest = name.split(".")
+    if first == "mtprl":
+        obj, rest = mtprl, rest
+    elif importlib.util.find_spec(f"mtprl.{first}") is not None:
+        obj = importlib.import_module(f"mtprl.{first}")
+    elif not first.startswith("_") and hasattr(mtprl, first):
+        obj = getattr(mtprl, first)
+    elif first in classes:
+        obj = classes[first]
+    else:
+        return False
+    for i, part in enumerate(rest):
+        if hasattr(obj, part):
+            obj = getattr(obj, part)
+        elif hasattr(obj, "__path__") and importlib.util.find_spec(f"{obj.__name__}.{part}") is not None:
+            obj = importlib.import_module(f"{obj.__name__}.{part}")
+        elif i == len(rest) - 1 and part in {**getattr(obj, "__dataclass_fields__", {}),
+                                                **getattr(obj, "__annotations__", {})}:
+            return True  # a field without a class-level default
+        else:
+            return False
+    return True
+
+
+def test_docs_name_only_code_that_exists():
+    names = _doc_code_names()
+    assert "occ.lambda_from_stats" in names and "regimes.MTP_TERMS" in names  # the scan sees the layout page
+    classes = _mtprl_classes()
+    checked = {name: docs for name, docs in names.items()
+               if name.split(".")[0] not in NOT_MTPRL and name.rsplit(".", 1)[-1] not in FILE_ENDINGS
+               and name not in INSTANCE_NAMES}
+    missing = sorted(f"`{name}` ({', '.join(sorted(docs))})" for name, docs in checked.items()
+                     if not _resolves(name, classes))
+    assert not missing, "the docs name code that does not exist:\n  " + "\n  ".join(missing)
+    assert not _resolves("occ.lambda_from_stats_typo", classes) and not _resolves("nomodule.x", classes)
