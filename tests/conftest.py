@@ -138,6 +138,6 @@ def _loss_and_grads(trainer, inputs):
     from mtprl.trainer import MTPGRPOTrainer
 
     if isinstance(trainer, MTPGRPOTrainer):
-        trainer._after_backward()  # what training_step does after the backward (occ exact adds lambda * g_MTP)
+        trainer.finish_backward()  # what training_step does after the backward (occ exact adds lambda * g_MTP)
     grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
     return loss.detach(), grads

@@ -13,7 +13,8 @@ from mtprl import exact_occ_coefficient, occ_coefficient
 from mtprl.calibration import CalibrationSettings, LambdaCalibrator, RLGradients
 from mtprl.objectives import masked_mean, policy_loss
 from mtprl.occ import OCCStats, ema_statistics, hidden_state_statistics, lambda_from_stats
-from mtprl.regimes import AFTER_BACKWARD, BY_SPLIT_BACKWARD, MTP_TERMS, LossScaling, head_data, weighted_sum
+from mtprl.mtp_step import StepSettings, mtp_step
+from mtprl.regimes import MTP_TERMS, LossScaling, head_data
 
 
 def _batch(seed=0, batch=4, length=5, heads=2):
@@ -28,7 +29,7 @@ def _batch(seed=0, batch=4, length=5, heads=2):
 
 
 def _scaling():
-    return LossScaling(lambda lp, old, adv, m: policy_loss(lp, old, adv, m, loss_type="grpo"), masked_mean)
+    return LossScaling(loss_type="grpo")
 
 
 @pytest.mark.parametrize("variant", ["paper", "reference"])
@@ -42,8 +43,8 @@ def test_proxy_lambda_is_occ_coefficient_of_the_heads_deltas(variant):
         old = old_main if variant == "reference" else old_mtp[:, k]
         want = occ_coefficient(main - old_main, mtp[:, k] - old, mask, estimator=regime.proxy_reduction,
                                lambda_plus=2.0 / (2 if variant == "reference" else 1))
-        got = (cal.advantage_lambda(regime, s, h.depth, 2) if regime.lambda_in_advantages
-               else cal.coefficient(regime, h.depth, s, None, 0.1, None))
+        got = (cal.advantage_lambda(regime, s, h.depth, 2, {}) if regime.lambda_in_advantages
+               else cal.proxy_lambda(regime, s, h.depth, {}))
         torch.testing.assert_close(got, want)
 
 
@@ -57,7 +58,7 @@ def test_ema_lambda_follows_the_recursion_over_micro_batches():
         stats = cal.proxies((main - old_main).detach(), heads)
         cal.update_ema(heads, stats)
         running = ema_statistics(running, stats[0], 0.5)
-        got = cal.coefficient(regime, 1, stats[0], None, 0.1, None)
+        got = cal.proxy_lambda(regime, stats[0], 1, {})
         torch.testing.assert_close(got, lambda_from_stats(running))
 
 
@@ -83,7 +84,7 @@ def test_hidden_source_is_hidden_state_statistics():
 
 
 def test_exact_source_after_backward_puts_g_rl_plus_lambda_g_mtp_on_grad():
-    """One extra backward: the MTP loss alone (stashed), then the RL loss's own backward, then after_backward.
+    """One extra backward: the MTP loss alone (stashed), then the RL loss's own backward, then add_exact_terms.
     .grad must be g_RL + lambda g_MTP with lambda = exact_occ_coefficient (two independent autograd passes)."""
     model, out, rl, mtp_loss, main_params, head_params = _model_losses()
     params = main_params + head_params
@@ -91,12 +92,10 @@ def test_exact_source_after_backward_puts_g_rl_plus_lambda_g_mtp_on_grad():
     g_rl = torch.autograd.grad(rl, params, retain_graph=True, allow_unused=True)
     g_mtp = torch.autograd.grad(mtp_loss, params, retain_graph=True, allow_unused=True)
     cal = LambdaCalibrator(CalibrationSettings(), main_params, head_params)
-    coef = cal.coefficient(MTP_TERMS["occ:exact"], 1, None, mtp_loss, 0.1, RLGradients(rl, out.hidden))
-    assert coef is AFTER_BACKWARD
-    assert weighted_sum([mtprl.regimes.HeadTerm(mtp_loss, coef)], rl).item() == 0.0  # pending terms left out
+    stash = cal.stash_exact_gradient(1, mtp_loss)
+    assert all(p.grad is None for p in params)  # the stash is a value; nothing is written to .grad yet
     rl.backward()
-    cal.after_backward()
-    metrics = cal.pop_metrics()
+    metrics = cal.add_exact_terms([stash])
     assert metrics["mtp/lambda/1"][0] == pytest.approx(lam.item(), rel=1e-5)
     assert metrics["mtp/c_exact/1"][0] == pytest.approx(c.item(), rel=1e-5)
     for p, a, b in zip(params, g_rl, g_mtp):
@@ -104,21 +103,39 @@ def test_exact_source_after_backward_puts_g_rl_plus_lambda_g_mtp_on_grad():
         torch.testing.assert_close(p.grad, want, atol=1e-6, rtol=1e-5)
 
 
-def test_last_layers_with_the_graph_cut_is_pending_and_without_a_batch_is_zero():
-    regime = MTP_TERMS["occ:last_layers"]
-    cal = LambdaCalibrator(CalibrationSettings(), [], [])
-    loss = torch.tensor(1.0)
-    assert cal.coefficient(regime, 1, None, loss, 0.1, RLGradients(loss, None), cut=True) is BY_SPLIT_BACKWARD
-    assert cal.coefficient(regime, 1, None, loss, 0.1, None).item() == 0.0  # not training: no gradients
+def _step_inputs(out):
+    """TRL's micro-batch fields the MTP step reads, for `_model_losses`' forward."""
+    return {"completion_mask": torch.ones(3, 5), "advantages": torch.ones(3),
+            "old_per_token_logps": out.main.detach() - 0.1, "old_mtp_logps": out.mtp.detach() - 0.1}
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_mtp_step_exact_returns_its_after_backward_step(training):
+    """The exact source: the step's loss holds no head term, and `after_backward` (run after the backward) adds it;
+    off training there is no backward, lambda is 0 and nothing is left to run."""
+    losses = _model_losses()
+    model, out, rl, mtp_loss, main_params, head_params = losses
+    cal = LambdaCalibrator(CalibrationSettings(), main_params, head_params)
+    settings = StepSettings(MTP_TERMS["occ:exact"], training=training)
+    result = mtp_step(rl, out, _step_inputs(out), settings, _scaling(), cal)
+    assert result.loss.item() == pytest.approx(rl.item())  # the head's term is not in the loss
+    if not training:
+        assert result.after_backward is None and result.metrics["mtp/lambda/1"] == [0.0]
+        return
+    assert "mtp/lambda/1" not in result.metrics
+    result.loss.backward()
+    after = result.after_backward()
+    assert set(after) == {"mtp/lambda/1", "mtp/c_exact/1", "mtp/v2_exact/1"}
 
 
 def test_a_non_finite_lambda_becomes_zero_and_is_counted():
     cal = LambdaCalibrator(CalibrationSettings(), [], [])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        lam = cal.lambda_from(OCCStats(torch.tensor(float("nan")), torch.tensor(1.0)), 2)
+        metrics = {}
+        lam = cal.lambda_from(OCCStats(torch.tensor(float("nan")), torch.tensor(1.0)), 2, metrics)
     assert lam.item() == 0.0 and "head 2" in str(caught[0].message)
-    assert cal.pop_metrics() == {"mtp/lambda_nonfinite/2": [1.0]} and cal.pop_metrics() == {}
+    assert metrics == {"mtp/lambda_nonfinite/2": [1.0]}
     broken = lambda_from_stats(OCCStats(torch.tensor(float("nan")), torch.tensor(1.0)))  # the unguarded formula
     assert math.isnan(broken.item())
 

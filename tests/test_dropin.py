@@ -170,8 +170,8 @@ def test_head_policy_loss_equals_trls_loss_for_every_loss_type(tmp_path, loss_ty
     mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
     main = mtprl.forward_logprobs(trainer.model, ids, mask, 5).main
     before = {mode: dict(values) for mode, values in trainer._metrics.items()}
-    ours = trainer._policy_loss(main, inputs["old_per_token_logps"], inputs["advantages"], inputs["completion_mask"],
-                                inputs)
+    ours = trainer.loss_scaling(inputs).policy_loss(main, inputs["old_per_token_logps"], inputs["advantages"],
+                                                    inputs["completion_mask"])
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-4)
     assert {mode: dict(values) for mode, values in trainer._metrics.items()} == before
     assert trainer.beta == 0.0 and "_get_per_token_logps_and_entropies" not in trainer.__dict__
@@ -186,6 +186,33 @@ def test_heads_train_with_a_loss_type_trl_added(tmp_path):
     trainer.train()
     after = dict(trainer.model.named_parameters())
     assert any(not torch.equal(before[n], after[n]) for n in before)
+
+
+@pytest.mark.parametrize("loss_type,level", TRL_LOSS_TYPES)
+def test_every_loss_type_trains_with_occ_when_trl_grpotrainer_is_rebound(tmp_path, monkeypatch, loss_type, level):
+    """A harness that runs TRL's own tests against MTPGRPOTrainer rebinds `trl.GRPOTrainer` (here to a subclass of
+    ours): the heads' loss must still go through TRL's own class (the base in the MRO), not the rebound name (that
+    recursed into our `_compute_loss`). OCC at 2 updates per rollout, so lambda is non-zero on the second."""
+    import torch
+    import trl
+    from conftest import _mtp_trainer
+
+    from mtprl.trl_compat import trl_grpo_class
+
+    class Rebound(MTPGRPOTrainer):
+        pass
+
+    monkeypatch.setattr(trl, "GRPOTrainer", Rebound)
+    trainer = _mtp_trainer(tmp_path, mtp_regime="occ", loss_type=loss_type, importance_sampling_level=level,
+                           steps_per_generation=2, max_steps=2, mtp_head_loss="none")
+    assert trl_grpo_class(type(trainer)).__module__ == "trl.trainer.grpo_trainer"
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if n.startswith("mtp_heads.")}
+    trainer.train()
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl") if '"mtp/lambda/1"' in line]
+    assert len(rows) == 2 and all(math.isfinite(r["loss"]) for r in rows)
+    assert rows[0]["mtp/lambda/1"] == 0.0 and rows[1]["mtp/lambda/1"] != 0.0  # the first update sees no change
+    after = dict(trainer.model.named_parameters())
+    assert any(not torch.equal(before[n], after[n]) for n in before)  # the heads trained through their term
 
 
 def test_moe_router_loss_with_heads_equals_trls(tmp_path):

@@ -8,8 +8,7 @@ from conftest import PROMPTS, _mtp_trainer, _small_model
 from datasets import Dataset
 
 from mtprl.gain import per_prompt_gains
-from mtprl.regimes import MTP_TERMS
-from mtprl.probe import apply_update, draw_rollout, probed_term, restore, sample_held_out, sequence_logps, snapshot
+from mtprl.probe import after_update, sample_held_out, sequence_logps
 
 
 class DigitScore:
@@ -33,7 +32,7 @@ def _setup(tmp_path, **overrides):
     data = Dataset.from_list([{"prompt": p, "answer": "0"} for p in PROMPTS])
     held = sample_held_out(trainer.model, trainer.processing_class, data, samples=16, temperature=1.0,
                            max_new_tokens=6, seed=0, reward=DigitScore())
-    return trainer, held, draw_rollout(trainer, 0, seed=0)
+    return trainer, held, trainer.draw_rollout(0, seed=0)
 
 
 def _logps64(model, held):
@@ -72,7 +71,7 @@ def test_measured_gain_matches_the_first_order_prediction_under_sgd(tmp_path):
     total = {}
     for lam in (0.0, 1.0):
         model.zero_grad(set_to_none=True)
-        with probed_term(trainer, MTP_TERMS["policy"], lam):
+        with trainer.using_term(trainer.term_for("policy", lam)):
             for micro in batches:
                 trainer.compute_loss(model, micro).backward()
         total[lam] = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in main]
@@ -80,14 +79,13 @@ def test_measured_gain_matches_the_first_order_prediction_under_sgd(tmp_path):
     g_rl, g_mtp = total[0.0], [b - a for a, b in zip(total[0.0], total[1.0])]
     assert sum(float(g.abs().sum()) for g in g_mtp) > 0  # the policy term reaches the trunk
 
-    base = snapshot(trainer)
-    for lam in (0.0, 1.0, 4.0):
-        with probed_term(trainer, MTP_TERMS["policy"], lam):
-            apply_update(trainer, batches)
+    def measure():
         model.eval()
         with torch.no_grad():
-            measured = per_prompt_gains(_logps64(model, held), old, held.rewards, held.prompt_ids).mean()
-        restore(trainer, base)
+            return per_prompt_gains(_logps64(model, held), old, held.rewards, held.prompt_ids).mean()
+
+    for lam in (0.0, 1.0, 4.0):
+        measured, _ = after_update(trainer, batches, measure, regime="policy", coef=lam)
         # steps_per_generation = 2 optimizer steps of SGD; to first order their sum is -lr * total gradient
         predicted = -lr * sum(float((gj.double() * (a + lam * b).double()).sum())
                               for gj, a, b in zip(grad_j, g_rl, g_mtp))
@@ -97,13 +95,10 @@ def test_measured_gain_matches_the_first_order_prediction_under_sgd(tmp_path):
 
 def test_dj_at_zero_is_one_update_for_every_term_and_detach_is_flat(tmp_path):
     trainer, held, batches = _setup(tmp_path, max_grad_norm=0.0)
-    base = snapshot(trainer)
     logps = {}
     for term, lam in [("policy", 0.0), ("ce", 0.0), ("detach", 0.0), ("detach", 3.0), ("policy", 3.0)]:
-        with probed_term(trainer, MTP_TERMS[term], lam):
-            apply_update(trainer, batches)
-        logps[term, lam] = sequence_logps(trainer.model, held, 1.0)
-        restore(trainer, base)
+        logps[term, lam], _ = after_update(trainer, batches, lambda: sequence_logps(trainer.model, held, 1.0),
+                                           regime=term, coef=lam)
     after_restore = sequence_logps(trainer.model, held, 1.0)
     torch.testing.assert_close(after_restore, held.logps, rtol=0, atol=0)  # restore is exact
     assert torch.equal(logps["policy", 0.0], logps["ce", 0.0]) and torch.equal(logps["ce", 0.0],

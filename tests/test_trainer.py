@@ -1,6 +1,7 @@
 """MTPGRPOTrainer on the tiny preset with real TRL: parity with stock GRPOTrainer, regimes, OCC, resume."""
 
 import copy
+import functools
 import json
 import math
 import warnings
@@ -230,19 +231,27 @@ def test_policy_loss_with_the_trainers_scaling_is_trls_own_loss(tmp_path, loss_t
             trainer.current_gradient_accumulation_steps = 2
         expected = stock._compute_loss(stock.model, inputs)
         main = mtprl.forward_logprobs(ours.model, ids, mask, 5).main
-        got = ours._policy_loss(main, inputs["old_per_token_logps"], inputs["advantages"], inputs["completion_mask"],
-                                inputs)
+        got = ours.loss_scaling(inputs).policy_loss(main, inputs["old_per_token_logps"], inputs["advantages"],
+                                                   inputs["completion_mask"])
         torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7, msg=f"training={training}")
 
 
-def test_an_mtp_regime_whose_loss_gets_no_head_logprobs_raises(tmp_path):
-    """If TRL stopped computing the policy log-probs through our hook, the run must stop, not train as GRPO."""
-    import functools
-
+def test_an_mtp_regime_whose_loss_gets_no_head_logprobs_raises(tmp_path, monkeypatch):
+    """If TRL's loss stopped computing the policy log-probs through `_get_per_token_logps_and_entropies` (and so
+    not on the forward that gave the heads' log-probs), the run must stop, not train as GRPO."""
     trainer = _mtp_trainer(tmp_path, mtp_regime="occ")
     inputs = _with_old_logprobs(trainer, _crafted_inputs())
-    trainer._get_per_token_logps_and_entropies = functools.partial(GRPOTrainer._get_per_token_logps_and_entropies,
-                                                                   trainer)
+    trl_loss = GRPOTrainer._compute_loss
+
+    def loss_with_its_own_forward(self, model, inputs):  # a TRL whose loss runs a forward of its own
+        self._get_per_token_logps_and_entropies = functools.partial(
+            GRPOTrainer._get_per_token_logps_and_entropies, self)
+        try:
+            return trl_loss(self, model, inputs)
+        finally:
+            del self._get_per_token_logps_and_entropies
+
+    monkeypatch.setattr(GRPOTrainer, "_compute_loss", loss_with_its_own_forward)
     trainer.model.train()
     trainer.current_gradient_accumulation_steps = 1
     with pytest.raises(RuntimeError, match="silently train as plain GRPO"):
@@ -372,7 +381,7 @@ def test_occ_exact_one_backward_with_gradient_accumulation(tmp_path):
     model.zero_grad(set_to_none=True)
     for inputs in batches:
         trainer.compute_loss(model, inputs).backward()
-        trainer._after_backward()
+        trainer.finish_backward()
     lambdas = trainer._metrics["train"]["mtp/lambda/1"][-2:]
 
     main = [p for n, p in reference.named_parameters() if not n.startswith("mtp_heads.")]

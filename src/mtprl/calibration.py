@@ -8,10 +8,13 @@ is where c and v2 come from:
 - `hidden`, `last_layers`, `exact`: gradients of the RL loss and of the head's loss with respect to the trunk's
   output states, the last decoder layers, or every main-model parameter (`occ.gradient_statistics`), averaged
   across ranks as DDP averages .grad. `exact` costs one extra backward: the head loss is backpropagated on its
-  own (`defer_exact`) and lambda is set after TRL's backward from the gradient it left (`after_backward`);
+  own (`stash_exact_gradient` returns the stash) and after TRL's backward `add_exact_terms(stashes)` reads g_RL off
+  .grad, computes lambda and adds lambda * g_MTP to .grad (the step result hands that call to the trainer);
   `last_layers` with the graph cut gets its lambda from `split_backward.split_backward_loss` (`last_layers_lambda`).
 Every lambda goes through one non-finite guard (`finite_or_zero`); `fidelity` measures every source's c and v2 on
-the same micro-batch. Nothing here knows TRL: `reduce` is the accelerator's all-reduce (identity on one process).
+the same micro-batch. Methods that start a backward say so in their name (`..._from_gradients`, `stash_...`).
+Metrics are returned (or written into the `metrics` dict the caller passes), never buffered here. Nothing here
+knows TRL: `reduce` is the accelerator's all-reduce (identity on one process).
 
 The `ema` state is not saved with checkpoints: it is an average over the last ~1/(1 - beta) micro-batches (10 at
 the default beta), which one rollout's updates rebuild after a resume; saving it would tie checkpoints to one
@@ -28,7 +31,7 @@ from typing import Callable
 import torch
 
 from .occ import OCCStats, ema_statistics, gradient_statistics, lambda_from_stats, loss_gradients, occ_statistics
-from .regimes import AFTER_BACKWARD, BY_SPLIT_BACKWARD, GRADIENT_SOURCES, HeadData, Pending, Regime
+from .regimes import GRADIENT_SOURCES, HeadData, Regime
 
 
 @dataclass(frozen=True)
@@ -54,7 +57,7 @@ class RLGradients:
 
 
 @dataclass
-class DeferredHead:
+class ExactStash:
     """occ exact: head k's MTP gradient, stashed until TRL's backward of the RL loss has run."""
 
     depth: int
@@ -90,8 +93,6 @@ class LambdaCalibrator:
         self._last_index = [i for i, p in enumerate(self.main_params) if id(p) in last_ids]
         self.reduce, self.num_processes = reduce, num_processes
         self.ema: dict[int, OCCStats] = {}  # head depth -> running average of the proxies (`ema` source)
-        self._deferred: list[DeferredHead] = []  # occ exact: stashed MTP gradients awaiting TRL's backward
-        self.metrics: dict[str, list[float]] = {}  # logged by the calibrator itself; the trainer drains them
 
     # ------------------------------------------------------------------------------------- the proxies
     def proxies(self, delta_rl, heads: list[HeadData], reduction: str = "batch") -> list[OCCStats]:
@@ -109,38 +110,32 @@ class LambdaCalibrator:
         for h, s in zip(heads, stats):
             self.ema[h.depth] = ema_statistics(self.ema.get(h.depth), s, self.settings.ema_beta)
 
-    def lambda_from(self, stats: OCCStats, depth: int, reduction: str = "batch", lambda_plus_scale: float = 1.0):
-        """Eq. 13 with this run's lambda_plus, eps and clip, through the non-finite guard."""
+    def lambda_from(self, stats: OCCStats, depth: int, metrics: dict, reduction: str = "batch",
+                    lambda_plus_scale: float = 1.0):
+        """Eq. 13 with this run's lambda_plus, eps and clip, through the non-finite guard (which counts into
+        `metrics`)."""
         s = self.settings
         lam = lambda_from_stats(stats, estimator=reduction, lambda_plus=s.lambda_plus * lambda_plus_scale,
                                 eps=s.eps, clip=s.clip)
-        return self.finite_or_zero(lam, depth, stats)
+        return self.finite_or_zero(lam, depth, stats, metrics)
 
-    # ------------------------------------------------------------------------------------- one head's coefficient
-    def advantage_lambda(self, regime: Regime, stats: OCCStats, depth: int, num_heads: int) -> torch.Tensor:
+    # ------------------------------------------------------------------------------------- one head's lambda
+    def advantage_lambda(self, regime: Regime, stats: OCCStats, depth: int, num_heads: int,
+                         metrics: dict) -> torch.Tensor:
         """The released code's lambda, which goes inside the head's advantages (lambda_plus shared by K)."""
-        return self.lambda_from(stats, depth, regime.proxy_reduction, lambda_plus_scale=1.0 / num_heads)
+        return self.lambda_from(stats, depth, metrics, regime.proxy_reduction, lambda_plus_scale=1.0 / num_heads)
 
-    def coefficient(self, regime: Regime, depth: int, stats: OCCStats, head_loss, mtp_coef: float,
-                    grads: RLGradients | None, cut: bool = False) -> torch.Tensor | Pending:
-        """Head k's coefficient: mtp_coef, or lambda from the regime's source. `grads` None: not a training
-        micro-batch (gradient sources need a backward, so lambda is 0 there); `cut`: the graph is cut for the
-        split backward (`last_layers`)."""
-        source = regime.lambda_source
-        if regime.coef == "fixed":
-            return torch.tensor(float(mtp_coef))
-        if source == "hat":
-            return self.lambda_from(stats, depth, regime.proxy_reduction)
-        if source == "ema":
-            return self.lambda_from(self.ema.get(depth, stats), depth)
-        if grads is None:
-            return torch.zeros((), device=head_loss.device)
-        if source == "exact":
-            self.defer_exact(depth, head_loss)
-            return AFTER_BACKWARD
-        if source == "last_layers" and cut:
-            return BY_SPLIT_BACKWARD
-        return self.lambda_from(self.gradient_stats(source, grads, head_loss), depth)
+    def proxy_lambda(self, regime: Regime, stats: OCCStats, depth: int, metrics: dict) -> torch.Tensor:
+        """lambda of the sources that need no backward: `hat` (this micro-batch's proxies) and `ema`."""
+        if regime.lambda_source == "ema":
+            return self.lambda_from(self.ema.get(depth, stats), depth, metrics)
+        return self.lambda_from(stats, depth, metrics, regime.proxy_reduction)
+
+    def lambda_from_gradients(self, source: str, grads: "RLGradients", head_loss, depth: int,
+                              metrics: dict) -> torch.Tensor:
+        """lambda of the `hidden` or (uncut) `last_layers` source: backpropagates both losses to the source's
+        inputs (`gradient_stats`)."""
+        return self.lambda_from(self.gradient_stats(source, grads, head_loss), depth, metrics)
 
     # ------------------------------------------------------------------------------------- gradient sources
     def mean_across_ranks(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -171,59 +166,61 @@ class LambdaCalibrator:
             return OCCStats(*self.reduce(torch.stack(list(stats)), "sum"))
         return gradient_statistics(grads.cache[source], self.mean_across_ranks(g_mtp))
 
-    def last_layers_lambda(self, depth, g_rl, g_head):
+    def last_layers_lambda(self, depth, g_rl, g_head, metrics: dict):
         """lambda from c and v2 over the last layers' parameters (rank means), for `split_backward_loss`; g_rl
         and g_head are over `main_params + head_params` (None: no gradient)."""
         def last(grads):  # no gradient = zeros (a last-layer parameter neither loss reaches)
             return self.mean_across_ranks([torch.zeros_like(self.main_params[i]) if grads[i] is None else grads[i]
                                            for i in self._last_index])
         stats = gradient_statistics(last(g_rl), last(g_head))
-        return self.lambda_from(stats, depth)
+        return self.lambda_from(stats, depth, metrics)
 
-    def split_lambda_of(self, depths: list[int]):
+    def split_lambda_of(self, depths: list[int], metrics: dict):
         """`split_backward_loss`'s lambda_of(k, g_rl, g_head) for the heads of these depths, in that order."""
-        return functools.partial(self._split_lambda, depths)
+        return functools.partial(self._split_lambda, depths, metrics)
 
-    def _split_lambda(self, depths, k, g_rl, g_head):
-        return self.last_layers_lambda(depths[k], g_rl, g_head)
+    def _split_lambda(self, depths, metrics, k, g_rl, g_head):
+        return self.last_layers_lambda(depths[k], g_rl, g_head, metrics)
 
-    def defer_exact(self, depth, head_loss) -> None:
-        """occ exact, step 1 of 2: backpropagate head k's loss on its own (the one extra backward) and stash its
+    def stash_exact_gradient(self, depth, head_loss) -> ExactStash:
+        """occ exact, step 1 of 2: backpropagate head k's loss on its own (the one extra backward) and return its
         gradient g_MTP over the main model and the heads (one extra copy of the gradients). TRL's backward of
-        the RL loss then runs as usual; `after_backward` reads g_RL off .grad and adds lambda * g_MTP."""
+        the RL loss then runs as usual; `add_exact_terms` reads g_RL off .grad and adds lambda * g_MTP."""
         params = self.main_params + self.head_params
         grads = self.mean_across_ranks(loss_gradients(head_loss, params))
         before = _grad_dot(self.main_params, grads)  # .grad may already hold earlier micro-batches' gradients
-        self._deferred.append(DeferredHead(depth, params, grads, self.reduce(before, "mean")))
+        return ExactStash(depth, params, grads, self.reduce(before, "mean"))
 
-    def after_backward(self) -> None:
+    def add_exact_terms(self, stashes: list[ExactStash]) -> dict[str, list[float]]:
         """occ exact, step 2 of 2 (after TRL's backward of the RL loss): c = <g_RL, g_MTP> with g_RL = .grad now
-        minus .grad before, v2 = ||g_MTP||^2 over the main model, then .grad += lambda * g_MTP (heads included).
-        Under DDP both gradients are rank means (.grad is averaged on the synchronising micro-batch and the dot
-        is averaged otherwise; <mean a, b> = mean <a, b>), so every rank adds the same lambda * g_MTP."""
-        deferred, self._deferred = self._deferred, []
+        minus .grad before, v2 = ||g_MTP||^2 over the main model, then .grad += lambda * g_MTP (heads included),
+        in place. Returns mtp/lambda/k, mtp/c_exact/k, mtp/v2_exact/k. Under DDP both gradients are rank means
+        (.grad is averaged on the synchronising micro-batch and the dot is averaged otherwise; <mean a, b> = mean
+        <a, b>), so every rank adds the same lambda * g_MTP."""
         n_main = len(self.main_params)
+        metrics: dict[str, list[float]] = {}
         lambdas = []
-        for d in deferred:  # every head's c from TRL's gradient alone, before any lambda * g_MTP is added
+        for d in stashes:  # every head's c from TRL's gradient alone, before any lambda * g_MTP is added
             after = self.reduce(_grad_dot(self.main_params, d.grads), "mean")
             c = (after - d.dot_before).float()
             v2 = torch.stack([(g.float() ** 2).sum() for g in d.grads[:n_main]]).sum()
-            lam = self.lambda_from(OCCStats(c, v2), d.depth)
+            lam = self.lambda_from(OCCStats(c, v2), d.depth, metrics)
             lambdas.append(lam)
             for name, value in ((f"mtp/lambda/{d.depth}", lam), (f"mtp/c_exact/{d.depth}", c),
                                 (f"mtp/v2_exact/{d.depth}", v2)):
-                self.log(name, value.item())
-        for d, lam in zip(deferred, lambdas):
+                metrics.setdefault(name, []).append(value.item())
+        for d, lam in zip(stashes, lambdas):
             for p, g in zip(d.params, d.grads):
                 if p.grad is None:
                     p.grad = (lam * g).to(p.dtype)
                 else:
                     p.grad.add_(g.to(p.grad.dtype), alpha=lam.item())
+        return metrics
 
-    # ------------------------------------------------------------------------------------- fidelity, guard, log
+    # ------------------------------------------------------------------------------------- fidelity, guard
     def fidelity(self, depths, losses, grads: RLGradients, with_exact: bool = True) -> dict[str, float]:
         """Every lambda source's c and v2 for each head's loss (coefficient 1) on this micro-batch: hidden,
-        last_layers, exact (unless it comes from `after_backward` this step), and the running average."""
+        last_layers, exact (unless it comes from `add_exact_terms` this step), and the running average."""
         metrics = {}
         sources = [s for s in GRADIENT_SOURCES if with_exact or s != "exact"]
         for depth, loss in zip(depths, losses):
@@ -235,19 +232,12 @@ class LambdaCalibrator:
             metrics[f"mtp/v2_ema/{depth}"] = self.ema[depth].v2_hat.item()
         return metrics
 
-    def finite_or_zero(self, coef, depth, stats):
+    def finite_or_zero(self, coef, depth, stats, metrics: dict):
         """A NaN/inf lambda (NaN log-probs upstream) must not poison the weights: use 0 for this micro-batch,
-        count it (mtp/lambda_nonfinite/k), and say why."""
+        count it (mtp/lambda_nonfinite/k into `metrics`), and say why."""
         if torch.isfinite(coef):
             return coef
         warnings.warn(f"OCC lambda for head {depth} is {coef.item()} (c_hat={stats.c_hat.item()}, "
                       f"v2_hat={stats.v2_hat.item()}); using 0 for this micro-batch")
-        self.log(f"mtp/lambda_nonfinite/{depth}", 1.0)
+        metrics.setdefault(f"mtp/lambda_nonfinite/{depth}", []).append(1.0)
         return torch.zeros_like(coef)
-
-    def log(self, name: str, value: float) -> None:
-        self.metrics.setdefault(name, []).append(value)
-
-    def pop_metrics(self) -> dict[str, list[float]]:
-        metrics, self.metrics = self.metrics, {}
-        return metrics

@@ -6,11 +6,12 @@ parabola whose peak `lambda* ~ c / v^2` OCC tracks (Eq. 13). The probe measures 
 
     state     a checkpoint of a run: model, heads, optimizer and scheduler state (`load_probe_trainer`)
     batch     one rollout batch drawn as the run draws it (TRL's dataloader and `_generate_and_score_completions`),
-              split into the `steps_per_generation` micro-batches TRL trains on (`draw_rollout`)
-    update    for every lambda of the grid, from the *same* state: TRL's own `training_step` on those micro-batches,
-              `num_iterations` times, an optimizer step (clipped, then the scheduler) every
-              `gradient_accumulation_steps` (`apply_update`), with the probed term at that fixed lambda
-              (`probed_term`: OCC's term is the policy loss on the heads, so OCC is probed as `policy`)
+              split into the `steps_per_generation` micro-batches TRL trains on (`MTPGRPOTrainer.draw_rollout`)
+    update    for every lambda of the grid, from the *same* state: the run's own update on those micro-batches
+              (`MTPGRPOTrainer.update_on`: TRL's `training_step`, `num_iterations` times, an optimizer step, clipped,
+              then the scheduler, every `gradient_accumulation_steps`) with the probed term at that fixed lambda
+              (`regimes.Regime.fixed_form`: OCC's term is the policy loss on the heads, so OCC is probed as
+              `policy`); update -> measure -> restore is one helper, `after_update`
     J         expected reward under the rollouts' sampling law on held-out prompts: M samples per prompt from
               pi_theta, drawn once (`sample_held_out`); dJ(lambda) from the sequence log-probs under theta'(lambda)
               by importance sampling (`mtprl.gain.importance_gain`), and at a few lambdas directly from fresh
@@ -28,12 +29,10 @@ term is probed.
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import statistics
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -46,11 +45,11 @@ from .gain import bootstrap_mean, direct_gain, gain_curve_with_interval, per_pro
 from .jsonl import atomic_write_json
 from .logprobs import main_logprobs
 from .occ import OCCStats, lambda_from_stats
-from .regimes import MTP_TERMS, regime_for
+from .regimes import REGIMES, fixed_form_of
 from .tasks import TaskReward, prompt_text
 
-# The probed term per run regime: OCC's term is the head policy loss with lambda in front.
-TERM_OF_REGIME = {"detach": "detach", "ce": "ce", "policy": "policy", "occ": "policy", "distill": "distill"}
+# The probed term per run regime, read off the one regime table (`Regime.fixed_form`: occ -> policy).
+TERM_OF_REGIME = {name: fixed_form_of(name) for name in REGIMES if name != "none"}
 LAMBDA_KEYS = "mtp/lambda/"
 
 
@@ -124,102 +123,17 @@ def sample_held_out(model, tokenizer, dataset, *, samples: int, temperature: flo
 
 
 # ------------------------------------------------------------------------------------------------- the update
-@dataclass
-class TrainerState:
-    """Everything one update changes: parameters, optimizer and scheduler state, step counters, OCC's running
-    average."""
-
-    model: dict
-    optimizer: dict
-    scheduler: dict
-    global_step: int
-    micro_step: int
-    ema: dict
-
-
-def snapshot(trainer) -> TrainerState:
-    return TrainerState({k: v.detach().clone() for k, v in trainer.model.state_dict().items()},
-                        copy.deepcopy(trainer.optimizer.state_dict()), copy.deepcopy(trainer.lr_scheduler.state_dict()),
-                        trainer.state.global_step, trainer._step, dict(trainer.calibrator.ema))
-
-
-def restore(trainer, state: TrainerState) -> None:
-    trainer.model.load_state_dict(state.model)
-    trainer.optimizer.load_state_dict(copy.deepcopy(state.optimizer))
-    trainer.lr_scheduler.load_state_dict(copy.deepcopy(state.scheduler))
-    trainer.state.global_step, trainer._step = state.global_step, state.micro_step
-    trainer.calibrator.ema = dict(state.ema)
-    trainer.model.zero_grad(set_to_none=True)
-
-
-def draw_rollout(trainer, after_step: int, seed: int) -> list[dict]:
-    """One rollout batch as the run draws it after `after_step` optimizer steps: TRL's train dataloader (its
-    repeat sampler, skipped ahead by the rollouts already drawn), TRL's generation and scoring, shuffled and split
-    into the `steps_per_generation` micro-batches TRL trains on."""
-    from trl.trainer.utils import shuffle_sequence_dict, split_tensor_dict
-
-    args = trainer.args
-    steps_per_rollout = max(1, args.steps_per_generation * trainer.num_iterations // args.gradient_accumulation_steps)
-    loader = trainer.get_train_dataloader()
-    batches = iter(loader)
-    batch = None
-    for _ in range(after_step // steps_per_rollout % max(len(loader), 1) + 1):
-        batch = next(batches)
-    torch.manual_seed(seed)
-    trainer.model.train()
-    rollout = trainer._generate_and_score_completions(batch)
-    trainer._metrics["train"].clear()
-    return split_tensor_dict(shuffle_sequence_dict(rollout), args.steps_per_generation)
-
-
-@contextmanager
-def probed_term(trainer, regime, coef: float, fidelity: bool = False):
-    """The trainer's MTP term for one update: the regime table entry `regime` (a `regimes.Regime`) with `coef` as
-    its fixed coefficient (OCC entries take lambda from the calibrator instead), with the exact and estimated c,
-    v^2 logged on every micro-batch when `fidelity`. Plain attribute swaps, undone on exit."""
-    saved = (trainer.regime, trainer.args.mtp_coef, trainer.args.occ_fidelity_every)
-    trainer.regime, trainer.args.mtp_coef = regime, float(coef)
-    trainer.args.occ_fidelity_every = 1 if fidelity else 0
+def after_update(trainer, micro_batches: list[dict], measure, *, regime: str, coef: float | None = None,
+                 fidelity: bool = False):
+    """`measure()` after one rollout's update (`MTPGRPOTrainer.update_on` with `regime` at `coef`) from the
+    trainer's current state, which is restored afterwards whatever happens. Returns (what measure returned, the
+    update's metrics)."""
+    base = trainer.update_state()
     try:
-        yield
+        result = trainer.update_on(micro_batches, regime=regime, coef=coef, fidelity=fidelity)
+        return measure(), result.metrics
     finally:
-        trainer.regime, trainer.args.mtp_coef, trainer.args.occ_fidelity_every = saved
-
-
-@contextmanager
-def _inputs_as_given(trainer):
-    """TRL's `training_step` on a micro-batch we hand it (TRL's `_prepare_inputs` would draw a new rollout)."""
-    trainer._prepare_inputs = lambda inputs: inputs
-    try:
-        yield
-    finally:
-        del trainer._prepare_inputs
-
-
-def apply_update(trainer, micro_batches: list[dict]) -> dict[str, list[float]]:
-    """The run's update for one rollout, as transformers' training loop runs it: TRL's `training_step` on each
-    micro-batch, `num_iterations` times over the rollout, and every `gradient_accumulation_steps` micro-steps the
-    gradient clipped to `max_grad_norm`, the optimizer step, the scheduler step, the gradients zeroed. Returns the
-    metrics the steps logged (e.g. `mtp/lambda/k` per micro-batch)."""
-    args, model = trainer.args, trainer.model
-    trainer.current_gradient_accumulation_steps = args.gradient_accumulation_steps
-    trainer._metrics["train"].clear()
-    done = 0
-    with _inputs_as_given(trainer):
-        for _ in range(trainer.num_iterations):
-            for micro in micro_batches:
-                trainer.training_step(model, micro, None)
-                done += 1
-                if done % args.gradient_accumulation_steps == 0:
-                    if args.max_grad_norm is not None and args.max_grad_norm > 0:
-                        trainer.accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                    trainer.optimizer.step()
-                    trainer.lr_scheduler.step()
-                    model.zero_grad(set_to_none=True)
-                    trainer.state.global_step += 1
-    metrics = {k: list(v) for k, v in trainer._metrics["train"].items()}
-    trainer._metrics["train"].clear()
-    return metrics
+        trainer.restore_update_state(base)
 
 
 def _mean_over_heads(metrics: dict, prefix: str) -> float | None:
@@ -239,85 +153,68 @@ def lambda_grid(spec: str, reference: float) -> list[float]:
 
 
 # ------------------------------------------------------------------------------------------------- one state
-def probe_state(trainer, tokenizer, held_out_data, options: ProbeOptions, *, step: int, occ_settings: dict,
-                log=phase) -> dict:
+@dataclass
+class ProbeSetup:
+    """What every update of one probe shares: the trainer at the probed state, the rollout's micro-batches, the
+    held-out samples of theta and how to sample more, the probed term."""
+
+    trainer: object
+    batches: list
+    held: HeldOut
+    sample: dict  # sample_held_out's settings
+    term: str  # the MTP_TERMS entry probed at fixed lambdas
+
+    def logps_after(self, regime: str, coef: float | None = None, fidelity: bool = False):
+        """(held-out sequence log-probs under theta'(coef), the update's metrics)."""
+        model, temperature = self.trainer.model, self.trainer.args.temperature
+        return after_update(self.trainer, self.batches, lambda: sequence_logps(model, self.held, temperature),
+                            regime=regime, coef=coef, fidelity=fidelity)
+
+
+def probe_state(trainer, tokenizer, held_out_data, options: ProbeOptions, *, step: int, log=phase) -> dict:
     """Measure dJ(lambda) at the trainer's current state (see the module docstring); returns probe.json's dict."""
-    args, model = trainer.args, trainer.model
-    temperature = args.temperature
-    term = options.term or TERM_OF_REGIME.get(trainer.args.mtp_regime, "policy")
+    args = trainer.args
     start = time.perf_counter()
-    base = snapshot(trainer)
-    sample = dict(samples=options.samples, temperature=temperature, max_new_tokens=args.max_completion_length,
+    sample = dict(samples=options.samples, temperature=args.temperature, max_new_tokens=args.max_completion_length,
                   batch_size=options.batch_size)
-    held = sample_held_out(model, tokenizer, held_out_data, seed=options.seed, **sample)
+    held = sample_held_out(trainer.model, tokenizer, held_out_data, seed=options.seed, **sample)
     log(f"probe step {step}: {len(held.rewards)} held-out samples, J(theta) = {held.rewards.mean():.4f}")
-    batches = draw_rollout(trainer, step, options.seed)
-
+    setup = ProbeSetup(trainer, trainer.draw_rollout(step, options.seed), held, sample,
+                       options.term or fixed_form_of(args.mtp_regime, args.occ_variant))
     # OCC's lambda at this state: an update under the run's OCC settings (regime occ with its variant)
-    with probed_term(trainer, regime_for("occ", occ_settings["occ_variant"]), occ_settings["mtp_coef"]):
-        occ_metrics = apply_update(trainer, batches)
+    occ_logps, occ_metrics = setup.logps_after("occ")
     occ_lambda = _mean_over_heads(occ_metrics, LAMBDA_KEYS) or 0.0
-    occ_logps = sequence_logps(model, held, temperature)
-    restore(trainer, base)
-
     # lambda = 0 with the exact and estimated c, v^2 of the probed term on every micro-batch
-    with probed_term(trainer, MTP_TERMS[term], 0.0, fidelity=True):
-        zero_metrics = apply_update(trainer, batches)
-    zero_logps = sequence_logps(model, held, temperature)
-    restore(trainer, base)
-    stats = {key: float(statistics.fmean(v)) for key, v in zero_metrics.items()
-             if key.startswith(("mtp/c_", "mtp/v2_")) and v}
-    c_exact = _mean_over_heads(zero_metrics, "mtp/c_exact/") or 0.0
-    v2_exact = _mean_over_heads(zero_metrics, "mtp/v2_exact/") or 0.0
-    exact_lambda = float(lambda_from_stats(OCCStats(torch.tensor(c_exact), torch.tensor(v2_exact)),
-                                           lambda_plus=occ_settings["occ_lambda_plus"], eps=occ_settings["occ_eps"]))
-    reference = max(abs(exact_lambda), abs(occ_lambda), abs(occ_settings["mtp_coef"]), 1e-6)
-    grid = sorted(set(lambda_grid(options.lambdas, reference)) | {0.0, occ_lambda, exact_lambda})
-
+    zero_logps, zero_metrics = setup.logps_after(setup.term, 0.0, fidelity=True)
+    geometry = _gradient_geometry(zero_metrics, args)
+    reference = max(abs(geometry["exact_lambda"]), abs(occ_lambda), abs(args.mtp_coef), 1e-6)
+    grid = sorted(set(lambda_grid(options.lambdas, reference)) | {0.0, occ_lambda, geometry["exact_lambda"]})
     new_logps = {0.0: zero_logps}
     for lam in grid:
-        if lam in new_logps:
-            continue
-        with probed_term(trainer, MTP_TERMS[term], lam):
-            apply_update(trainer, batches)
-        new_logps[lam] = sequence_logps(model, held, temperature)
-        restore(trainer, base)
-        log(f"probe step {step}: lambda {lam:+.4g} done")
+        if lam not in new_logps:
+            new_logps[lam] = setup.logps_after(setup.term, lam)[0]
+            log(f"probe step {step}: lambda {lam:+.4g} done")
     per_prompt = np.stack([per_prompt_gains(new_logps[lam], held.logps, held.rewards, held.prompt_ids)
                            for lam in grid])
     gains = [bootstrap_mean(row) for row in per_prompt]
-    zero = grid.index(0.0)
-    relative = [bootstrap_mean(row - per_prompt[zero]) for row in per_prompt]  # paired: the same samples
+    relative = [bootstrap_mean(row - per_prompt[grid.index(0.0)]) for row in per_prompt]  # paired: same samples
     curve, best_low, best_high = gain_curve_with_interval(grid, per_prompt)
-
-    # the check: fresh samples from theta'(lambda) at a few lambdas, paired against fresh samples from theta
-    direct = []
-    for lam in _direct_lambdas(grid, options.direct, occ_lambda):
-        with probed_term(trainer, MTP_TERMS[term], lam):
-            apply_update(trainer, batches)
-        fresh = sample_held_out(model, tokenizer, held_out_data, seed=options.seed + 1, **sample)
-        restore(trainer, base)
-        est, low, high = direct_gain(fresh.rewards, fresh.prompt_ids, held.rewards, held.prompt_ids)
-        i = grid.index(lam)
-        direct.append({"lambda": lam, "direct": [est, low, high], "importance": list(gains[i]),
-                       "agree": bool(low <= gains[i][0] <= high or gains[i][1] <= est <= gains[i][2])})
+    direct = [_direct_check(setup, tokenizer, held_out_data, options.seed + 1, lam, gains[grid.index(lam)])
+              for lam in _direct_lambdas(grid, options.direct, occ_lambda)]
     occ_gain = per_prompt_gains(occ_logps, held.logps, held.rewards, held.prompt_ids)
     best_gain = curve.gain_at(curve.best_lambda)
     return {
-        "step": step, "term": term, "regime": trainer.args.mtp_regime, "lambdas": grid,
+        "step": step, "term": setup.term, "regime": args.mtp_regime, "lambdas": grid,
         "dJ": [g[0] for g in gains], "dJ_low": [g[1] for g in gains], "dJ_high": [g[2] for g in gains],
         # dJ(lambda) - dJ(0), the curve the theory draws (paired on the shared samples, so much tighter)
         "dJ_rel": [g[0] for g in relative], "dJ_rel_low": [g[1] for g in relative],
         "dJ_rel_high": [g[2] for g in relative],
         "J_theta": float(held.rewards.mean()),
         "fit": {"linear": curve.linear, "quadratic": curve.quadratic, "r2": curve.r2},
-        # the grid's best measured point: robust where the parabola fits badly (R^2 low, e.g. Adam's saturating
-        # step at large lambda)
+        # the grid's best measured point: robust where the parabola fits badly
         "grid_best_lambda": grid[int(np.argmax([g[0] for g in relative]))],
         "lambda_hat_star": curve.best_lambda, "lambda_hat_star_interval": [best_low, best_high],
-        "c_exact": c_exact, "v2_exact": v2_exact, "exact_lambda": exact_lambda, "estimators": stats,
-        "occ_lambda": occ_lambda, "occ_variant": occ_settings["occ_variant"],
-        "occ_lambda_plus": occ_settings["occ_lambda_plus"],
+        **geometry, "occ_lambda": occ_lambda, "occ_variant": args.occ_variant, "occ_lambda_plus": args.occ_lambda_plus,
         # the run's own OCC update (lambda varying per micro-batch), measured on the same samples
         "occ_update_dJ": list(bootstrap_mean(occ_gain)),
         "occ_share_of_best": (curve.gain_at(occ_lambda) / best_gain) if best_gain > 0 else None,
@@ -325,6 +222,30 @@ def probe_state(trainer, tokenizer, held_out_data, options: ProbeOptions, *, ste
         "per_prompt": per_prompt.tolist(),  # [lambda, prompt] unbiased per-prompt gains: refits and re-bootstraps
         "seconds": time.perf_counter() - start,
     }
+
+
+def _gradient_geometry(zero_metrics: dict, args) -> dict:
+    """The exact c, v^2 (means over the lambda = 0 update's micro-batches), the lambda they give under the run's
+    lambda_plus and eps, and every estimator's (lambda source's) c and v^2 (`estimators`)."""
+    c_exact = _mean_over_heads(zero_metrics, "mtp/c_exact/") or 0.0
+    v2_exact = _mean_over_heads(zero_metrics, "mtp/v2_exact/") or 0.0
+    exact_lambda = float(lambda_from_stats(OCCStats(torch.tensor(c_exact), torch.tensor(v2_exact)),
+                                           lambda_plus=args.occ_lambda_plus, eps=args.occ_eps))
+    sources = {key: float(statistics.fmean(v)) for key, v in zero_metrics.items()
+               if key.startswith(("mtp/c_", "mtp/v2_")) and v}
+    return {"c_exact": c_exact, "v2_exact": v2_exact, "exact_lambda": exact_lambda, "estimators": sources}
+
+
+def _direct_check(setup: ProbeSetup, tokenizer, held_out_data, seed: int, lam: float, importance) -> dict:
+    """The check: fresh samples from theta'(lambda), paired against fresh samples from theta, beside the importance
+    estimate from the shared samples."""
+    fresh, _ = after_update(setup.trainer, setup.batches,
+                            lambda: sample_held_out(setup.trainer.model, tokenizer, held_out_data, seed=seed,
+                                                    **setup.sample),
+                            regime=setup.term, coef=lam)
+    est, low, high = direct_gain(fresh.rewards, fresh.prompt_ids, setup.held.rewards, setup.held.prompt_ids)
+    return {"lambda": lam, "direct": [est, low, high], "importance": list(importance),
+            "agree": bool(low <= importance[0] <= high or importance[1] <= est <= importance[2])}
 
 
 def _direct_lambdas(grid: list[float], count: int, occ_lambda: float) -> list[float]:
@@ -362,8 +283,8 @@ def run_checkpoints(run_dir: str, which: str) -> list[tuple[str, int]]:
 def load_probe_trainer(run_dir: str, checkpoint: str):
     """An `MTPGRPOTrainer` at a checkpoint of a run: the run's config (the checkpoint's training_args.bin), its
     model and heads, its optimizer and scheduler state; the output directory is the run's `probes/work` (the run's
-    own files are never written). Returns (trainer, tokenizer, held-out dataset, occ settings)."""
-    from .cli import TaskArguments, _splits
+    own files are never written). Returns (trainer, tokenizer, held-out dataset)."""
+    from .data import TaskArguments, task_splits
     from .models import load_model
     from .trainer import MTPGRPOTrainer
 
@@ -373,8 +294,6 @@ def load_probe_trainer(run_dir: str, checkpoint: str):
     with open(info_path) as f:
         info = json.load(f)
     cfg = torch.load(os.path.join(checkpoint, "training_args.bin"), weights_only=False)
-    occ = {"occ_variant": cfg.occ_variant, "occ_lambda_plus": cfg.occ_lambda_plus, "occ_eps": cfg.occ_eps,
-           "mtp_coef": cfg.mtp_coef}
     if (cfg.top_p or 1.0) < 1.0 or (cfg.top_k or 0) > 0:
         raise ValueError(f"{checkpoint}: the run samples with top_p={cfg.top_p}, top_k={cfg.top_k}; the probe's "
                          "importance weights need the untruncated law (top_p 1, top_k 0)")
@@ -383,18 +302,15 @@ def load_probe_trainer(run_dir: str, checkpoint: str):
     task_args = TaskArguments(**{k: v for k, v in info.get("task_args", {}).items()
                                  if k in TaskArguments.__dataclass_fields__})
     model, tokenizer = load_model(checkpoint)
-    train_ds, eval_ds = _splits(task_args, tokenizer)
+    train_ds, eval_ds = task_splits(task_args, tokenizer)
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer = MTPGRPOTrainer(model=model, reward_funcs=[TaskReward()], args=cfg, train_dataset=train_ds,
                                  processing_class=tokenizer)
-    trainer.create_optimizer_and_scheduler(num_training_steps=cfg.max_steps)
-    trainer._load_optimizer_and_scheduler(checkpoint)
-    with open(os.path.join(checkpoint, "trainer_state.json")) as f:
-        trainer.state.global_step = int(json.load(f)["global_step"])
-    return trainer, tokenizer, eval_ds, occ
+    trainer.load_update_state(checkpoint)
+    return trainer, tokenizer, eval_ds
 
 
 def probe_run(run_dir: str, which: str = "all", options: ProbeOptions | None = None) -> list[str]:
@@ -403,9 +319,9 @@ def probe_run(run_dir: str, which: str = "all", options: ProbeOptions | None = N
     written = []
     for checkpoint, step in run_checkpoints(run_dir, which):
         phase(f"probe: {checkpoint}")
-        trainer, tokenizer, eval_ds, occ = load_probe_trainer(run_dir, checkpoint)
+        trainer, tokenizer, eval_ds = load_probe_trainer(run_dir, checkpoint)
         held_out = eval_ds.select(range(min(options.prompts, len(eval_ds))))
-        result = probe_state(trainer, tokenizer, held_out, options, step=step, occ_settings=occ)
+        result = probe_state(trainer, tokenizer, held_out, options, step=step)
         result["checkpoint"] = checkpoint
         suffix = f"-{options.term}" if options.term else ""
         path = os.path.join(run_dir, "probes", f"probe-step{step}{suffix}.json")

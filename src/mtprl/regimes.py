@@ -8,8 +8,8 @@ head k's importance ratio and OCC's `delta_mtp` are taken against (`ratio_agains
 (`proxy_reduction`), where its coefficient comes from (`mtp_coef`, or OCC's lambda from a `lambda_source`), and a
 `loss` function: a pure function of one head's plain data (`HeadData`) and TRL's loss scaling (`LossScaling`) that
 returns head k's loss. It never starts a backward; lambda comes from `calibration.LambdaCalibrator`. The one caller
-is `MTPGRPOTrainer._loss_with_mtp_term`: head data (`head_data`) -> lambda (the calibrator) -> the regime's loss ->
-`coef * loss` summed into TRL's loss. Adding a regime = one function + one entry.
+is `mtp_step.mtp_step`: head data (`head_data`) -> lambda (the calibrator) -> the regime's loss -> `coef * loss`
+summed into TRL's loss. Adding a regime = one function + one entry.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
 import torch
+
+from .objectives import LOSS_TYPES, masked_mean, policy_loss
 
 # Display labels, in the order the report lists the regimes.
 REGIME_LABELS = {"none": "GRPO (no MTP)", "detach": "Detach", "ce": "CE loss", "policy": "Policy loss",
@@ -43,30 +45,42 @@ class HeadData(NamedTuple):
     distill: torch.Tensor | None  # [B, L] KL(p_main || q_k) per token (regimes with needs_distill), else None
 
 
-class LossScaling(NamedTuple):
-    """TRL's loss functions for this micro-batch, scaled as TRL scales its own loss for gradient accumulation.
-    Plain functions of tensors; they read the trainer's settings and change nothing."""
+@dataclass(frozen=True)
+class LossScaling:
+    """TRL's loss settings and gradient-accumulation scaling for one micro-batch, as numbers (verl's
+    `loss_agg_mode`): `policy_loss` and `token_mean` then compute what TRL's `_compute_loss` would for these
+    log-probs. Built by `MTPGRPOTrainer.loss_scaling(inputs)`.
 
-    policy_loss: Callable[..., torch.Tensor]  # (logps, old_logps, advantages, mask) -> clipped surrogate
-    token_mean: Callable[..., torch.Tensor]  # (per_token [B, L], mask) -> masked mean
+    `trl_loss`: the loss types `objectives.policy_loss` does not implement (cispo, sapo, luspo, vespo, any newer
+    one) are TRL's own code; the trainer hands in the call (`trl_compat.trl_head_loss` through TRL's class in the
+    trainer's MRO). None where the loss type is one of `objectives.LOSS_TYPES`."""
 
+    loss_type: str = "dapo"
+    importance_sampling_level: str = "token"
+    epsilon_low: float = 0.2
+    epsilon_high: float = 0.28
+    delta: float | None = None  # two-sided clip bound (TRL's `delta`)
+    max_completion_length: int | None = None  # dr_grpo's constant denominator
+    normalizer: torch.Tensor | None = None  # dapo: the accumulation window's token count per rank, already scaled
+    accumulation: int = 1  # TRL divides per-micro-batch means by its gradient-accumulation steps (1: no division)
+    trl_loss: Callable[..., torch.Tensor] | None = None
 
-class HeadTerm(NamedTuple):
-    """What a regime adds for head k: `coef * loss` (or `loss` alone when the coefficient sits inside it)."""
+    def policy_loss(self, logps, old_logps, advantages, mask) -> torch.Tensor:
+        """The clipped surrogate on these log-probs, scaled exactly as TRL scales its own loss."""
+        if self.loss_type not in LOSS_TYPES:
+            if self.trl_loss is None:
+                raise ValueError(f"loss_type={self.loss_type!r} is computed by TRL's own code: LossScaling needs "
+                                 "trl_loss (MTPGRPOTrainer.loss_scaling supplies it)")
+            return self.trl_loss(logps, old_logps, advantages, mask)
+        loss = policy_loss(logps, old_logps, advantages, mask, loss_type=self.loss_type,
+                           importance_sampling_level=self.importance_sampling_level, epsilon_low=self.epsilon_low,
+                           epsilon_high=self.epsilon_high, normalizer=self.normalizer,
+                           max_completion_length=self.max_completion_length, delta=self.delta)
+        return loss if self.loss_type == "dapo" else loss / self.accumulation
 
-    loss: torch.Tensor  # head k's loss as the regime defines it; logged as mtp/loss/k
-    coef: "torch.Tensor | Pending"  # mtp_coef or OCC's lambda (mtp/lambda/k), or a `Pending` marker
-    coef_in_loss: bool = False  # True: `coef` already scales the loss from inside (released code: advantages)
-
-
-class Pending(str):
-    """A coefficient not known when the loss is built: `AFTER_BACKWARD` (occ exact: set from TRL's gradient after
-    its backward, `LambdaCalibrator.after_backward`) or `BY_SPLIT_BACKWARD` (occ last_layers with the graph cut:
-    set by `split_backward.split_backward_loss`)."""
-
-
-AFTER_BACKWARD = Pending("after_backward")
-BY_SPLIT_BACKWARD = Pending("by_split_backward")
+    def token_mean(self, per_token_loss, mask) -> torch.Tensor:
+        """Masked mean over completion tokens, scaled for gradient accumulation like TRL's per-micro-batch means."""
+        return masked_mean(per_token_loss, mask) / self.accumulation
 
 
 def head_data(main, mtp, old_main, old_mtp, token_mask, advantages, ratio_against="head", mtp_mask=None,
@@ -116,16 +130,19 @@ class Regime:
     ratio_against: str = "head"  # "head": the head's own rollout-time log-probs | "main": the main head's
     proxy_reduction: str = "batch"  # how the proxies are reduced (occ.PROXY_REDUCTIONS); logged for every regime
     needs_distill: bool = False  # the forward also computes KL(p_main || q_k) (tiled full distributions)
+    # The table entry with this regime's loss at a fixed coefficient (what the gain probe scans lambda over): OCC's
+    # term is the head policy loss with lambda in front, so every OCC entry's fixed form is `policy`.
+    fixed_form: str = ""  # "" = this entry itself
 
 
 MTP_TERMS = {
     "detach": Regime(ce_on_samples, mtp_grad="detach"),
     "ce": Regime(ce_on_samples),
     "policy": Regime(head_policy_loss),
-    "occ:paper": Regime(head_policy_loss, coef="lambda"),
+    "occ:paper": Regime(head_policy_loss, coef="lambda", fixed_form="policy"),
     "occ:reference": Regime(head_policy_loss, coef="lambda", lambda_in_advantages=True, ratio_against="main",
-                            proxy_reduction="token"),
-    **{f"occ:{source}": Regime(head_policy_loss, coef="lambda", lambda_source=source)
+                            proxy_reduction="token", fixed_form="policy"),
+    **{f"occ:{source}": Regime(head_policy_loss, coef="lambda", lambda_source=source, fixed_form="policy")
        for source in ("exact", "hidden", "last_layers", "ema")},
     "distill": Regime(distill_from_policy, mtp_grad="detach", needs_distill=True),
 }
@@ -138,12 +155,9 @@ def regime_for(mtp_regime: str, occ_variant: str = "paper") -> Regime | None:
     return MTP_TERMS[f"occ:{occ_variant}" if mtp_regime == "occ" else mtp_regime]
 
 
-def weighted_sum(terms: list[HeadTerm], like: torch.Tensor) -> torch.Tensor:
-    """sum_k coef_k * loss_k over the terms whose coefficient is known now (`Pending` ones are left out)."""
-    total = like.new_zeros(())
-    for term in terms:
-        if isinstance(term.coef, Pending):
-            continue
-        total = total + (term.loss if term.coef_in_loss else term.coef.to(term.loss.dtype) * term.loss)
-    return total
-
+def fixed_form_of(mtp_regime: str, occ_variant: str = "paper") -> str:
+    """The `MTP_TERMS` name of a config regime's loss at a fixed coefficient (`Regime.fixed_form`): occ -> policy."""
+    regime = regime_for(mtp_regime, occ_variant)
+    if regime is None:
+        raise ValueError("mtp_regime=none has no MTP term to scan a coefficient over")
+    return regime.fixed_form or mtp_regime

@@ -10,53 +10,47 @@ What changes against stock GRPOTrainer, and nothing else:
 - every log line also goes to `<output_dir>/metrics.jsonl` (`mtprl.callbacks`).
 
 A micro-batch from rollout to loss, by the calls that carry it: `_generate_and_score_completions` (TRL's rollout;
-the heads' old log-probs from the same forward) -> `_compute_loss` (TRL's loss; the ledger hands over the forward
-it ran) -> `_loss_with_mtp_term`: `regimes.head_data` (each head's plain tensors) -> `LambdaCalibrator.proxies`
-(c_hat, v2_hat of Eq. 12) -> `_head_terms` (the regime's pure loss, `regimes.MTP_TERMS`; its coefficient from
-`LambdaCalibrator.coefficient`, whose formula is `occ.lambda_from_stats`) -> `regimes.weighted_sum` -> the loss TRL
-backpropagates. Under `occ_variant=exact` the coefficient is set after TRL's backward (`training_step` ->
-`LambdaCalibrator.after_backward`); under `last_layers` the graph is cut below the last layers and one combined
-loss is returned (`mtprl.split_backward`).
+the heads' old log-probs from the same forward) -> `_compute_loss`: `_mtp_forward` (one trunk forward: main and head
+log-probs, returned) -> TRL's own `_compute_loss` on that forward's main log-probs (`trl_compat.serving_logprobs`)
+-> `mtp_step.mtp_step` (head data -> proxies -> each head's loss and coefficient -> the summed loss, as a
+`StepResult`) -> the loss TRL backpropagates; the trainer logs the result's metrics and, after the backward, runs
+its `after_backward` (occ exact: `training_step` -> `finish_backward`).
 
-How a micro-batch's log-probs reach the loss: TRL calls `_get_per_token_logps_and_entropies` from inside its
-own methods and only hands back the main log-probs. Each of our two entry points (`_generate_and_score_completions`,
-`_compute_loss`) therefore opens a `ForwardLedger` around TRL's call; every MTP forward run inside it is written
-there, and after TRL returns the entry point takes the forward it needs: at rollout, the one whose main log-probs
-TRL kept as `old_per_token_logps` (found by identity, so a reference-model forward through the same PEFT model
-cannot be mistaken for it); in the loss, the one forward TRL ran. A missing forward is an error, never a silent
-fall-back to plain GRPO.
+At rollout TRL computes the old main log-probs inside its own method and hands back only those: the MTP forward
+run there is recorded (`RolloutForwards`) and the one whose main log-probs TRL kept as `old_per_token_logps` is
+taken (found by identity, so a reference-model forward through the same PEFT model cannot be mistaken for it).
+A missing forward is an error, never a silent fall-back to plain GRPO.
+
+`update_on` (`mtprl.update.UpdateMixin`) runs one rollout's updates with the run's optimizer, scheduler, clip and
+accumulation, for a given MTP term and coefficient: the gain probe's update.
 """
 
 from __future__ import annotations
 
 import functools
 import warnings
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 
 import torch
 from trl import GRPOConfig, GRPOTrainer
 from trl.trainer.utils import get_config_model_id
 
-from .calibration import CalibrationSettings, LambdaCalibrator, RLGradients
+from .calibration import CalibrationSettings, LambdaCalibrator
 from .callbacks import MetricsJsonlCallback
 from .checkpoints import MTPCheckpointMixin, attach_or_load_heads
 from .config import MTPGRPOConfig
 from .logprobs import LogProbs, add_mtp_forward, head_logprobs
 from .mtp import decoder_of, last_layer_params
-from .objectives import HEAD_LOSS_DIVERGENCE, LOSS_TYPES, head_only_loss, masked_mean, policy_loss
-from .regimes import (AFTER_BACKWARD, BY_SPLIT_BACKWARD, HeadTerm, LossScaling, Pending, head_data,
-                      head_policy_loss, regime_for, weighted_sum, with_scaled_advantages)
+from .mtp_step import StepSettings, mtp_step
+from .objectives import LOSS_TYPES
+from .regimes import LossScaling, regime_for
 from .rollout import draft_vocab_of, drafted_generate, make_draft_policy
-from .speculative import logits_warpers
 from .runs import ConsistentLogOnResume
-from .split_backward import TrunkCut, split_backward_loss
+from .speculative import logits_warpers
+from .split_backward import TrunkCut
 from .tasks import safe_reward
-from .trl_compat import give_reference_the_heads, trl_head_loss
-
-
-def _token_mask(inputs) -> torch.Tensor:
-    """The completion tokens TRL's loss counts (tool output excluded)."""
-    return inputs["completion_mask"] if "tool_mask" not in inputs else inputs["completion_mask"] * inputs["tool_mask"]
+from .trl_compat import give_reference_the_heads, serving_logprobs, trl_head_loss
+from .update import ActiveTerm, UpdateMixin
 
 
 def _sequences(inputs):
@@ -65,8 +59,8 @@ def _sequences(inputs):
             torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1))
 
 
-class ForwardLedger:
-    """The MTP forwards run inside one TRL call, so the caller can take the one TRL used (see module doc)."""
+class RolloutForwards:
+    """The MTP forwards run inside TRL's rollout call, so the caller can take the one TRL kept (see module doc)."""
 
     def __init__(self):
         self.forwards: list[LogProbs] = []
@@ -75,19 +69,13 @@ class ForwardLedger:
         """The forward whose main log-probs are this very tensor (identity, not equal values)."""
         return next((lp for lp in self.forwards if lp.main is main), None)
 
-    def only(self, where: str, regime: str) -> LogProbs:
-        if len(self.forwards) != 1:
-            raise RuntimeError(
-                f"mtp_regime={regime!r}: {where} ran {len(self.forwards)} forwards through the model's MTP heads "
-                "where exactly one was expected, so the head log-probs for the MTP loss are "
-                f"{'missing' if not self.forwards else 'ambiguous'}. TRL's GRPOTrainer no longer computes the "
-                "policy log-probs through `_get_per_token_logps_and_entropies` as trl==1.16 does; without them "
-                "the run would silently train as plain GRPO.")
-        return self.forwards[0]
+
+# The inputs of TRL's loss forward that text-only MTP heads cannot take (TRL passes them when present).
+_MULTIMODAL_KEYS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes",
+                    "num_tiles", "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
 
 
-
-class MTPGRPOTrainer(ConsistentLogOnResume, MTPCheckpointMixin, GRPOTrainer):
+class MTPGRPOTrainer(UpdateMixin, ConsistentLogOnResume, MTPCheckpointMixin, GRPOTrainer):
     """GRPOTrainer whose model carries MTP heads trained under `args.mtp_regime` (see MTPGRPOConfig)."""
 
     def __init__(self, model, reward_funcs=None, args: MTPGRPOConfig | None = None, **kwargs):
@@ -109,11 +97,15 @@ class MTPGRPOTrainer(ConsistentLogOnResume, MTPCheckpointMixin, GRPOTrainer):
         super().__init__(model=model, reward_funcs=reward_funcs, args=args, **kwargs)
         self.add_callback(MetricsJsonlCallback(args.output_dir))
         self.regime = regime_for(args.mtp_regime, args.occ_variant)  # None: plain GRPO
-        self._ledger: ForwardLedger | None = None  # open while one of TRL's calls runs (`_recording_forwards`)
+        # the MTP term the loss adds: the run's own; `update_on` runs an update with another
+        self.term = ActiveTerm(self.regime, args.mtp_coef, args.occ_fidelity_every)
+        self._rollout_forwards: RolloutForwards | None = None  # open while TRL's rollout runs
+        self._after_backward: list = []  # the last MTP steps' `StepResult.after_backward`, run by finish_backward
         self._draft_policy = (make_draft_policy(args.mtp_draft_policy, args.mtp_draft_tokens,
                                                 args.mtp_draft_vocab_size, self.accelerator.unwrap_model(self.model))
                               if args.mtp_draft_tokens else None)
-        self._acceptance: list[float | None] = [None] * args.mtp_num_heads  # since the last rollout, per depth
+        # the latest training step's mtp/accept/k per depth, handed to the draft policy at the next rollout
+        self._latest_acceptance: list[float | None] = [None] * args.mtp_num_heads
         # mtp/accept/k under the rollouts' own law (temperature, top-k, top-p), the one the drafts are verified in
         self._accept_truncation = logits_warpers(1.0, args.top_k, args.top_p)
         self.head_loss = self._resolve_head_loss()  # mtp_head_loss with `auto` decided
@@ -177,42 +169,27 @@ class MTPGRPOTrainer(ConsistentLogOnResume, MTPCheckpointMixin, GRPOTrainer):
         """TRL's generation, with the live heads drafting (`mtp_draft_tokens`): the heads trained a moment ago."""
         if self._draft_policy is None:
             return super()._generate_single_turn(*args, **kwargs)
-        self._draft_policy.observe_acceptance(self._acceptance[: self.args.mtp_draft_tokens])
-        self._acceptance = [None] * self.args.mtp_num_heads  # each training batch's acceptance is observed once
+        self._draft_policy.observe_acceptance(self._latest_acceptance[: self.args.mtp_draft_tokens])
+        self._latest_acceptance = [None] * self.args.mtp_num_heads  # each training batch's acceptance seen once
         mode = "train" if self.model.training else "eval"
         with drafted_generate(self.accelerator.unwrap_model(self.model), self._draft_policy,
                               functools.partial(self._log_rollout, mode)):
             return super()._generate_single_turn(*args, **kwargs)
 
     # ------------------------------------------------------------------------------------------ forward
-    @contextmanager
-    def _recording_forwards(self):
-        """Open a ledger for the MTP forwards run inside one TRL call (see `ForwardLedger`)."""
-        outer, self._ledger = self._ledger, ForwardLedger()
-        try:
-            yield self._ledger
-        finally:
-            self._ledger = outer
-
-    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
-                                           compute_entropy=False, compute_aux_loss=False, **kwargs):
-        unwrapped = self.accelerator.unwrap_model(model)
-        # plain GRPO, or the reference model (its copy of the heads never runs: main-head log-probs only)
-        if self.regime is None or unwrapped is not self.accelerator.unwrap_model(self.model):
-            return super()._get_per_token_logps_and_entropies(
-                model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size,
-                compute_entropy=compute_entropy, compute_aux_loss=compute_aux_loss, **kwargs)
-        if any(v is not None for v in kwargs.values()):
-            raise NotImplementedError(f"MTP heads support text-only models (got {', '.join(kwargs)})")
+    def _mtp_forward(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None, compute_entropy=False,
+                     compute_aux_loss=False) -> LogProbs:
+        """One trunk forward through the model's own forward (so DDP/FSDP wrappers stay in the loop): main and head
+        log-probs, and what the active term needs (acceptance, divergence, trunk states)."""
+        regime, grad = self.term.regime, torch.is_grad_enabled()
         request = {"logits_to_keep": logits_to_keep, "compute_entropy": compute_entropy,
                    "compute_aux_loss": compute_aux_loss,
-                   "mtp_grad": self.regime.mtp_grad, "compute_distill": self.regime.needs_distill,
-                   "compute_accept": self.args.mtp_log_acceptance and torch.is_grad_enabled(),
+                   "mtp_grad": regime.mtp_grad, "compute_distill": regime.needs_distill,
+                   "compute_accept": self.args.mtp_log_acceptance and grad,
                    "accept_truncation": self._accept_truncation,
                    "accept_draft_vocab": draft_vocab_of(self._draft_policy),
-                   "return_hidden": torch.is_grad_enabled() and (self.regime.lambda_source == "hidden"
-                                                                 or self.head_loss != "none"
-                                                                 or self.args.occ_fidelity_every > 0)}
+                   "return_hidden": grad and (regime.lambda_source == "hidden" or self.head_loss != "none"
+                                              or self.term.fidelity_every > 0)}
         batch_size = batch_size or input_ids.size(0)
         chunks = []
         for start in range(0, input_ids.size(0), batch_size):
@@ -225,17 +202,37 @@ class MTPGRPOTrainer(ConsistentLogOnResume, MTPCheckpointMixin, GRPOTrainer):
                                for name in ("main", "mtp", "entropy", "accept", "distill", "mtp_mask")})
         if len(chunks) == 1:  # the very states the losses were computed from (a concatenation would be a copy)
             logprobs.hidden = chunks[0].hidden
-        if self._ledger is not None:
-            self._ledger.forwards.append(logprobs)
-        aux_loss = torch.stack([c.aux_loss for c in chunks]).mean() if compute_aux_loss else None  # as TRL
-        return logprobs.main, logprobs.entropy, aux_loss
+        logprobs.aux_loss = torch.stack([c.aux_loss for c in chunks]).mean() if compute_aux_loss else None  # as TRL
+        return logprobs
+
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
+                                           compute_entropy=False, compute_aux_loss=False, **kwargs):
+        """TRL's calls outside the loss (the rollout's old log-probs): through the heads for the policy, so the
+        rollout keeps the heads' old log-probs of the same forward (`RolloutForwards`)."""
+        unwrapped = self.accelerator.unwrap_model(model)
+        # plain GRPO, or the reference model (its copy of the heads never runs: main-head log-probs only)
+        if self.regime is None or unwrapped is not self.accelerator.unwrap_model(self.model):
+            return super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size,
+                compute_entropy=compute_entropy, compute_aux_loss=compute_aux_loss, **kwargs)
+        if any(v is not None for v in kwargs.values()):
+            raise NotImplementedError(f"MTP heads support text-only models (got {', '.join(kwargs)})")
+        logprobs = self._mtp_forward(model, input_ids, attention_mask, logits_to_keep, batch_size,
+                                     compute_entropy, compute_aux_loss)
+        if self._rollout_forwards is not None:
+            self._rollout_forwards.forwards.append(logprobs)
+        return logprobs.main, logprobs.entropy, logprobs.aux_loss
 
     def _generate_and_score_completions(self, inputs):
-        with self._recording_forwards() as ledger:
+        outer, self._rollout_forwards = self._rollout_forwards, RolloutForwards()
+        try:
             output = super()._generate_and_score_completions(inputs)
+            forwards = self._rollout_forwards
+        finally:
+            self._rollout_forwards = outer
         old_main = output.get("old_per_token_logps")
         if self.regime is not None and old_main is not None:
-            rollout = ledger.whose_main_is(old_main)
+            rollout = forwards.whose_main_is(old_main)
             if rollout is None:
                 raise RuntimeError(
                     f"mtp_regime={self.args.mtp_regime!r}: TRL's old_per_token_logps did not come from a forward "
@@ -245,123 +242,51 @@ class MTPGRPOTrainer(ConsistentLogOnResume, MTPCheckpointMixin, GRPOTrainer):
 
     # ------------------------------------------------------------------------------------------ loss
     def _compute_loss(self, model, inputs):
-        with self._recording_forwards() as ledger, self._trunk_cut() as cut:
-            rl_loss = super()._compute_loss(model, inputs)  # TRL's own loss, untouched
-        if self.regime is None:
-            return rl_loss
-        logprobs = ledger.only("TRL's _compute_loss", self.args.mtp_regime)
-        loss, metrics = self._loss_with_mtp_term(rl_loss, logprobs, inputs, cut)
-        mode = "train" if self.model.training else "eval"
-        self._log_metrics(mode, metrics)
-        self._log_metrics(mode, self.calibrator.pop_metrics())
-        return loss
+        if self.term.regime is None:
+            return super()._compute_loss(model, inputs)
+        given = [k for k in _MULTIMODAL_KEYS if inputs.get(k) is not None]
+        if given:
+            raise NotImplementedError(f"MTP heads support text-only models (got {', '.join(given)})")
+        input_ids, attention_mask = _sequences(inputs)
+        with self._trunk_cut() as cut:
+            logprobs = self._mtp_forward(model, input_ids, attention_mask, inputs["completion_ids"].size(1),
+                                         compute_entropy=True, compute_aux_loss=self.aux_loss_enabled)
+        with serving_logprobs(self, logprobs.main, logprobs.entropy, logprobs.aux_loss):
+            rl_loss = super()._compute_loss(model, inputs)  # TRL's own loss, on that forward's main log-probs
+        result = mtp_step(rl_loss, logprobs, inputs, self._step_settings(), self.loss_scaling(inputs),
+                          self.calibrator, rerun_heads=functools.partial(self._rerun_heads, logprobs, inputs),
+                          cut=cut)
+        self._log_metrics("train" if self.model.training else "eval", result.metrics)
+        if self.model.training:  # what the draft policy sees at the next rollout
+            self._latest_acceptance = [new if new is not None else old
+                                       for new, old in zip(result.acceptance, self._latest_acceptance)]
+        if result.after_backward is not None:
+            self._after_backward.append(result.after_backward)
+        return result.loss
 
-    def _loss_with_mtp_term(self, rl_loss, logprobs: LogProbs, inputs, cut: TrunkCut | None = None):
-        """TRL's loss plus the regime's MTP term for this micro-batch (summed over heads), and its metrics.
-        `cut`: the graph was cut below the last layers (occ last_layers, see `_trunk_cut`)."""
-        regime, calibrator = self.regime, self.calibrator
-        training = self.model.training and torch.is_grad_enabled()
-        old_main = inputs.get("old_per_token_logps")
-        old_main = logprobs.main.detach() if old_main is None else old_main
-        heads = head_data(logprobs.main, logprobs.mtp, old_main, inputs.get("old_mtp_logps"), _token_mask(inputs),
-                          inputs["advantages"], regime.ratio_against, logprobs.mtp_mask, logprobs.distill)
-        # Logged for every regime: the proxies are how the regimes differ.
-        stats = calibrator.proxies((logprobs.main - old_main).detach(), heads, regime.proxy_reduction)
-        if training:
-            calibrator.update_ema(heads, stats)
-        grads = RLGradients(rl_loss, logprobs.hidden) if training else None
-        terms = self._head_terms(heads, stats, inputs, grads, cut is not None)
-        metrics = (self._fidelity_metrics(heads, terms, logprobs, inputs, grads)
-                   if training and self._fidelity_step() else {})
-        metrics.update(self._term_metrics(heads, stats, terms, logprobs))
-        total = weighted_sum(terms, rl_loss)
-        if self.head_loss != "none" and training:  # the heads always learn, whatever reaches the trunk
-            head_losses = self._head_only_losses(logprobs, inputs)
-            total = total + self.args.mtp_head_coef * head_losses.mean() / self.current_gradient_accumulation_steps
-            metrics.update({f"mtp/head_loss/{k}": v for k, v in enumerate(head_losses.tolist(), start=1)})
-        if any(t.coef is AFTER_BACKWARD for t in terms):  # keep the heads in this backward's graph (DDP's check)
-            total = total + sum(p.sum() for p in calibrator.head_params) * 0.0
-        split = [(h.depth, t.loss) for h, t in zip(heads, terms) if t.coef is BY_SPLIT_BACKWARD]
-        if not split:
-            return rl_loss + total, metrics
-        loss, lambdas = split_backward_loss(rl_loss + total, [loss for _, loss in split],
-                                            calibrator.main_params + calibrator.head_params, cut.pairs,
-                                            calibrator.split_lambda_of([depth for depth, _ in split]))
-        metrics.update({f"mtp/lambda/{depth}": lam.item() for (depth, _), lam in zip(split, lambdas)})
-        return loss, metrics
+    def _step_settings(self) -> StepSettings:
+        term = self.term
+        return StepSettings(term.regime, term.coef, self.head_loss, self.args.mtp_head_coef,
+                            self.current_gradient_accumulation_steps,
+                            training=self.model.training and torch.is_grad_enabled(),
+                            fidelity=self._fidelity_step())
 
-    def _head_terms(self, heads, stats, inputs, grads: RLGradients | None, cut: bool) -> list[HeadTerm]:
-        """Each head's loss (the regime's pure function) and its coefficient (mtp_coef or the calibrator's lambda)."""
-        regime, scaling = self.regime, self._loss_scaling(inputs)
-        terms = []
-        for h, s in zip(heads, stats):
-            if regime.lambda_in_advantages:  # the released code: lambda known before the loss, inside it
-                lam = self.calibrator.advantage_lambda(regime, s, h.depth, len(heads))
-                terms.append(HeadTerm(regime.loss(with_scaled_advantages(h, lam), scaling), lam, coef_in_loss=True))
-                continue
-            loss = regime.loss(h, scaling)
-            terms.append(HeadTerm(loss, self.calibrator.coefficient(regime, h.depth, s, loss, self.args.mtp_coef,
-                                                                    grads, cut)))
-        return terms
-
-    def _term_metrics(self, heads, stats, terms, logprobs) -> dict:
-        """mtp/lambda/k (where known now), the proxies, the head's loss and its expected acceptance."""
-        metrics = {}
-        for h, s, term in zip(heads, stats, terms):
-            depth = h.depth
-            if not isinstance(term.coef, Pending):
-                metrics[f"mtp/lambda/{depth}"] = float(term.coef)
-            metrics[f"mtp/c_hat/{depth}"] = s.c_hat.item()
-            metrics[f"mtp/v2_hat/{depth}"] = s.v2_hat.item()
-            metrics[f"mtp/loss/{depth}"] = term.loss.item()
-            if logprobs.accept is not None:
-                sums = self.accelerator.reduce(torch.stack([(logprobs.accept[:, depth - 1] * h.mask).sum(),
-                                                            h.mask.sum().float()]), reduction="sum")
-                metrics[f"mtp/accept/{depth}"] = (sums[0] / sums[1].clamp(min=1.0)).item()
-                if self.model.training:  # what the adaptive draft policy sees at the next rollout
-                    self._acceptance[depth - 1] = metrics[f"mtp/accept/{depth}"]
-        return metrics
-
-    def _fidelity_metrics(self, heads, terms, logprobs, inputs, grads: RLGradients) -> dict:
-        """Every lambda source's c and v2 for each head's loss with coefficient 1 (the released code's lambda sits
-        inside its loss: recomputed without it; detached regimes: recomputed on the live trunk, so that c and v2
-        are over the main model's parameters as for the joint regimes)."""
-        if self.regime.mtp_grad == "detach":
-            losses = self._joint_head_losses(logprobs, inputs)
-        else:
-            scaling = self._loss_scaling(inputs)
-            losses = [head_policy_loss(h, scaling) if t.coef_in_loss else t.loss for h, t in zip(heads, terms)]
-        with_exact = not any(t.coef is AFTER_BACKWARD for t in terms)  # else exact comes from after_backward
-        return self.calibrator.fidelity([h.depth for h in heads], losses, grads, with_exact)
-
-    def _loss_scaling(self, inputs) -> LossScaling:
-        return LossScaling(functools.partial(self._policy_loss, inputs=inputs), self._token_mean)
-
-    def _policy_loss(self, logps, old_logps, advantages, mask, inputs):
-        """objectives.policy_loss scaled exactly as TRL scales its own loss for gradient accumulation; the loss
-        types it does not implement (cispo, sapo, luspo, vespo, any newer one) through TRL's own code path."""
+    def loss_scaling(self, inputs) -> LossScaling:
+        """TRL's loss settings and gradient-accumulation scaling for this micro-batch, as numbers (the heads'
+        policy loss is then what TRL's `_compute_loss` computes for those log-probs); the loss types
+        `objectives.policy_loss` does not implement go through TRL's own code (`trl_compat.trl_head_loss`)."""
         args, train = self.args, self.model.training
-        if args.loss_type not in LOSS_TYPES:
-            return trl_head_loss(self, logps, old_logps, advantages, mask, inputs)
         normalizer = None
         if args.loss_type == "dapo":
             normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
             if train:
                 normalizer = normalizer * self.current_gradient_accumulation_steps / args.steps_per_generation
-        loss = policy_loss(logps, old_logps, advantages, mask, loss_type=args.loss_type,
-                           importance_sampling_level=args.importance_sampling_level, epsilon_low=self.epsilon_low,
-                           epsilon_high=self.epsilon_high, normalizer=normalizer,
-                           max_completion_length=args.max_completion_length, delta=args.delta)
-        if args.loss_type != "dapo" and train:
-            loss = loss / self.current_gradient_accumulation_steps
-        return loss
+        return LossScaling(args.loss_type, args.importance_sampling_level, self.epsilon_low, self.epsilon_high,
+                           args.delta, args.max_completion_length, normalizer,
+                           self.current_gradient_accumulation_steps if train else 1,
+                           None if args.loss_type in LOSS_TYPES else functools.partial(trl_head_loss, self, inputs))
 
-    def _token_mean(self, per_token_loss, mask):
-        """Masked mean over completion tokens, scaled for gradient accumulation like TRL's per-micro-batch means."""
-        loss = masked_mean(per_token_loss, mask)
-        return loss / self.current_gradient_accumulation_steps if self.model.training else loss
-
-    def _head_logprobs(self, logprobs, inputs, mtp_grad, compute_distill):
+    def _rerun_heads(self, logprobs, inputs, mtp_grad, compute_distill):
         """The heads re-run on this forward's trunk states (`mtp_grad`: joint or detach)."""
         input_ids, attention_mask = _sequences(inputs)
         with self.accelerator.autocast():
@@ -369,46 +294,30 @@ class MTPGRPOTrainer(ConsistentLogOnResume, MTPCheckpointMixin, GRPOTrainer):
                                  attention_mask, inputs["completion_ids"].size(1), self.temperature, mtp_grad,
                                  compute_distill=compute_distill)
 
-    def _joint_head_losses(self, logprobs, inputs):
-        """For detached regimes (detach, distill) on a fidelity step: their head losses recomputed on the live
-        trunk."""
-        mtp, _, distill, _ = self._head_logprobs(logprobs, inputs, "joint", self.regime.needs_distill)
-        old_main = inputs.get("old_per_token_logps")
-        heads = head_data(logprobs.main, mtp, old_main, inputs.get("old_mtp_logps"), _token_mask(inputs),
-                          inputs["advantages"], self.regime.ratio_against, logprobs.mtp_mask, distill)
-        scaling = self._loss_scaling(inputs)
-        return [self.regime.loss(h, scaling) for h in heads]
-
-    def _head_only_losses(self, logprobs, inputs):
-        """`mtp_head_loss` per head [K]: the heads re-run on the trunk's states, embeddings and LM head detached
-        (their gradient reaches the heads' own parameters only)."""
-        kind = self.head_loss
-        mtp, _, distill, context = self._head_logprobs(logprobs, inputs, "detach",
-                                                       HEAD_LOSS_DIVERGENCE.get(kind, False))
-        token_mask = _token_mask(inputs)
-        return head_only_loss(kind, mtp, distill, token_mask.unsqueeze(1) * context.to(token_mask.dtype))
-
     def _trunk_cut(self):
         """occ last_layers on a training micro-batch: cut the graph at the input of the last `occ_last_layers`
         layers for the loss forward (`split_backward.TrunkCut`). Not on fidelity steps: those need gradients
         through the whole trunk for the other lambda sources."""
-        if (self.regime is None or self.regime.lambda_source != "last_layers" or not self.model.training
+        regime = self.term.regime
+        if (regime is None or regime.lambda_source != "last_layers" or not self.model.training
                 or not torch.is_grad_enabled() or self._fidelity_step()):
             return nullcontext()
         decoder = decoder_of(self.accelerator.unwrap_model(self.model))
         return TrunkCut(decoder.layers[-self.args.occ_last_layers])
 
     def _fidelity_step(self) -> bool:
-        every = self.args.occ_fidelity_every
+        every = self.term.fidelity_every
         return every > 0 and self.model.training and self.state.global_step % every == 0
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
-        self._after_backward()
+        self.finish_backward()
         return loss
 
-    def _after_backward(self) -> None:
-        """occ exact: lambda from TRL's gradient, and lambda * g_MTP added to .grad (`LambdaCalibrator`)."""
-        if self.calibrator is not None:
-            self.calibrator.after_backward()
-            self._log_metrics("train", self.calibrator.pop_metrics())
+    def finish_backward(self) -> None:
+        """Run what the MTP steps since the last backward returned to run after it (occ exact: lambda from TRL's
+        gradient, lambda * g_MTP added to .grad) and log its metrics. `training_step` calls it; call it yourself
+        after `compute_loss(...).backward()` outside TRL's loop."""
+        pending, self._after_backward = self._after_backward, []
+        for after_backward in pending:
+            self._log_metrics("train", after_backward())

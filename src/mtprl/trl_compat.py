@@ -4,6 +4,7 @@ reference model gets a copy), and the heads' loss goes through TRL's own loss co
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
 
 import torch
 
@@ -33,27 +34,74 @@ _MAIN_HEAD_ONLY = {"beta": 0.0, "_entropy_bonus_enabled": False, "aux_loss_enabl
                    "off_policy_mask_threshold": None, "top_entropy_quantile": 1.0}
 
 
-def trl_head_loss(trainer, logps, old_logps, advantages, mask, inputs):
-    """A head's policy loss computed by TRL's own `GRPOTrainer._compute_loss`, the head's log-probs standing in
-    for the main head's: every loss type TRL offers (cispo, sapo, luspo, vespo, ...) with TRL's exact scaling,
-    so a new TRL loss type needs nothing here. What belongs to the main head alone (the KL to the reference
-    model, the entropy bonus, the router aux loss, the off-policy mask, the entropy mask) is off, and the metrics
-    TRL logs on the way are discarded (they describe the main head)."""
-    from trl import GRPOTrainer
+def trl_grpo_class(cls: type) -> type:
+    """TRL's own GRPOTrainer: the class in `cls`'s MRO that TRL's module defines. Never the name `trl.GRPOTrainer`
+    looked up at call time: a harness that runs TRL's tests against MTPGRPOTrainer rebinds that name (to a
+    subclass of ours, or to ours), and calling it from inside our `_compute_loss` would recurse into our own."""
+    for base in cls.__mro__:
+        if base.__name__ == "GRPOTrainer" and base.__module__ == "trl.trainer.grpo_trainer":
+            return base
+    raise TypeError(f"{cls.__name__} does not derive from trl.trainer.grpo_trainer.GRPOTrainer")
 
+
+def trl_head_loss(trainer, inputs, logps, old_logps, advantages, mask):
+    """A head's policy loss computed by TRL's own `GRPOTrainer._compute_loss` (the base in the trainer's MRO,
+    `trl_grpo_class`), the head's log-probs standing in for the main head's: every loss type TRL offers (cispo,
+    sapo, luspo, vespo, ...) with TRL's exact scaling, so a new TRL loss type needs nothing here. What belongs to
+    the main head alone (the KL to the reference model, the entropy bonus, the router aux loss, the off-policy
+    mask, the entropy mask) is off, and the metrics TRL logs on the way are discarded (they describe the main
+    head)."""
     head_inputs = {k: v for k, v in inputs.items() if k != "tool_mask"}
     head_inputs.update(completion_mask=mask, old_per_token_logps=old_logps, advantages=advantages)
+    with serving_logprobs(trainer, logps, torch.zeros_like(logps), None), _main_head_extras_off(trainer), \
+            _metrics_discarded(trainer):
+        return trl_grpo_class(type(trainer))._compute_loss(trainer, trainer.model, head_inputs)
+
+
+@contextmanager
+def serving_logprobs(trainer, logps, entropies, aux_loss):
+    """While open, TRL's `_get_per_token_logps_and_entropies` on `trainer` returns these values for exactly one
+    call (TRL's `_compute_loss` makes one) instead of running a forward: TRL's loss on log-probs we computed.
+    A second call, or none, is an error (TRL then computes its loss on something else than our forward)."""
+    served = []
+
+    def serve(*args, **kwargs):
+        if served:
+            raise RuntimeError("TRL's _compute_loss asked for the policy log-probs twice; mtprl serves the one "
+                               "forward it ran (trl==1.16 makes one call)")
+        served.append(True)
+        return logps, entropies, aux_loss
+
+    trainer._get_per_token_logps_and_entropies = serve
+    try:
+        yield
+    finally:
+        trainer.__dict__.pop("_get_per_token_logps_and_entropies", None)  # the class's method again
+    if not served:
+        raise RuntimeError(
+            "TRL's _compute_loss did not ask for the policy log-probs through `_get_per_token_logps_and_entropies` "
+            "as trl==1.16 does, so its loss was not computed on the forward that gave the heads' log-probs; "
+            "without them the run would silently train as plain GRPO.")
+
+
+@contextmanager
+def _main_head_extras_off(trainer):
     saved = {name: getattr(trainer, name) for name in _MAIN_HEAD_ONLY if hasattr(trainer, name)}
-    metrics = {mode: {k: list(v) for k, v in values.items()} for mode, values in trainer._metrics.items()}
-    trainer._get_per_token_logps_and_entropies = lambda *a, **k: (logps, torch.zeros_like(logps), None)
     try:
         for name in saved:
             setattr(trainer, name, _MAIN_HEAD_ONLY[name])
-        return GRPOTrainer._compute_loss(trainer, trainer.model, head_inputs)
+        yield
     finally:
-        del trainer._get_per_token_logps_and_entropies  # the class's method again
         for name, value in saved.items():
             setattr(trainer, name, value)
+
+
+@contextmanager
+def _metrics_discarded(trainer):
+    metrics = {mode: {k: list(v) for k, v in values.items()} for mode, values in trainer._metrics.items()}
+    try:
+        yield
+    finally:
         for mode, values in metrics.items():
             trainer._metrics[mode].clear()
             trainer._metrics[mode].update(values)
