@@ -21,42 +21,113 @@ def _rows(path):
         return [json.loads(line) for line in f]
 
 
-def test_sft_train_eval_round_trip(tmp_path, capsys):
-    sft = str(tmp_path / "sft")
+# The round trip sft -> train -> resume -> train on -> eval -> probe -> report, one test per stage: each stage's
+# input is a module-scoped fixture built by the stages before it, so a failure names the stage that broke.
+def _main_printing(argv):
+    """(main's return code, what it printed): for fixtures, which capsys (per test) cannot serve."""
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main(argv)
+    return code, out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def sft_dir(tmp_path_factory):
+    """The warm start: 3 SFT steps of the tiny preset (the expensive part every later stage builds on)."""
+    sft = str(tmp_path_factory.mktemp("round_trip") / "sft")
     assert main(["sft", "--config", os.path.join(ROOT, "configs", "tiny_sft.yaml"), *TASK, *TINY,
                  "--output_dir", sft, "--max_steps", "3", "--per_device_train_batch_size", "8"]) == 0
-    assert os.path.isfile(os.path.join(sft, "mtp_heads.safetensors"))
-    sft_eval = json.load(open(os.path.join(sft, "eval.json")))
-    assert {"avg@2", "pass@2", "mtp/accept/1", "mtp/accept/2"} <= set(sft_eval)
-    # A second sft call with the model in place trains nothing.
-    assert main(["sft", "--config", os.path.join(ROOT, "configs", "tiny_sft.yaml"), *TASK, *TINY,
-                 "--output_dir", sft, "--max_steps", "3"]) == 0
-    assert "skipping" in capsys.readouterr().out
+    return sft
 
-    run = str(tmp_path / "occ")
-    common = ["--config", os.path.join(ROOT, "configs", "tiny.yaml"), *TASK, *TINY, "--model_name_or_path", sft,
-              "--output_dir", run, "--per_device_train_batch_size", "8", "--num_generations", "4",
-              "--steps_per_generation", "2", "--save_steps", "2"]
+
+def _train_args(sft):
+    run = os.path.join(os.path.dirname(sft), "occ")
+    return run, ["--config", os.path.join(ROOT, "configs", "tiny.yaml"), *TASK, *TINY, "--model_name_or_path", sft,
+                 "--output_dir", run, "--per_device_train_batch_size", "8", "--num_generations", "4",
+                 "--steps_per_generation", "2", "--save_steps", "2"]
+
+
+@pytest.fixture(scope="module")
+def trained_run(sft_dir):
+    """OCC trained 2 steps from the warm start, a checkpoint at step 2."""
+    run, common = _train_args(sft_dir)
     assert main(["train", *common, "--max_steps", "2"]) == 0
-    assert os.path.isfile(os.path.join(run, "checkpoint-2", "mtp_heads.safetensors"))
+    return run
+
+
+@pytest.fixture(scope="module")
+def resumed_run(trained_run, sft_dir):
+    """The run resumed from checkpoint-2 to step 4."""
+    run, common = _train_args(sft_dir)
     assert main(["train", *common, "--max_steps", "4", "--eval_before", "false",
                  "--resume_from_checkpoint", os.path.join(run, "checkpoint-2")]) == 0
-    steps = [r["step"] for r in _rows(run) if "mtp/lambda/1" in r]
-    assert steps == [1, 2, 3, 4]
-    assert [r["step"] for r in _rows(run) if "train_loss" in r] == [4]  # the step-2 summary row went
+    return run
+
+
+@pytest.fixture(scope="module")
+def extended_run(resumed_run, sft_dir):
+    """The finished 4-step run asked for 6 steps: (run, what the call printed)."""
+    run, common = _train_args(sft_dir)
+    code, printed = _main_printing(["train", *common, "--max_steps", "6", "--eval_before", "false",
+                                    "--resume_from_checkpoint", "true"])
+    assert code == 0
+    return run, printed
+
+
+@pytest.fixture(scope="module")
+def probed_run(extended_run):
+    """The gain probe at checkpoint 4 of the 6-step run: (run, metrics.jsonl and eval.json as they were before)."""
+    run, _ = extended_run
+    log, evaluation = (open(os.path.join(run, name)).read() for name in ("metrics.jsonl", "eval.json"))
+    assert main(["probe", "--run_dir", run, "--checkpoints", "4", "--prompts", "4", "--samples", "3",
+                 "--lambdas", "0,1", "--direct", "1"]) == 0
+    return run, log, evaluation
+
+
+def test_sft_writes_heads_and_evaluates_them(sft_dir):
+    assert os.path.isfile(os.path.join(sft_dir, "mtp_heads.safetensors"))
+    sft_eval = json.load(open(os.path.join(sft_dir, "eval.json")))
+    assert {"avg@2", "pass@2", "mtp/accept/1", "mtp/accept/2"} <= set(sft_eval)
+
+
+def test_sft_again_with_the_model_in_place_trains_nothing(sft_dir, capsys):
+    assert main(["sft", "--config", os.path.join(ROOT, "configs", "tiny_sft.yaml"), *TASK, *TINY,
+                 "--output_dir", sft_dir, "--max_steps", "3"]) == 0
+    assert "skipping" in capsys.readouterr().out
+
+
+def test_train_writes_checkpoints_with_heads(trained_run):
+    assert os.path.isfile(os.path.join(trained_run, "checkpoint-2", "mtp_heads.safetensors"))
+
+
+def test_resume_continues_the_log_and_evaluates(resumed_run):
+    assert [r["step"] for r in _rows(resumed_run) if "mtp/lambda/1" in r] == [1, 2, 3, 4]
+    assert [r["step"] for r in _rows(resumed_run) if "train_loss" in r] == [4]  # the step-2 summary row went
     for name in ("eval_before.json", "eval.json"):
-        assert "avg@2" in json.load(open(os.path.join(run, name)))
-    # A finished run asked for more steps trains on (TRL's behaviour), keeping the earlier evaluation.
-    capsys.readouterr()
-    assert main(["train", *common, "--max_steps", "6", "--eval_before", "false", "--resume_from_checkpoint",
-                 "true"]) == 0
-    assert "resuming" in capsys.readouterr().out
+        assert "avg@2" in json.load(open(os.path.join(resumed_run, name)))
+
+
+def test_finished_run_asked_for_more_steps_trains_on(extended_run):
+    """TRL's behaviour: a finished run given a larger max_steps trains on, keeping the earlier evaluation."""
+    run, printed = extended_run
+    assert "resuming" in printed
     assert [r["step"] for r in _rows(run) if "mtp/lambda/1" in r] == [1, 2, 3, 4, 5, 6]
     assert [r["step"] for r in _rows(run) if "train_loss" in r] == [6]
     assert os.path.isfile(os.path.join(run, "eval-step4.json")) and os.path.isfile(os.path.join(run, "eval.json"))
     assert json.load(open(os.path.join(run, "run_info.json")))["trained_steps"] == 6
+
+
+def test_finished_run_is_not_run_again(extended_run, sft_dir, capsys):
+    _, common = _train_args(sft_dir)
     assert main(["train", *common, "--max_steps", "6", "--resume_from_checkpoint", "true"]) == 0
     assert "not running it again" in capsys.readouterr().out
+
+
+def test_eval_of_a_run_into_a_file_and_with_the_runs_own_task(extended_run, tmp_path):
+    run, _ = extended_run
     out = str(tmp_path / "again.json")
     assert main(["eval", *TASK, "--model_name_or_path", run, "--eval_output", out]) == 0
     assert json.load(open(out))["num_questions"] == 8
@@ -68,11 +139,11 @@ def test_sft_train_eval_round_trip(tmp_path, capsys):
     (own,) = os.listdir(os.path.join(run, "evals"))
     again = json.load(open(os.path.join(run, "evals", own)))
     assert again["questions_digest"] == json.loads(before)["questions_digest"]
-    # the gain probe at a checkpoint: the grid holds 0, OCC's lambda and the exact lambda; the run's own record
-    # (metrics.jsonl, eval.json) is untouched; the report gains the measured Figure 3
-    log = open(os.path.join(run, "metrics.jsonl")).read()
-    assert main(["probe", "--run_dir", run, "--checkpoints", "4", "--prompts", "4", "--samples", "3",
-                 "--lambdas", "0,1", "--direct", "1"]) == 0
+
+
+def test_probe_at_a_checkpoint_leaves_the_runs_record_alone(probed_run):
+    """The grid holds 0, OCC's lambda and the exact lambda; the run's own metrics.jsonl and eval.json are untouched."""
+    run, log, evaluation = probed_run
     probe = json.load(open(os.path.join(run, "probes", "probe-step4.json")))
     grid = probe["lambdas"]
     assert {0.0, 1.0, probe["occ_lambda"], probe["exact_lambda"]} == set(grid) and grid == sorted(grid)
@@ -81,11 +152,19 @@ def test_sft_train_eval_round_trip(tmp_path, capsys):
         assert probe["dJ_low"][i] <= probe["dJ"][i] <= probe["dJ_high"][i]
     assert probe["dJ_rel"][grid.index(0.0)] == 0.0 and len(probe["direct"]) == 1
     assert open(os.path.join(run, "metrics.jsonl")).read() == log
-    assert open(os.path.join(run, "eval.json")).read() == before
+    assert open(os.path.join(run, "eval.json")).read() == evaluation
+
+
+def test_report_of_a_probed_run_shows_the_measured_figure_3(probed_run, tmp_path):
+    run, _, _ = probed_run
     assert main(["report", run, "--report_dir", str(tmp_path / "rep")]) == 0
     assert "Why a regime wins, measured" in open(tmp_path / "rep" / "report.md").read()
     assert os.path.isfile(tmp_path / "rep" / "figure3_measured.png")
-    assert main(["probe", "--run_dir", run, "--checkpoints", "3"]) == 1  # no such checkpoint: named
+
+
+def test_probe_of_a_missing_checkpoint_names_it(extended_run, capsys):
+    run, _ = extended_run
+    assert main(["probe", "--run_dir", run, "--checkpoints", "3"]) == 1
     assert "step(s) [3]" in capsys.readouterr().err
 
 
