@@ -1,4 +1,4 @@
-# Two commands matter on a fresh machine: `make train` (the main job) and `make test`.
+# Two commands matter on a fresh machine: `make demo` (the main job) and `make test` (the tests).
 # Both install what they need into .venv first: torch from the local CPU wheel, then the package.
 PY      := .venv/bin/python
 STAMP   := .venv/.mtprl-installed
