@@ -1,6 +1,7 @@
 """Where a verify cycle's time goes: the sampler's cycle against its floor, with a breakdown, in one process.
 
     python benchmarks/cycle.py [--setups smollm2,drafter] [--batches 1,8] [--drafts 1,2] [--vocab 2048] [--json PATH]
+    python benchmarks/cycle.py --smoke --setups drafter --batches 1 --drafts 1 --repeats 1  # seconds, for the tests
 
 The floor of a cycle with D drafts is what it cannot avoid: one trunk forward over D+1 new tokens against a KV
 cache with the target's LM-head rows (the verify), plus D head steps (a head layer over the sampler's chunk of 2D
@@ -9,6 +10,11 @@ here on the same model, batch and cache length.
 The cycle is `speculative_generate`'s own (loop seconds / cycles), run with every component wrapped by a timer:
 trunk forwards, head layers, LM-head logits (draft and verify), softmax/warpers, the accept step; what remains is
 the sampler's bookkeeping (cache masks, gathers, scatters, Python). Cycle / floor is the sampler's overhead.
+Setups: those of benchmarks/rollout.py (smollm2, drafter, tiny), each skipped with a line when its model is absent.
+`--smoke`: the smallest run (rollout.py's small drafter: 2 layers of width 64, 10 training steps, 16 new tokens),
+seconds on a CPU, what tests/test_benchmarks.py runs; its numbers mean nothing.
+JSON: {"rows": [{"setup", "batch", "drafts", "vocab", "cycle_ms", "floor_ms", "overhead", "verify_alone_ms",
+"head_step_alone_ms", "plain_step_alone_ms", "breakdown_ms": {component: ms}}], "date", ...}.
 """
 
 from __future__ import annotations
@@ -188,6 +194,7 @@ def main():
     p.add_argument("--smollm2_model", default="runs/smollm2-heads")
     p.add_argument("--math_file", default="runs/data/arith_gsm8k.jsonl")
     p.add_argument("--drafter_steps", type=int, default=300)
+    p.add_argument("--smoke", action="store_true", help="the drafter at its smallest (rollout.py --smoke): seconds")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     args.batches = [int(b) for b in args.batches.split(",")]

@@ -2,6 +2,7 @@
 prompts: the number users compare (FastGRPO, NeMo-RL report end-to-end step ratios, not rollout ratios).
 
     python benchmarks/rl_step.py [--setups smollm2,drafter] [--steps 6] [--rounds 2] [--vocab 2048] [--json PATH]
+    python benchmarks/rl_step.py --smoke --setups drafter --steps 3 --rounds 1  # seconds, for the tests
 
 A whole step is what `MTPGRPOTrainer.train` does per optimizer step: the rollout (one every
 `steps_per_generation` steps, through TRL's own `_generate_single_turn`), the rewards, the old log-probs, the loss
@@ -22,6 +23,9 @@ Setups (each skipped with a line when its model is absent):
   drafter  the 8-layer trunk of benchmarks/rollout.py with its two heads (acceptance ~0.8), a word-level tokenizer
            over its 64 tokens and a verifiable reward (the share of completion tokens that continue the prompt's
            cycle), 64-token completions, the same RL settings
+`--smoke`: the smallest run (rollout.py's small drafter: 2 layers of width 64, 10 training steps, 16-token
+completions; with `--steps 3 --rounds 1`: one timed step after the warm-up rollout), seconds on a CPU, what
+tests/test_benchmarks.py runs; its numbers mean nothing.
 JSON: {"rows": [{"setup", "arm", "seconds_per_step", "ratio", "rollout_share", "accept_length"}], "date", ...}.
 """
 
@@ -74,7 +78,7 @@ def _drafter(args):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    model, _, prompts, _, _ = rollout_bench._drafter(args)
+    model, _, prompts, sampling, _ = rollout_bench._drafter(args)
     vocab = model.config.vocab_size
     word = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t0"))
     word.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
@@ -92,7 +96,7 @@ def _drafter(args):
         return scores
 
     train = Dataset.from_list([{"prompt": " ".join(f"t{int(t)}" for t in row)} for row in prompts.tolist()])
-    return model, tok, train, [cycle_reward], dict(max_completion_length=64)
+    return model, tok, train, [cycle_reward], dict(max_completion_length=sampling["max_new_tokens"])  # 64
 
 
 SETUPS = {"smollm2": _smollm2, "drafter": _drafter}
@@ -181,6 +185,7 @@ def main():
     p.add_argument("--smollm2_model", default="runs/smollm2-heads")
     p.add_argument("--math_file", default="runs/data/arith_gsm8k.jsonl")
     p.add_argument("--drafter_steps", type=int, default=300)
+    p.add_argument("--smoke", action="store_true", help="the drafter at its smallest (rollout.py --smoke): seconds")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     rows = run_setups(args.setups, SETUPS, args, run_setup)

@@ -2,10 +2,11 @@
 (`mtprl.speculative_generate` with 0, 1, 2 drafts and the adaptive policy), in one process on the same prompts.
 
     python benchmarks/rollout.py [--setups tiny,drafter,smollm2] [--batches 1,8,32] [--repeats 5] [--json PATH]
+    python benchmarks/rollout.py --smoke --setups drafter,tiny --tiny_model tiny --batches 1 --repeats 1  # seconds
 
 Setups (each skipped with a line when its model is absent):
   tiny     the demo's warm start (runs/tiny-sft: `mtprl sft --config configs/tiny_sft.yaml`), the demo's chain-sum
-           prompts and settings (6 new tokens, temperature 1, top-p 1)
+           prompts and settings (6 new tokens, temperature 1, top-p 1); `--tiny_model tiny`: the untrained preset
   drafter  drafting cheap and right: an 8-layer trunk (hidden 256) and two heads trained together here for a few
            hundred steps on a noisy cycle language (acceptance ~0.8), 64 new tokens, no EOS
   smollm2  SmolLM2-135M-Instruct with its warmed head (runs/smollm2-heads: `configs/smollm2_heads.yaml`), chat
@@ -15,6 +16,9 @@ its ratio to `generate`. Per drafting method also: the measured acceptance lengt
 relative cost of one verify cycle (seconds per cycle / plain sampler's), and the ideal ratio = accept length / cost
 (what the sampler would give if the prefill were free). The adaptive policy first measures every draft count twice
 (its exploration: each count twice, not timed), then is timed like the others.
+`--smoke` (with `--batches 1 --repeats 1`): the smallest run, seconds on a CPU, what tests/test_benchmarks.py runs
+so the script cannot rot unseen: the drafter shrinks to 2 layers of width 64 trained for 10 steps and 16 new
+tokens; its numbers mean nothing.
 JSON: {"rows": [{"setup", "batch", "method", "tokens_per_s", "ratio", "accept_length", "cycle_cost", "ideal",
 "draft_tokens"}], "device", "date", ...}.
 """
@@ -43,9 +47,9 @@ def _tiny(args):
     from mtprl.models import load_model
     from mtprl.tasks import load_task_splits, prompt_text
 
-    if not os.path.isdir(args.tiny_model):
+    if args.tiny_model != "tiny" and not os.path.isdir(args.tiny_model):
         return None
-    model, tok = load_model(args.tiny_model)
+    model, tok = load_model(args.tiny_model)  # "tiny": the untrained preset (one fresh head)
     train, _ = load_task_splits("reasoning_gym:chain_sum", 256, 16, 0, min_terms=2, max_terms=3, min_digits=1,
                                 max_digits=1)
     prompts = [prompt_text(tok, p) for p in train["prompt"]]
@@ -65,12 +69,16 @@ def _smollm2(args):
 
 
 def _drafter(args):
-    """An 8-layer trunk with two heads trained jointly (main CE + heads CE) on a noisy cycle language."""
+    """An 8-layer trunk with two heads trained jointly (main CE + heads CE) on a noisy cycle language (`--smoke`:
+    2 layers of width 64, 10 training steps, 16 new tokens)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     vocab, noise = 64, 0.05
+    smoke = getattr(args, "smoke", False)  # cycle.py and rl_step.py build this setup from their own arguments
+    layers, hidden, steps, new_tokens = (2, 64, min(args.drafter_steps, 10), 16) if smoke else (
+        8, 256, args.drafter_steps, 64)
     torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=vocab, hidden_size=256, intermediate_size=768, num_hidden_layers=8,
+    config = Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=layers,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                          tie_word_embeddings=True)
     model = Qwen2ForCausalLM(config)
@@ -84,8 +92,8 @@ def _drafter(args):
         return torch.where(flip, torch.randint(2, vocab, (n, length), generator=g), ids)
 
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    progress(f"drafter: training the 8-layer trunk and its 2 heads for {args.drafter_steps} steps")
-    for _ in range(args.drafter_steps):
+    progress(f"drafter: training the {layers}-layer trunk and its 2 heads for {steps} steps")
+    for _ in range(steps):
         ids = batch(16, 64)
         out = mtprl.forward_logprobs(model, ids, None, 60)
         loss = -out.main.mean() - out.mtp.mean()
@@ -102,7 +110,7 @@ def _drafter(args):
         pad_token_id, eos_token_id = 0, None
 
     prompts = batch(256, 12)
-    return model, Tok(), prompts, dict(max_new_tokens=64, temperature=1.0, top_p=1.0), None
+    return model, Tok(), prompts, dict(max_new_tokens=new_tokens, temperature=1.0, top_p=1.0), None
 
 
 SETUPS = {"tiny": _tiny, "drafter": _drafter, "smollm2": _smollm2}
@@ -250,6 +258,8 @@ def main():
     p.add_argument("--smollm2_model", default="runs/smollm2-heads")
     p.add_argument("--math_file", default="runs/data/arith_gsm8k.jsonl")
     p.add_argument("--drafter_steps", type=int, default=300)
+    p.add_argument("--smoke", action="store_true", help="smallest drafter (2 layers, width 64, 10 steps, 16 new "
+                   "tokens): a run of seconds for the tests, numbers meaningless")
     p.add_argument("--vocab", type=int, default=0, help="also draft from this many most frequent tokens (trimmed)")
     p.add_argument("--calibration", type=int, default=64, help="completions the trimmed vocabulary is counted on")
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 (sampling; GPU rows use bfloat16)")

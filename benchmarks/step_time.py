@@ -16,6 +16,7 @@ It prints one progress line per phase and the table; `--json PATH` also writes t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import statistics
@@ -142,23 +143,19 @@ def main():
         extra = ARMS[name]
         model = copy.deepcopy(base)
         trainer = _trainer(model, tok, train, name, extra, args, f"/tmp/mtprl-bench/{name}")
-        trainer.create_optimizer()
+        # update_on steps the run's optimizer and scheduler: warm-up, memory, then the timed repeats
+        trainer.create_optimizer_and_scheduler(num_training_steps=args.repeats + 2)
         trainer.model.train()
-        trainer.current_gradient_accumulation_steps = 1
         setups[name] = trainer
 
     def step(trainer, measure=None):
+        """One optimizer step on the fixed batch through the trainer's public `update_on` (the run's optimizer,
+        clip and accumulation); under `measure` (SavedBytes) also the bytes occ exact stashes (its MTP gradient,
+        held until after TRL's backward), as the update reports them."""
+        with measure if measure is not None else contextlib.nullcontext():
+            result = trainer.update_on([batch])
         if measure is not None:
-            with measure:
-                loss = trainer.compute_loss(trainer.model, batch)
-        else:
-            loss = trainer.compute_loss(trainer.model, batch)
-        if measure is not None:  # occ exact: the MTP gradient stashed until after the backward
-            measure.stash = sum(g.numel() * g.element_size() for d in trainer._deferred for g in d.grads)
-        loss.backward()
-        trainer._after_backward()  # what training_step does after the backward
-        trainer.optimizer.step()
-        trainer.optimizer.zero_grad(set_to_none=True)
+            measure.stash = max(result.metrics.get("mtp/exact_stash_bytes") or [0])
 
     times = {name: [] for name in setups}
     saved, peak, stash = {}, {}, {}

@@ -8,18 +8,16 @@ Checks, per run:
   heads, and this script counts the forwards through the heads during rollouts: one per rollout, no second;
 - lambda statistics (|lambda|, c_hat, v2_hat) over the run, to compare vLLM with transformers generation.
 The MTP heads stay on the training side: vLLM generates with the main model only.
+With `--use_vllm true` (the default) and vllm not importable, it exits at once (status 2, before loading torch or
+the model) with a line naming vllm: benchmarks/gpu.sh runs it only where vllm is installed.
 """
 
 import argparse
+import importlib.util
 import json
 import statistics
+import sys
 import warnings
-
-import torch
-
-from mtprl.models import load_model
-from mtprl.tasks import TaskReward, load_task_splits
-from mtprl.trainer import MTPGRPOConfig, MTPGRPOTrainer
 
 
 def main():
@@ -30,6 +28,16 @@ def main():
     p.add_argument("--json", required=True)
     args = p.parse_args()
     use_vllm = args.use_vllm.lower() == "true"
+    if use_vllm and importlib.util.find_spec("vllm") is None:
+        print("vllm_check.py: vllm is not installed (`pip install vllm` on a GPU machine), and --use_vllm true "
+              "needs it; --use_vllm false runs the transformers-rollout side alone", file=sys.stderr)
+        sys.exit(2)
+
+    import torch
+
+    from mtprl.models import load_model
+    from mtprl.tasks import TaskReward, load_task_splits
+    from mtprl.trainer import MTPGRPOConfig, MTPGRPOTrainer
 
     model, tok = load_model(args.model, num_heads=1, dtype="bfloat16")
     train, _ = load_task_splits("reasoning_gym:chain_sum", 512, 8, 0, min_terms=2, max_terms=3, min_digits=1,
