@@ -320,11 +320,11 @@ def test_head_only_term_trains_the_heads_even_when_lambda_is_zero(tmp_path, kind
     ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
     mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
     with torch.no_grad():
-        out = mtprl.forward_logprobs(trainer.model, ids, mask, 5, mtp_grad="detach", compute_distill=True,
+        out = mtprl.forward_logprobs(trainer.model, ids, mask, 5, mtp_grad="detach", compute_divergence="kl",
                                      compute_accept=True)
     m = inputs["completion_mask"].unsqueeze(1) * out.mtp_mask
     # tv: 1 - the expected acceptance sum_v min(p, q), from the acceptance code path, not the loss's
-    per_token = {"ce": -out.mtp, "distill": out.distill, "tv": 1 - out.accept}[kind]
+    per_token = {"ce": -out.mtp, "distill": out.divergence, "tv": 1 - out.accept}[kind]
     expected = [((per_token[:, k] * m[:, k]).sum() / m[:, k].sum()).item() for k in range(2)]
     logged = [trainer._metrics["train"][f"mtp/head_loss/{k}"][-1] for k in (1, 2)]
     assert logged == pytest.approx(expected, rel=1e-4)

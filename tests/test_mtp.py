@@ -289,12 +289,12 @@ def _with_token(ids, j, v):
 
 
 def test_distill_kl_against_full_distributions_and_its_gradient_reaches_heads_only():
-    """compute_distill: KL(p_main || q_k) per token equals the KL of the full distributions (head k's by the
+    """compute_divergence: KL(p_main || q_k) per token equals the KL of the full distributions (head k's by the
     no-leak trick), and with mtp_grad="detach" its gradient reaches MTP-only parameters and nothing else."""
     model = _model(heads=2)
     ids, mask = _batch()
     temperature = 0.9
-    out = mtprl.forward_logprobs(model, ids, mask, KEEP, temperature=temperature, compute_distill=True)
+    out = mtprl.forward_logprobs(model, ids, mask, KEEP, temperature=temperature, compute_divergence="kl")
     log_p = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits[:, -KEEP - 1:-1].float()
                               / temperature, -1)
     j = 2
@@ -303,10 +303,10 @@ def test_distill_kl_against_full_distributions_and_its_gradient_reaches_heads_on
                                                    temperature=temperature).mtp[:, k - 1, j] for v in range(VOCAB)], -1)
         expected = (log_p[:, j].exp() * (log_p[:, j] - head)).sum(-1)
         valid = mask[:, PROMPT + j] == 1
-        torch.testing.assert_close(out.distill[valid, k - 1, j], expected[valid], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(out.divergence[valid, k - 1, j], expected[valid], atol=1e-5, rtol=1e-4)
     model.zero_grad(set_to_none=True)
-    out = mtprl.forward_logprobs(model, ids, mask, KEEP, mtp_grad="detach", compute_distill=True)
-    (out.distill * mask[:, -KEEP:].unsqueeze(1)).sum().backward()
+    out = mtprl.forward_logprobs(model, ids, mask, KEEP, mtp_grad="detach", compute_divergence="kl")
+    (out.divergence * mask[:, -KEEP:].unsqueeze(1)).sum().backward()
     for name, p in model.named_parameters():
         if name.startswith("mtp_heads.") and ("mtp_block" in name or "eh_proj" in name):
             assert p.grad is not None and p.grad.abs().sum() > 0, name
@@ -354,22 +354,22 @@ def test_head_divergence_value_and_gradient_against_autograd(kind, monkeypatch):
 
 
 def test_tv_head_loss_raises_acceptance_and_leaves_the_main_model():
-    """compute_distill="tv" is 1 - mtp/accept/k exactly (same tokens, no truncation); SGD on it through detached
+    """compute_divergence="tv" is 1 - mtp/accept/k exactly (same tokens, no truncation); SGD on it through detached
     heads raises the expected acceptance and changes MTP-only parameters only."""
     from mtprl.objectives import HEAD_LOSS_DIVERGENCE, head_only_loss
 
     model = _model(heads=2)
     ids, mask = _batch()
-    out = mtprl.forward_logprobs(model, ids, mask, KEEP, compute_distill="tv", compute_accept=True)
+    out = mtprl.forward_logprobs(model, ids, mask, KEEP, compute_divergence="tv", compute_accept=True)
     head_mask = mask[:, -KEEP:].unsqueeze(1).bool() & out.mtp_mask
-    torch.testing.assert_close(out.distill[head_mask], 1 - out.accept[head_mask], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.divergence[head_mask], 1 - out.accept[head_mask], atol=1e-5, rtol=1e-5)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt = torch.optim.SGD([p for n, p in model.named_parameters() if n.startswith("mtp_heads.")], lr=0.5)
     start = out.accept[head_mask].mean().item()
     for _ in range(20):
         out = mtprl.forward_logprobs(model, ids, mask, KEEP, mtp_grad="detach",
-                                     compute_distill=HEAD_LOSS_DIVERGENCE["tv"])
-        loss = head_only_loss("tv", out.mtp, out.distill, head_mask).mean()
+                                     compute_divergence=HEAD_LOSS_DIVERGENCE["tv"])
+        loss = head_only_loss("tv", out.mtp, out.divergence, head_mask).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -294,10 +294,10 @@ def test_distill_regime_reaches_heads_only_and_its_loss_is_the_masked_kl(tmp_pat
     ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
     mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
     with torch.no_grad():
-        out = mtprl.forward_logprobs(trainer.model, ids, mask, 5, compute_distill=True)
+        out = mtprl.forward_logprobs(trainer.model, ids, mask, 5, compute_divergence="kl")
     m = inputs["completion_mask"].float()
     for k in (1, 2):
-        expected = (out.distill[:, k - 1] * m).sum() / m.sum()
+        expected = (out.divergence[:, k - 1] * m).sum() / m.sum()
         assert trainer._metrics["train"][f"mtp/loss/{k}"][-1] == pytest.approx(expected.item(), rel=1e-4)
         assert trainer._metrics["train"][f"mtp/lambda/{k}"][-1] == pytest.approx(0.5)
 

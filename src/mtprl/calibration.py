@@ -100,7 +100,7 @@ class LambdaCalibrator:
         rank computes the same lambda. delta_rl = logp - logp_old of the main head [B, L]."""
         out = []
         for h in heads:
-            stats = occ_statistics(delta_rl, (h.logq - h.old_logq).detach(), h.mask, estimator=reduction,
+            stats = occ_statistics(delta_rl, (h.logq - h.old_logq).detach(), h.mask, reduction=reduction,
                                    eps=self.settings.eps, clip=self.settings.clip)
             out.append(OCCStats(*self.reduce(torch.stack(list(stats)), "sum")))
         return out
@@ -115,7 +115,7 @@ class LambdaCalibrator:
         """Eq. 13 with this run's lambda_plus, eps and clip, through the non-finite guard (which counts into
         `metrics`)."""
         s = self.settings
-        lam = lambda_from_stats(stats, estimator=reduction, lambda_plus=s.lambda_plus * lambda_plus_scale,
+        lam = lambda_from_stats(stats, reduction=reduction, lambda_plus=s.lambda_plus * lambda_plus_scale,
                                 eps=s.eps, clip=s.clip)
         return self.finite_or_zero(lam, depth, stats, metrics)
 

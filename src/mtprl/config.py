@@ -139,7 +139,9 @@ class MTPGRPOConfig(HeadFields, GRPOConfig):
     mtp_regime: str = field(default="occ", metadata={
         "help": "How MTP heads train during RL: none (plain GRPO) | detach (CE, no gradient into the main model) | "
                 "ce (CE, joint) | policy (the RL loss on each head, fixed mtp_coef) | occ (policy loss scaled by "
-                "OCC's lambda) | distill (KL from the policy's own distribution, no gradient into the main model)."})
+                "OCC's lambda) | distill (KL from the policy's own distribution, no gradient into the main model). "
+                "The regime's term is what the trunk sees (through joint heads, weighted by mtp_coef or lambda); "
+                "mtp_head_loss is a second, head-only term that never reaches the trunk (docs/regimes.md)."})
     mtp_coef: float = field(default=0.1, metadata={"help": "Fixed MTP coefficient for detach, ce, policy, distill."})
     occ_variant: str = field(default="paper", metadata={
         "help": "Where OCC's lambda comes from (its lambda source). paper: the log-prob proxies c_hat, v2_hat with "
@@ -176,7 +178,9 @@ class MTPGRPOConfig(HeadFields, GRPOConfig):
                 "optimizer step: there lambda = 0 throughout and the heads would never learn, so ce, and the start "
                 "warning says so). "
                 "The heads then always learn, while lambda (or mtp_coef) decides only what reaches the trunk; none "
-                "keeps OCC as the paper defines it."})
+                "keeps OCC as the paper defines it. Against mtp_regime: mtp_regime: ce / distill are the regime's term "
+                "(ce reaches the trunk, distill does not, both weighted by mtp_coef); mtp_head_loss: ce / distill "
+                "are the same losses on detached heads, weighted by mtp_head_coef, beside any regime."})
     mtp_head_coef: float = field(default=0.1, metadata={"help": "Weight of the mtp_head_loss term."})
     reward_failure: str = field(default="zero", metadata={"help": REWARD_FAILURE_HELP})
 

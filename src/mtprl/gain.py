@@ -1,4 +1,4 @@
-"""Estimators of the per-step gain dJ = J(theta') - J(theta): pure functions over sequence log-probs and rewards.
+"""The per-step gain dJ = J(theta') - J(theta), measured: pure functions over sequence log-probs and rewards.
 
 J(theta) is the mean over prompts x_i of the expected reward E_{y ~ pi_theta(.|x_i)} r(x_i, y). From M samples per
 prompt drawn from pi_theta *once*, the gain of any other parameters theta' is an expectation under pi_theta:

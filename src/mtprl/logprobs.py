@@ -38,12 +38,12 @@ class LogProbs(ModelOutput):
     mtp: torch.Tensor | None = None  # [B, K, L]
     entropy: torch.Tensor | None = None  # [B, L] main-head entropy (compute_entropy=True)
     accept: torch.Tensor | None = None  # [B, K, L] sum_v min(p_main, p_head), no grad (compute_accept=True)
-    # [B, K, L] KL(p_main || q_head) (compute_distill True / "kl") or 1 - sum_v min(p_main, q_head) ("tv"), grad
-    # into the heads only
-    distill: torch.Tensor | None = None
+    # [B, K, L] the head's divergence from the main head per token (compute_divergence): KL(p_main || q_head)
+    # ("kl") or 1 - sum_v min(p_main, q_head) ("tv"); grad into the heads only
+    divergence: torch.Tensor | None = None
     hidden: torch.Tensor | None = None  # [B, T, H] trunk output states, live graph (return_hidden=True)
     # [B, K, L] head k has context for token j: position j-k-1 is a real token (a prompt of K tokens or fewer, or a
-    # short left-padded row, leaves the first tokens without one; their mtp / accept / distill entries hold 0)
+    # short left-padded row, leaves the first tokens without one; their mtp / accept / divergence entries hold 0)
     mtp_mask: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None  # MoE router load-balancing loss of the trunk (compute_aux_loss=True)
 
@@ -103,7 +103,7 @@ def _tv_tile(log_p, log_q):
     return 1.0 - torch.minimum(p, q).sum(-1), q * ((m * q).sum(-1, keepdim=True) - m)
 
 
-# Head divergences from the main head's distribution, per token (`compute_distill`): name -> tile function
+# Head divergences from the main head's distribution, per token (`compute_divergence`): name -> tile function
 # (log p, log q) -> (value per row, d value / d head logits).
 HEAD_DIVERGENCES = {"kl": _kl_tile, "tv": _tv_tile}
 
@@ -223,10 +223,10 @@ def _with_head_context(h0, input_ids, attention_mask, keep, num_heads):
 
 
 def head_logprobs(model, h0, input_ids, attention_mask, logits_to_keep, temperature=1.0, mtp_grad="joint", *,
-                  compute_distill=False):
+                  compute_divergence=None):
     """The MTP heads on the trunk's output states `h0` [B, T, H]: (log-probs [B, K, L] of the last
-    `logits_to_keep` tokens, each head's hidden states over those positions, the divergence `compute_distill`
-    (True / "kl": KL(p_main || q_k), "tv": 1 - sum_v min(p_main, q_k)) [B, K, L] or None, context [B, K, L]:
+    `logits_to_keep` tokens, each head's hidden states over those positions, the divergence `compute_divergence`
+    (None, "kl": KL(p_main || q_k), "tv": 1 - sum_v min(p_main, q_k)) [B, K, L] or None, context [B, K, L]:
     head k has a real token at position j-k-1). Called by `forward_logprobs`, and by the trainer to re-run
     detached heads on the live trunk when it measures gradient statistics (`occ_fidelity_every`). Pad positions
     and positions without context are not masked here."""
@@ -255,12 +255,14 @@ def head_logprobs(model, h0, input_ids, attention_mask, logits_to_keep, temperat
     mtp = torch.stack(
         [_token_logprobs(h, weight, bias, targets, temperature, softcap, scale)[0] for h in head_hidden], dim=1
     )
-    distill = None
-    if compute_distill:
-        kind = "kl" if compute_distill is True else compute_distill
-        distill = torch.stack([head_divergence(kind, h, main_hidden, weight, bias, temperature, softcap, scale)
-                               for h in head_hidden], dim=1)
-    return mtp, head_hidden, distill, context
+    divergence = None
+    if compute_divergence is not None:
+        if compute_divergence not in HEAD_DIVERGENCES:
+            raise ValueError(f"compute_divergence must be None or one of {', '.join(HEAD_DIVERGENCES)}, got "
+                             f"{compute_divergence!r}")
+        divergence = torch.stack([head_divergence(compute_divergence, h, main_hidden, weight, bias, temperature,
+                                                  softcap, scale) for h in head_hidden], dim=1)
+    return mtp, head_hidden, divergence, context
 
 
 def router_aux_loss(model, router_logits, attention_mask) -> torch.Tensor:
@@ -296,7 +298,7 @@ def main_logprobs(model, input_ids, attention_mask, logits_to_keep, temperature=
 
 
 def forward_logprobs(model, input_ids, attention_mask, logits_to_keep, temperature=1.0, mtp_grad="joint", *,
-                     compute_entropy=False, compute_accept=False, compute_distill=False,
+                     compute_entropy=False, compute_accept=False, compute_divergence=None,
                      return_hidden=False, compute_aux_loss=False, accept_truncation=None,
                      accept_draft_vocab=None) -> LogProbs:
     """Main and MTP log-probabilities of the last `logits_to_keep` tokens from one trunk forward.
@@ -306,8 +308,8 @@ def forward_logprobs(model, input_ids, attention_mask, logits_to_keep, temperatu
     then only reaches MTP-only parameters (the verl/slime default during RL).
     compute_accept: also the expected acceptance `sum_v min(p_main, q_k)` of every head, under `temperature` and
     `accept_truncation` (the sampler's top-k / top-p warpers, `mtprl.speculative.logits_warpers(1.0, k, p)`; None:
-    no truncation) and `accept_draft_vocab` (the token ids the heads draft from; None: all). compute_distill: also
-    every head's per-token divergence from the main head (True / "kl": KL(p_main || q_k); "tv": 1 - sum_v
+    no truncation) and `accept_draft_vocab` (the token ids the heads draft from; None: all). compute_divergence: also
+    every head's per-token divergence from the main head ("kl": KL(p_main || q_k); "tv": 1 - sum_v
     min(p_main, q_k), `head_divergence`), whose gradient reaches the heads only. return_hidden: also the trunk's
     output states (with their graph), which the `hidden` OCC estimator differentiates against. compute_aux_loss:
     also the MoE router load-balancing loss of the trunk, as the model's own forward gives it (what TRL adds, times
@@ -325,8 +327,8 @@ def forward_logprobs(model, input_ids, attention_mask, logits_to_keep, temperatu
     main_hidden = h0[:, seq_len - keep - 1: seq_len - 1]
     main, entropy = _token_logprobs(main_hidden, weight, bias, input_ids[:, -keep:], temperature, softcap, scale,
                                     entropy=compute_entropy)
-    mtp, head_hidden, distill, context = head_logprobs(model, h0, input_ids, attention_mask, keep, temperature,
-                                                       mtp_grad, compute_distill=compute_distill)
+    mtp, head_hidden, divergence, context = head_logprobs(model, h0, input_ids, attention_mask, keep, temperature,
+                                                       mtp_grad, compute_divergence=compute_divergence)
     accept = None
     if compute_accept:
         accept = _expected_acceptance(main_hidden.detach(), [h.detach() for h in head_hidden], weight.detach(),
@@ -339,8 +341,8 @@ def forward_logprobs(model, input_ids, attention_mask, logits_to_keep, temperatu
     head_pad = ~context if pad is None else pad.unsqueeze(1) | ~context
     mtp = mtp.masked_fill(head_pad, 0.0)
     accept = None if accept is None else accept.masked_fill(head_pad, 0.0)
-    distill = None if distill is None else distill.masked_fill(head_pad, 0.0)
-    return LogProbs(main=main, mtp=mtp, entropy=entropy, accept=accept, distill=distill,
+    divergence = None if divergence is None else divergence.masked_fill(head_pad, 0.0)
+    return LogProbs(main=main, mtp=mtp, entropy=entropy, accept=accept, divergence=divergence,
                     hidden=h0 if return_hidden else None, mtp_mask=~head_pad, aux_loss=aux_loss)
 
 

@@ -82,7 +82,7 @@ def mtp_step(rl_loss: torch.Tensor, logprobs: LogProbs, inputs: Mapping, setting
     old_main = logprobs.main.detach() if old_main is None else old_main
     mask = token_mask(inputs)
     heads = head_data(logprobs.main, logprobs.mtp, old_main, inputs.get("old_mtp_logps"), mask,
-                      inputs["advantages"], regime.ratio_against, logprobs.mtp_mask, logprobs.distill)
+                      inputs["advantages"], regime.ratio_against, logprobs.mtp_mask, logprobs.divergence)
     # Logged for every regime: the proxies are how the regimes differ.
     stats = calibrator.proxies((logprobs.main - old_main).detach(), heads, regime.proxy_reduction)
     if training:
@@ -169,7 +169,7 @@ def _acceptance(logprobs: LogProbs, heads: list[HeadData], calibrator: LambdaCal
 def _joint_head_losses(logprobs: LogProbs, inputs: Mapping, regime: Regime, scaling: LossScaling,
                        rerun_heads: RerunHeads) -> list[torch.Tensor]:
     """For detached regimes (detach, distill) on a fidelity step: their head losses recomputed on the live trunk."""
-    mtp, _, divergence, _ = rerun_heads("joint", regime.needs_distill)
+    mtp, _, divergence, _ = rerun_heads("joint", regime.divergence)
     heads = head_data(logprobs.main, mtp, inputs.get("old_per_token_logps"), inputs.get("old_mtp_logps"),
                       token_mask(inputs), inputs["advantages"], regime.ratio_against, logprobs.mtp_mask, divergence)
     return [regime.loss(h, scaling) for h in heads]
@@ -178,5 +178,5 @@ def _joint_head_losses(logprobs: LogProbs, inputs: Mapping, regime: Regime, scal
 def _head_only_losses(kind: str, mask: torch.Tensor, rerun_heads: RerunHeads) -> torch.Tensor:
     """`mtp_head_loss` per head [K]: the heads re-run on the trunk's states, embeddings and LM head detached
     (their gradient reaches the heads' own parameters only)."""
-    mtp, _, divergence, context = rerun_heads("detach", HEAD_LOSS_DIVERGENCE.get(kind, False))
+    mtp, _, divergence, context = rerun_heads("detach", HEAD_LOSS_DIVERGENCE.get(kind))
     return head_only_loss(kind, mtp, divergence, mask.unsqueeze(1) * context.to(mask.dtype))

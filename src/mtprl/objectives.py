@@ -102,20 +102,20 @@ def mtp_ce_loss(mtp_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 # Head-only terms (`mtp_head_loss`): computed on heads that see the trunk, embeddings and LM head detached, so their
 # gradient stops at the heads' inputs and trains the heads' own parameters only, whatever lambda does.
 HEAD_LOSSES = ("none", "ce", "distill", "tv")
-# The per-token divergence each head-only term needs from the forward (`compute_distill`); ce needs none.
+# The per-token divergence each head-only term needs from the forward (`compute_divergence`); ce needs none.
 HEAD_LOSS_DIVERGENCE = {"distill": "kl", "tv": "tv"}
 
 
-def head_only_loss(kind: str, mtp_logps: torch.Tensor, distill: torch.Tensor | None, mask: torch.Tensor):
+def head_only_loss(kind: str, mtp_logps: torch.Tensor, divergence: torch.Tensor | None, mask: torch.Tensor):
     """Per-head loss [K] of a head-only term: `ce` = mean NLL of the sampled tokens (mtp_ce_loss), `distill` =
     mean KL(p_main || q_k), `tv` = mean 1 - sum_v min(p_main, q_k) (one minus the expected speculative
-    acceptance: the heads trained for drafting, Bebop); `distill` holds the per-token divergence the forward
-    computed (`compute_distill=HEAD_LOSS_DIVERGENCE[kind]`); `mask` [B, K, L] (per head) or [B, L]."""
+    acceptance: the heads trained for drafting, Bebop); `divergence` holds the per-token divergence the forward
+    computed (`compute_divergence=HEAD_LOSS_DIVERGENCE[kind]`); `mask` [B, K, L] (per head) or [B, L]."""
     if kind == "ce":
         return mtp_ce_loss(mtp_logps, mask)
     if kind in HEAD_LOSS_DIVERGENCE:
-        if distill is None:
+        if divergence is None:
             raise ValueError(f"head_only_loss({kind!r}) needs the per-token divergence "
-                             f"(compute_distill={HEAD_LOSS_DIVERGENCE[kind]!r})")
-        return mtp_ce_loss(-distill, mask)  # the mean of -(-D) = mean D, per head
+                             f"(compute_divergence={HEAD_LOSS_DIVERGENCE[kind]!r})")
+        return mtp_ce_loss(-divergence, mask)  # the mean of -(-D) = mean D, per head
     raise ValueError(f"mtp_head_loss must be one of {', '.join(HEAD_LOSSES[1:])} here, got {kind!r}")

@@ -21,10 +21,10 @@ from typing import NamedTuple
 
 import torch
 
-# How the proxies are reduced over a micro-batch (the *reduction*; `occ_coefficient(..., estimator=)` keeps the
-# SPEC's keyword): batch = the paper's sums (Eq. 13), token = the released code's per-token ratio, averaged.
+# How the proxies are reduced over a micro-batch (the *reduction*): batch = the paper's sums (Eq. 13), token = the
+# released code's per-token ratio, averaged. Only the public `occ_coefficient(..., estimator=)` keeps the SPEC's
+# keyword for it; everywhere else "estimator" means an estimator of c and v2 (a lambda source).
 PROXY_REDUCTIONS = ("batch", "token")
-ESTIMATORS = PROXY_REDUCTIONS
 
 
 class OCCStats(NamedTuple):
@@ -42,16 +42,16 @@ def _check(delta_rl, delta_mtp, mask) -> torch.Tensor:
     return mask.bool()
 
 
-def occ_statistics(delta_rl, delta_mtp, mask, *, estimator: str = "batch", eps: float = 1e-8,
+def occ_statistics(delta_rl, delta_mtp, mask, *, reduction: str = "batch", eps: float = 1e-8,
                    clip: bool = False) -> OCCStats:
     """The sums behind `occ_coefficient` (see `OCCStats`). Masked positions are dropped, not multiplied by 0,
     so a NaN or inf there cannot reach lambda."""
-    if estimator not in ESTIMATORS:
-        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    if reduction not in PROXY_REDUCTIONS:
+        raise ValueError(f"estimator (the proxies' reduction) must be one of {PROXY_REDUCTIONS}, got {reduction!r}")
     mask = _check(delta_rl, delta_mtp, mask)
     d_rl, d_mtp = delta_rl.float(), delta_mtp.float()
     zero = torch.zeros_like(d_rl)
-    if estimator == "batch":
+    if reduction == "batch":
         return OCCStats(torch.where(mask, d_rl * d_mtp, zero).sum(), torch.where(mask, d_mtp * d_mtp, zero).sum())
     # Reference code: a per-token ratio, averaged; clip acts on each token's ratio.
     ratio = d_rl * d_mtp / (d_mtp * d_mtp + eps)
@@ -60,10 +60,10 @@ def occ_statistics(delta_rl, delta_mtp, mask, *, estimator: str = "batch", eps: 
     return OCCStats(torch.where(mask, ratio, zero).sum(), mask.sum().to(ratio.dtype))
 
 
-def lambda_from_stats(stats: OCCStats, *, estimator: str = "batch", lambda_plus: float = 1.0, eps: float = 1e-8,
+def lambda_from_stats(stats: OCCStats, *, reduction: str = "batch", lambda_plus: float = 1.0, eps: float = 1e-8,
                       clip: bool = False) -> torch.Tensor:
     """Eq. 13 from (possibly all-reduced) sums. clip=True is OCC-Clip (App. E): c_hat -> max(c_hat, 0)."""
-    if estimator == "batch":
+    if reduction == "batch":
         c_hat = stats.c_hat.clamp(min=0.0) if clip else stats.c_hat
         return lambda_plus * c_hat / (stats.v2_hat + eps)
     return lambda_plus * stats.c_hat / stats.v2_hat.clamp(min=1.0)
@@ -78,8 +78,8 @@ def occ_coefficient(delta_rl, delta_mtp, mask, *, estimator: str = "batch", lamb
     All-zero deltas (the first mini-batch after a rollout) give exactly 0.
     """
     with torch.no_grad():
-        stats = occ_statistics(delta_rl, delta_mtp, mask, estimator=estimator, eps=eps, clip=clip)
-        return lambda_from_stats(stats, estimator=estimator, lambda_plus=lambda_plus, eps=eps, clip=clip)
+        stats = occ_statistics(delta_rl, delta_mtp, mask, reduction=estimator, eps=eps, clip=clip)
+        return lambda_from_stats(stats, reduction=estimator, lambda_plus=lambda_plus, eps=eps, clip=clip)
 
 
 # ------------------------------------------------------------------------- estimators of the true c and v2
@@ -143,7 +143,7 @@ def exact_occ_coefficient(rl_loss, mtp_loss, params, *, lambda_plus: float = 1.0
     """Lambda from the true gradient statistics over `params` (the main model's, not MTP-only ones):
     c = <grad rl_loss, grad mtp_loss>, v2 = ||grad mtp_loss||^2. Two extra backward passes (the paper's
     5.6x "full model" cost); the graph is retained so the caller can still backward the total loss. The trainer's
-    `occ_variant=exact` gets the same value with one extra backward (`MTPGRPOTrainer._after_backward`).
+    `occ_variant=exact` gets the same value with one extra backward (`MTPGRPOTrainer.finish_backward`).
     Returns (lambda, c, v2) as detached 0-dim tensors."""
     with torch.enable_grad():
         stats = parameter_statistics(rl_loss, mtp_loss, params)

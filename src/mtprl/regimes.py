@@ -42,7 +42,7 @@ class HeadData(NamedTuple):
     old_logq: torch.Tensor  # [B, L] rollout-time log-probs the ratio and delta_mtp are taken against
     advantages: torch.Tensor  # [B] or [B, L]
     mask: torch.Tensor  # [B, L] completion tokens that count (and that head k has context for)
-    distill: torch.Tensor | None  # [B, L] KL(p_main || q_k) per token (regimes with needs_distill), else None
+    divergence: torch.Tensor | None  # [B, L] KL(p_main || q_k) per token (regimes with divergence "kl"), else None
 
 
 @dataclass(frozen=True)
@@ -84,7 +84,7 @@ class LossScaling:
 
 
 def head_data(main, mtp, old_main, old_mtp, token_mask, advantages, ratio_against="head", mtp_mask=None,
-              distill=None) -> list[HeadData]:
+              divergence=None) -> list[HeadData]:
     """One `HeadData` per head from a micro-batch's log-probs [B, L] (main) and [B, K, L] (heads). `old_main` /
     `old_mtp` None: the rollout policy is the current one (TRL's shortcut for one update per rollout)."""
     old_main = main.detach() if old_main is None else old_main
@@ -94,7 +94,7 @@ def head_data(main, mtp, old_main, old_mtp, token_mask, advantages, ratio_agains
         # the tokens head k has context for (a prompt of K tokens or fewer leaves the first ones without)
         mask = token_mask if mtp_mask is None else token_mask * mtp_mask[:, k].to(token_mask.dtype)
         heads.append(HeadData(k + 1, mtp[:, k], old_main if ratio_against == "main" else old_mtp[:, k], advantages,
-                              mask, None if distill is None else distill[:, k]))
+                              mask, None if divergence is None else divergence[:, k]))
     return heads
 
 
@@ -112,7 +112,7 @@ def ce_on_samples(h: HeadData, scaling: LossScaling) -> torch.Tensor:
 
 def distill_from_policy(h: HeadData, scaling: LossScaling) -> torch.Tensor:
     """distill: KL(p_main || q_k), the head learns the policy's own next-token distribution."""
-    return scaling.token_mean(h.distill, h.mask)
+    return scaling.token_mean(h.divergence, h.mask)
 
 
 def head_policy_loss(h: HeadData, scaling: LossScaling) -> torch.Tensor:
@@ -129,7 +129,7 @@ class Regime:
     mtp_grad: str = "joint"  # "detach": trunk states, embeddings and lm_head enter the heads detached
     ratio_against: str = "head"  # "head": the head's own rollout-time log-probs | "main": the main head's
     proxy_reduction: str = "batch"  # how the proxies are reduced (occ.PROXY_REDUCTIONS); logged for every regime
-    needs_distill: bool = False  # the forward also computes KL(p_main || q_k) (tiled full distributions)
+    divergence: str | None = None  # "kl": the forward also computes KL(p_main || q_k) per token (tiled)
     # The table entry with this regime's loss at a fixed coefficient (what the gain probe scans lambda over): OCC's
     # term is the head policy loss with lambda in front, so every OCC entry's fixed form is `policy`.
     fixed_form: str = ""  # "" = this entry itself
@@ -144,7 +144,7 @@ MTP_TERMS = {
                             proxy_reduction="token", fixed_form="policy"),
     **{f"occ:{source}": Regime(head_policy_loss, coef="lambda", lambda_source=source, fixed_form="policy")
        for source in ("exact", "hidden", "last_layers", "ema")},
-    "distill": Regime(distill_from_policy, mtp_grad="detach", needs_distill=True),
+    "distill": Regime(distill_from_policy, mtp_grad="detach", divergence="kl"),
 }
 
 

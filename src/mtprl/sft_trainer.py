@@ -37,14 +37,14 @@ class MTPSFTTrainer(ConsistentLogOnResume, MTPCheckpointMixin, SFTTrainer):
         mtp_only = self.args.mtp_only
         out = model(input_ids=input_ids, attention_mask=attention_mask,
                     mtp_logprobs={"logits_to_keep": keep, "compute_accept": self.args.mtp_log_acceptance,
-                                  "compute_distill": mtp_only, "mtp_grad": "detach" if mtp_only else "joint"})
+                                  "compute_divergence": "kl" if mtp_only else None, "mtp_grad": "detach" if mtp_only else "joint"})
         mask = (labels[:, -keep:] != -100) & (attention_mask[:, -keep:] == 1)
         head_mask = mask.unsqueeze(1) & out.mtp_mask  # [B, K, L]: a left-padded short row gives some heads no context
         main_ce = -masked_mean(out.main, mask)
         head_ce = mtp_ce_loss(out.mtp, head_mask)
         mode = "train" if self.model.training else "eval"
         if mtp_only:
-            head_kl = torch.stack([masked_mean(out.distill[:, k], head_mask[:, k]) for k in range(num_heads)])
+            head_kl = torch.stack([masked_mean(out.divergence[:, k], head_mask[:, k]) for k in range(num_heads)])
             loss = head_kl.mean()
             for k in range(num_heads):
                 self._metrics[mode][f"mtp/distill/{k + 1}"].append(head_kl[k].item())

@@ -4,7 +4,7 @@ What changes against stock GRPOTrainer, and nothing else:
 - one trunk forward per micro-batch gives main *and* MTP log-probs (`_get_per_token_logps_and_entropies`);
 - at rollout time the old MTP log-probs come out of the very forward that gave TRL its old main log-probs
   (`_generate_and_score_completions`) and travel in the batch (`old_mtp_logps`) through TRL's shuffle and split;
-- `_compute_loss` adds the MTP term of the chosen regime to TRL's own loss, untouched (`_loss_with_mtp_term`);
+- `_compute_loss` adds the MTP term of the chosen regime to TRL's own loss, untouched (`mtp_step.mtp_step`);
 - rollouts can be drafted by the live heads (`_generate_single_turn`, `mtprl.rollout`);
 - checkpoints keep the heads in their own files (`mtprl.checkpoints.MTPCheckpointMixin`);
 - every log line also goes to `<output_dir>/metrics.jsonl` (`mtprl.callbacks`).
@@ -184,7 +184,7 @@ class MTPGRPOTrainer(UpdateMixin, ConsistentLogOnResume, MTPCheckpointMixin, GRP
         regime, grad = self.term.regime, torch.is_grad_enabled()
         request = {"logits_to_keep": logits_to_keep, "compute_entropy": compute_entropy,
                    "compute_aux_loss": compute_aux_loss,
-                   "mtp_grad": regime.mtp_grad, "compute_distill": regime.needs_distill,
+                   "mtp_grad": regime.mtp_grad, "compute_divergence": regime.divergence,
                    "compute_accept": self.args.mtp_log_acceptance and grad,
                    "accept_truncation": self._accept_truncation,
                    "accept_draft_vocab": draft_vocab_of(self._draft_policy),
@@ -199,7 +199,7 @@ class MTPGRPOTrainer(UpdateMixin, ConsistentLogOnResume, MTPCheckpointMixin, GRP
                                     mtp_logprobs=request))
         logprobs = LogProbs(**{name: None if getattr(chunks[0], name) is None else
                                torch.cat([getattr(c, name) for c in chunks], dim=0)
-                               for name in ("main", "mtp", "entropy", "accept", "distill", "mtp_mask")})
+                               for name in ("main", "mtp", "entropy", "accept", "divergence", "mtp_mask")})
         if len(chunks) == 1:  # the very states the losses were computed from (a concatenation would be a copy)
             logprobs.hidden = chunks[0].hidden
         logprobs.aux_loss = torch.stack([c.aux_loss for c in chunks]).mean() if compute_aux_loss else None  # as TRL
@@ -286,13 +286,13 @@ class MTPGRPOTrainer(UpdateMixin, ConsistentLogOnResume, MTPCheckpointMixin, GRP
                            self.current_gradient_accumulation_steps if train else 1,
                            None if args.loss_type in LOSS_TYPES else functools.partial(trl_head_loss, self, inputs))
 
-    def _rerun_heads(self, logprobs, inputs, mtp_grad, compute_distill):
+    def _rerun_heads(self, logprobs, inputs, mtp_grad, compute_divergence):
         """The heads re-run on this forward's trunk states (`mtp_grad`: joint or detach)."""
         input_ids, attention_mask = _sequences(inputs)
         with self.accelerator.autocast():
             return head_logprobs(self.accelerator.unwrap_model(self.model), logprobs.hidden, input_ids,
                                  attention_mask, inputs["completion_ids"].size(1), self.temperature, mtp_grad,
-                                 compute_distill=compute_distill)
+                                 compute_divergence=compute_divergence)
 
     def _trunk_cut(self):
         """occ last_layers on a training micro-batch: cut the graph at the input of the last `occ_last_layers`
