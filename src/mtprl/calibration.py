@@ -191,10 +191,10 @@ class LambdaCalibrator:
         before = _grad_dot(self.main_params, grads)  # .grad may already hold earlier micro-batches' gradients
         return ExactStash(depth, params, grads, self.reduce(before, "mean"))
 
-    def add_exact_terms(self, stashes: list[ExactStash]) -> dict[str, list[float]]:
+    def add_exact_terms(self, stashes: list[ExactStash], into=None) -> dict[str, list[float]]:
         """occ exact, step 2 of 2 (after TRL's backward of the RL loss): c = <g_RL, g_MTP> with g_RL = .grad now
         minus .grad before, v2 = ||g_MTP||^2 over the main model, then .grad += lambda * g_MTP (heads included),
-        in place. Returns mtp/lambda/k, mtp/c_exact/k, mtp/v2_exact/k. Under DDP both gradients are rank means
+        in place, or into `into` (an `update_geometry.MTPGradient`, the MTP gradient kept apart). Returns mtp/lambda/k, mtp/c_exact/k, mtp/v2_exact/k. Under DDP both gradients are rank means
         (.grad is averaged on the synchronising micro-batch and the dot is averaged otherwise; <mean a, b> = mean
         <a, b>), so every rank adds the same lambda * g_MTP."""
         n_main = len(self.main_params)
@@ -210,6 +210,9 @@ class LambdaCalibrator:
                                 (f"mtp/v2_exact/{d.depth}", v2)):
                 metrics.setdefault(name, []).append(value.item())
         for d, lam in zip(stashes, lambdas):
+            if into is not None:  # the MTP gradient kept apart (`update_geometry.MTPGradient`), not on .grad
+                into.add([lam * g for g in d.grads], unit=d.grads[:n_main], coef=lam.item())
+                continue
             for p, g in zip(d.params, d.grads):
                 if p.grad is None:
                     p.grad = (lam * g).to(p.dtype)

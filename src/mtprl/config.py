@@ -22,6 +22,7 @@ from .regimes import OCC_VARIANTS, REGIMES
 from .rollout import DRAFT_POLICIES
 from .tasks import REWARD_FAILURE_MODES
 from .trl_compat import TRL_LOSS_TYPES
+from .update_geometry import GRAD_CLIP_MODES, OPTIMIZER_STATE_MODES
 
 # ------------------------------------------------------------------------------------------- validation helpers
 
@@ -182,6 +183,19 @@ class MTPGRPOConfig(HeadFields, GRPOConfig):
                 "(ce reaches the trunk, distill does not, both weighted by mtp_coef); mtp_head_loss: ce / distill "
                 "are the same losses on detached heads, weighted by mtp_head_coef, beside any regime."})
     mtp_head_coef: float = field(default=0.1, metadata={"help": "Weight of the mtp_head_loss term."})
+    mtp_grad_clip: str = field(default="shared", metadata={
+        "help": "shared: TRL's clip of the summed gradient to max_grad_norm (a large MTP gradient shrinks the "
+                "policy's part of the step) | separate: the policy's gradient clipped alone to max_grad_norm and the "
+                "MTP term's whole contribution (heads and what reaches the trunk) alone to mtp_max_grad_norm, then "
+                "added. Where the MTP term reaches the trunk, separate takes its gradient apart with one extra "
+                "backward per micro-batch (docs/guide-geometry.md)."})
+    mtp_max_grad_norm: float | None = field(default=None, metadata={
+        "help": "The MTP term's own clip budget under mtp_grad_clip: separate (None: max_grad_norm; 0: no clip)."})
+    mtp_optimizer_state: str = field(default="shared", metadata={
+        "help": "shared: one AdamW over the summed gradient (its second moment mixes the two terms) | separate: the "
+                "MTP term's gradient at coefficient 1 gets its own Adam moments on the trunk, and the trunk moves "
+                "by the policy's AdamW step plus lambda times the MTP term's own Adam step (one more pair of moments "
+                "for the trunk; saved in checkpoints as mtp_moments.pt)."})
     reward_failure: str = field(default="zero", metadata={"help": REWARD_FAILURE_HELP})
 
     def __post_init__(self):
@@ -226,6 +240,14 @@ class MTPGRPOConfig(HeadFields, GRPOConfig):
         check_int("occ_last_layers", self.occ_last_layers, 1)
         check_number("occ_ema_beta", self.occ_ema_beta, 0.0, 1.0, high_open=True)
         check_int("occ_fidelity_every", self.occ_fidelity_every, 0)
+        check_choice("mtp_grad_clip", self.mtp_grad_clip, GRAD_CLIP_MODES)
+        check_choice("mtp_optimizer_state", self.mtp_optimizer_state, OPTIMIZER_STATE_MODES)
+        if self.mtp_max_grad_norm is not None:
+            check_number("mtp_max_grad_norm", self.mtp_max_grad_norm, 0.0)
+        if self.mtp_optimizer_state == "separate" and self.mtp_regime == "occ" and self.occ_variant == "reference":
+            raise ValueError("mtp_optimizer_state=separate needs the MTP term at coefficient 1, but occ_variant="
+                             "reference puts lambda inside the head's advantages; use occ_variant=paper (or any "
+                             "other lambda source) or mtp_optimizer_state=shared")
 
     @property
     def needs_mtp(self) -> bool:

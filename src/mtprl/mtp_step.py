@@ -51,6 +51,10 @@ class StepSettings:
     accumulation: int = 1  # TRL's current gradient-accumulation steps (the head-only term is divided by it)
     training: bool = True  # a training micro-batch with grad: lambda sources that need a backward run only then
     fidelity: bool = False  # also measure every lambda source's c and v2 (occ_fidelity_every)
+    # the MTP part's gradient taken apart (one extra backward) and returned instead of left in the loss
+    # (`mtp_grad_clip` / `mtp_optimizer_state: separate` where the term reaches the trunk; update_geometry.py)
+    keep_apart: bool = False
+    unit_gradient: bool = False  # with keep_apart: also the term's trunk gradient at coefficient 1 (its own moments)
 
 
 @dataclass
@@ -60,8 +64,12 @@ class StepResult:
     loss: torch.Tensor  # the loss to backpropagate (TRL's + the MTP term)
     metrics: dict[str, list[float]] = field(default_factory=dict)  # logged as they are
     acceptance: list[float | None] = field(default_factory=list)  # per depth, mtp/accept/k (None: not computed)
-    # Run once after the backward of `loss` (occ exact); returns its metrics (mtp/lambda/k, mtp/c_exact/k, ...).
-    after_backward: Callable[[], dict[str, list[float]]] | None = None
+    # Run once after the backward of `loss` (occ exact), with the trainer's `MTPGradient` under keep_apart (else
+    # None: lambda * g_MTP goes onto .grad); returns its metrics (mtp/lambda/k, mtp/c_exact/k, ...).
+    after_backward: Callable[..., dict[str, list[float]]] | None = None
+    # keep_apart: (the MTP part's gradient over main + head parameters, its trunk gradient at coefficient 1 or
+    # None, the mean coefficient), all rank means; the loss then holds the RL loss alone
+    mtp_gradient: tuple | None = None
 
 
 def _add(metrics: dict, name: str, value: float) -> None:
@@ -90,7 +98,7 @@ def mtp_step(rl_loss: torch.Tensor, logprobs: LogProbs, inputs: Mapping, setting
     grads = RLGradients(rl_loss, logprobs.hidden) if training else None
     metrics: dict[str, list[float]] = {}
     total = rl_loss
-    split, stashes, fidelity_losses = [], [], []
+    split, stashes, fidelity_losses, coefs = [], [], [], []
     for h, s in zip(heads, stats):
         loss, coef = _head_term(h, s, len(heads), regime, settings, scaling, calibrator, grads, cut, metrics)
         # fidelity measures c, v2 of the head's loss at coefficient 1 (the released code's lambda sits inside it)
@@ -102,6 +110,7 @@ def mtp_step(rl_loss: torch.Tensor, logprobs: LogProbs, inputs: Mapping, setting
         else:
             total = total + (loss if regime.lambda_in_advantages else coef.to(loss.dtype) * loss)
             _add(metrics, f"mtp/lambda/{h.depth}", coef)
+            coefs.append((loss, float(coef)))
         _add(metrics, f"mtp/c_hat/{h.depth}", s.c_hat.item())
         _add(metrics, f"mtp/v2_hat/{h.depth}", s.v2_hat.item())
         _add(metrics, f"mtp/loss/{h.depth}", loss.item())
@@ -117,17 +126,39 @@ def mtp_step(rl_loss: torch.Tensor, logprobs: LogProbs, inputs: Mapping, setting
         total = total + settings.head_coef * head_losses.mean() / settings.accumulation
         for k, value in enumerate(head_losses.tolist(), start=1):
             _add(metrics, f"mtp/head_loss/{k}", value)
-    after_backward = None
+    after_backward = mtp_gradient = None
+    if settings.keep_apart and training and coefs:
+        total, mtp_gradient = _taken_apart(rl_loss, total, coefs, calibrator, settings.unit_gradient)
     if stashes:
         total = total + sum(p.sum() for p in calibrator.head_params) * 0.0  # heads in this graph (DDP's check)
         after_backward = functools.partial(calibrator.add_exact_terms, stashes)
+        _add(metrics, "mtp/exact_stash_bytes", sum(g.numel() * g.element_size() for s in stashes for g in s.grads))
     if split:
         total, lambdas = split_backward_loss(total, [loss for _, loss in split],
                                              calibrator.main_params + calibrator.head_params, cut.pairs,
                                              calibrator.split_lambda_of([depth for depth, _ in split], metrics))
         for (depth, _), lam in zip(split, lambdas):
             _add(metrics, f"mtp/lambda/{depth}", lam.item())
-    return StepResult(total, metrics, acceptance, after_backward)
+    return StepResult(total, metrics, acceptance, after_backward, mtp_gradient)
+
+
+def _taken_apart(rl_loss, total, coefs, calibrator: LambdaCalibrator, unit_gradient: bool):
+    """(the loss to backpropagate: the RL loss alone, the MTP part's gradients): the MTP part (total - rl_loss)
+    backpropagated on its own over the main and head parameters (the one extra backward), rank means."""
+    params = calibrator.main_params + calibrator.head_params
+    grads = calibrator.mean_across_ranks(_zero_filled(torch.autograd.grad(
+        total - rl_loss, params, retain_graph=True, allow_unused=True), params))
+    unit = None
+    if unit_gradient:
+        main = calibrator.main_params
+        unit = calibrator.mean_across_ranks(_zero_filled(torch.autograd.grad(
+            sum(loss for loss, _ in coefs), main, retain_graph=True, allow_unused=True), main))
+    keep = rl_loss + sum(p.sum() for p in calibrator.head_params) * 0.0  # heads in this graph (DDP's check)
+    return keep, (grads, unit, sum(c for _, c in coefs) / len(coefs))
+
+
+def _zero_filled(grads, params) -> list[torch.Tensor]:
+    return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
 
 
 def _head_term(h: HeadData, stats, num_heads: int, regime: Regime, settings: StepSettings, scaling: LossScaling,

@@ -51,6 +51,7 @@ from .split_backward import TrunkCut
 from .tasks import safe_reward
 from .trl_compat import give_reference_the_heads, serving_logprobs, trl_head_loss
 from .update import ActiveTerm, UpdateMixin
+from .update_geometry import GeometryMixin
 
 
 def _sequences(inputs):
@@ -75,7 +76,7 @@ _MULTIMODAL_KEYS = ("pixel_values", "image_grid_thw", "num_images", "pixel_atten
                     "num_tiles", "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
 
 
-class MTPGRPOTrainer(UpdateMixin, ConsistentLogOnResume, MTPCheckpointMixin, GRPOTrainer):
+class MTPGRPOTrainer(UpdateMixin, GeometryMixin, ConsistentLogOnResume, MTPCheckpointMixin, GRPOTrainer):
     """GRPOTrainer whose model carries MTP heads trained under `args.mtp_regime` (see MTPGRPOConfig)."""
 
     def __init__(self, model, reward_funcs=None, args: MTPGRPOConfig | None = None, **kwargs):
@@ -110,6 +111,7 @@ class MTPGRPOTrainer(UpdateMixin, ConsistentLogOnResume, MTPCheckpointMixin, GRP
         self._accept_truncation = logits_warpers(1.0, args.top_k, args.top_p)
         self.head_loss = self._resolve_head_loss()  # mtp_head_loss with `auto` decided
         self.calibrator: LambdaCalibrator | None = None if self.regime is None else self._attach_heads()
+        self._init_geometry()  # the instrumented optimizer step, the separate clip and moments (update_geometry)
         self._warn_about_settings()
 
     def _attach_heads(self) -> LambdaCalibrator:
@@ -141,6 +143,9 @@ class MTPGRPOTrainer(UpdateMixin, ConsistentLogOnResume, MTPCheckpointMixin, GRP
 
     def _warn_about_settings(self) -> None:
         args = self.args
+        if self.is_deepspeed_enabled and "separate" in (args.mtp_grad_clip, args.mtp_optimizer_state):
+            raise ValueError("mtp_grad_clip / mtp_optimizer_state = separate act between the backward and the "
+                             "optimizer step, which DeepSpeed runs inside its backward; use DDP or FSDP, or shared")
         if self.regime is not None and self.regime.lambda_source == "exact" and (
                 args.fp16 or self.is_deepspeed_enabled):
             raise ValueError("occ_variant=exact adds lambda * g_MTP to the parameters' .grad after the backward; "
@@ -262,14 +267,18 @@ class MTPGRPOTrainer(UpdateMixin, ConsistentLogOnResume, MTPCheckpointMixin, GRP
                                        for new, old in zip(result.acceptance, self._latest_acceptance)]
         if result.after_backward is not None:
             self._after_backward.append(result.after_backward)
+        if result.mtp_gradient is not None:  # kept off .grad until the optimizer step (update_geometry)
+            self.mtp_gradient_apart.add(*result.mtp_gradient)
         return result.loss
 
     def _step_settings(self) -> StepSettings:
         term = self.term
+        apart = self.mtp_gradient_apart
         return StepSettings(term.regime, term.coef, self.head_loss, self.args.mtp_head_coef,
                             self.current_gradient_accumulation_steps,
                             training=self.model.training and torch.is_grad_enabled(),
-                            fidelity=self._fidelity_step())
+                            fidelity=self._fidelity_step(), keep_apart=apart is not None,
+                            unit_gradient=apart is not None and apart.with_unit)
 
     def loss_scaling(self, inputs) -> LossScaling:
         """TRL's loss settings and gradient-accumulation scaling for this micro-batch, as numbers (the heads'
@@ -300,7 +309,7 @@ class MTPGRPOTrainer(UpdateMixin, ConsistentLogOnResume, MTPCheckpointMixin, GRP
         through the whole trunk for the other lambda sources."""
         regime = self.term.regime
         if (regime is None or regime.lambda_source != "last_layers" or not self.model.training
-                or not torch.is_grad_enabled() or self._fidelity_step()):
+                or not torch.is_grad_enabled() or self._fidelity_step() or self.mtp_gradient_apart is not None):
             return nullcontext()
         decoder = decoder_of(self.accelerator.unwrap_model(self.model))
         return TrunkCut(decoder.layers[-self.args.occ_last_layers])
@@ -320,4 +329,4 @@ class MTPGRPOTrainer(UpdateMixin, ConsistentLogOnResume, MTPCheckpointMixin, GRP
         after `compute_loss(...).backward()` outside TRL's loop."""
         pending, self._after_backward = self._after_backward, []
         for after_backward in pending:
-            self._log_metrics("train", after_backward())
+            self._log_metrics("train", after_backward(into=self.mtp_gradient_apart))

@@ -2,8 +2,9 @@
 
 What transformers' training loop does with one rollout, and nothing else: TRL's `training_step` on each micro-batch
 (forward, TRL's loss plus the MTP term, backward, `finish_backward`), `num_iterations` times over the rollout, and
-every `gradient_accumulation_steps` micro-steps the run's clip (`Trainer._clip_grad_norm`, skipped at
-`max_grad_norm` 0), the optimizer step, the scheduler step, the gradients zeroed. The MTP term is the run's own,
+every `gradient_accumulation_steps` micro-steps the run's clip and measured step (`_clip_grad_norm` /
+`_get_grad_norm`, `update_geometry.GeometryMixin`), the optimizer step, the MTP term's own moments where kept
+apart, the scheduler step, the gradients zeroed. The MTP term is the run's own,
 or the `MTP_TERMS` entry and fixed coefficient given (`ActiveTerm`, swapped for the call and restored on exit).
 
 Around it, the state one update changes (`update_state` / `restore_update_state`: parameters, optimizer and
@@ -54,6 +55,7 @@ class UpdateState:
     global_step: int
     micro_step: int
     ema: dict
+    mtp_moments: dict | None = None  # mtp_optimizer_state: separate
 
 
 class UpdateMixin:
@@ -111,11 +113,12 @@ class UpdateMixin:
                 for micro in micro_batches:
                     self.training_step(model, micro, None)
                     done += 1
-                    if done % args.gradient_accumulation_steps == 0:
-                        if args.max_grad_norm is not None and args.max_grad_norm > 0:
-                            norm = self._clip_grad_norm(model)
-                            self._metrics["train"]["grad_norm"].append(float(norm))
+                    if done % args.gradient_accumulation_steps == 0:  # as transformers' `_run_epoch`
+                        norm = self._clip_grad_norm(model) if args.max_grad_norm > 0 else None
+                        norm = self._get_grad_norm(model, grad_norm=norm)
+                        self._metrics["train"]["grad_norm"].append(float(norm))
                         self.optimizer.step()
+                        self._after_optimizer_step()  # the callback transformers' loop runs here
                         self.lr_scheduler.step()
                         model.zero_grad(set_to_none=True)
                         self.state.global_step += 1
@@ -130,7 +133,8 @@ class UpdateMixin:
         return UpdateState({k: v.detach().clone() for k, v in self.model.state_dict().items()},
                            copy.deepcopy(self.optimizer.state_dict()), copy.deepcopy(self.lr_scheduler.state_dict()),
                            self.state.global_step, self._step,
-                           {} if self.calibrator is None else dict(self.calibrator.ema))
+                           {} if self.calibrator is None else dict(self.calibrator.ema),
+                           None if self.mtp_moments is None else self.mtp_moments.state_dict())
 
     def restore_update_state(self, state: UpdateState) -> None:
         """Back to `state` exactly (parameters, optimizer, scheduler, counters, OCC's running average)."""
@@ -140,6 +144,10 @@ class UpdateMixin:
         self.state.global_step, self._step = state.global_step, state.micro_step
         if self.calibrator is not None:
             self.calibrator.ema = dict(state.ema)
+        if self.mtp_moments is not None:
+            self.mtp_moments.load_state_dict(state.mtp_moments)
+        if self.mtp_gradient_apart is not None:
+            self.mtp_gradient_apart.clear()
         self.model.zero_grad(set_to_none=True)
 
     def draw_rollout(self, after_step: int, seed: int) -> list[dict]:
