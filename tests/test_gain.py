@@ -136,3 +136,55 @@ def test_parabola_fit_recovers_a_known_curve_and_its_peak():
     assert upward.best_lambda == 4.0  # no interior peak: the grid's best end
     with pytest.raises(ValueError, match="must contain 0"):
         fit_gain_curve([1.0, 2.0], [0.1, 0.2])
+
+
+def _consistently_better(prompts=40, seed=0):
+    """per-prompt gains of a 3-point grid (0, a, b) whose b beats a by 0.01 on *every* prompt while the prompts
+    themselves differ by ~1: on shared samples b is the best point in every resample."""
+    rng = np.random.default_rng(seed)
+    base = rng.normal(1.0, 1.0, prompts)  # a mean gain of ~1 +- 0.16 over lambda = 0: 0 is never the best point
+    return np.stack([np.zeros(prompts), base, base + 0.01])
+
+
+def test_best_point_probability_is_exact_where_the_order_holds_on_every_prompt_and_independent_resampling_fails():
+    from mtprl.gain import best_point_probability
+
+    per_prompt = _consistently_better()
+    assert best_point_probability(per_prompt) == [0.0, 0.0, 1.0]
+
+    def broken(x, resamples=2000, seed=0):  # each lambda resampled on its own: the shared samples' pairing lost
+        rng = np.random.default_rng(seed)
+        counts = np.zeros(len(x))
+        for _ in range(resamples):
+            means = [row[rng.integers(0, len(row), len(row))].mean() for row in x]
+            counts[int(np.argmax(means))] += 1
+        return counts / resamples
+
+    assert broken(per_prompt)[2] < 0.7  # the same exact answer (1 on b among a and b) missed by far
+    tie = np.stack([np.zeros(40), np.ones(40), np.ones(40)])
+    assert best_point_probability(tie) == pytest.approx([0.0, 0.5, 0.5])
+
+
+def test_share_of_best_is_exact_on_a_known_curve_and_the_unrelative_variant_is_not():
+    from mtprl.gain import share_of_best
+
+    rng = np.random.default_rng(1)
+    zero = rng.normal(0.3, 1.0, 50)  # the lambda = 0 update's own gain, noisy per prompt
+    best = zero + rng.uniform(0.5, 1.5, 50)  # every prompt gains over lambda = 0
+    half = zero + 0.5 * (best - zero)  # exactly half the best point's gain on every prompt
+    per_prompt = np.stack([zero, half, best])
+    share, low, high = share_of_best(per_prompt, [0.0, 0.5, 1.0], 0.5)
+    assert share == pytest.approx(0.5) and low == pytest.approx(0.5) and high == pytest.approx(0.5)
+    unrelative = per_prompt[1].mean() / per_prompt[2].mean()  # dJ, not dJ - dJ(0): the broken reading
+    assert abs(unrelative - 0.5) > 0.05
+    assert share_of_best(np.stack([zero, zero - 1, zero - 2]), [0.0, 1.0, 2.0], 1.0) is None  # nothing gains
+
+
+def test_importance_ess_against_the_hand_formula():
+    from mtprl.gain import importance_ess
+
+    old = torch.zeros(4, dtype=torch.float64)
+    assert importance_ess(old, old) == (pytest.approx(4.0), pytest.approx(0.25))  # theta' = theta: all samples
+    new = torch.log(torch.tensor([1.0, 1.0, 2.0, 4.0], dtype=torch.float64))
+    w = np.array([1.0, 1.0, 2.0, 4.0])
+    assert importance_ess(new, old) == (pytest.approx(w.sum() ** 2 / (w ** 2).sum()), pytest.approx(4 / 8))

@@ -214,7 +214,9 @@ def _probe_file(run, step, a, b, occ_lambda, lambdas=(-1.0, 0.0, 0.5, 1.0, 2.0))
     """A probe.json whose measured curve is exactly a lambda + b lambda^2 (what `mtprl probe` writes)."""
     rel = [a * x + b * x * x for x in lambdas]
     best = -a / (2 * b)
+    base = [0.1 * ((7 * j) % 5 - 2) for j in range(12)]  # prompts differ, and the same prompt moves with lambda
     probe = {"step": step, "term": "policy", "lambdas": list(lambdas), "dJ_rel": rel,
+             "per_prompt": [[b0 + r for b0 in base] for r in rel],
              "dJ_rel_low": [r - 0.01 for r in rel], "dJ_rel_high": [r + 0.01 for r in rel],
              "fit": {"linear": a, "quadratic": b, "r2": 1.0}, "lambda_hat_star": best,
              "lambda_hat_star_interval": [best - 0.1, best + 0.1], "occ_lambda": occ_lambda,
@@ -233,14 +235,17 @@ def test_probe_section_reports_lambda_hat_star_against_occs_lambda(tmp_path):
     _probe_file(run, 60, 0.01, -0.01, 1.0)  # peak at 0.5: OCC at twice it
     rows = probe_rows({"occ": load_runs([run])[0]})
     assert [r["step"] for r in rows] == [20, 60]
-    assert [r["ratio"] for r in rows] == pytest.approx([2.0, 0.5])
-    assert rows[0]["share"] == pytest.approx((0.01 - 0.0025) / 0.01)  # G(0.5) / G(1.0) = 0.75
     assert [r["grid_best"] for r in rows] == [1.0, 0.5]  # the best measured grid point
+    assert [r["ratio"] for r in rows] == pytest.approx([2.0, 0.5])  # best grid point / OCC's lambda
+    assert [r["p_best"] for r in rows] == [1.0, 1.0]  # the order holds on every prompt: one best point
+    assert rows[0]["share"] == pytest.approx([0.75, 0.75, 0.75])  # measured G(0.5) / G(1.0), exact on every prompt
+    assert rows[1]["share"] == pytest.approx([0.0, 0.0, 0.0])  # OCC at twice the best point gains nothing
+    assert not any(r["edge"] for r in rows)
     report = build_report([run], str(tmp_path / "report"))
     text = open(report).read()
     assert "Why a regime wins, measured" in text
-    # median ratio [IQR]; median share of (0.75, 0: OCC at twice the peak gets nothing); a > 0, b < 0 counts
-    assert "| occ | 2 | 1.25 [0.875, 1.62] | 0.375 | 2/2 | 2/2 |" in text
+    # median best/OCC [IQR]; median share of (0.75, 0); largest P(best); edges; the fit's ratio (2, 0.5), secondary
+    assert "| occ | 2 | 1.25 [0.875, 1.62] | 0.375 | 1.00 | 0/2 | 1.25 |" in text
     assert os.path.isfile(tmp_path / "report" / "figure3_measured.png")
     assert "probes" in json.load(open(tmp_path / "report" / "report.json"))
 

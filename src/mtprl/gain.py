@@ -161,3 +161,64 @@ def gain_curve_with_interval(lambdas, per_prompt: np.ndarray, *, resamples: int 
     best = np.array([fit_gain_curve(lambdas, per_prompt[:, i].mean(axis=1), weights).best_lambda for i in idx])
     tail = (1 - level) / 2 * 100
     return curve, float(np.percentile(best, tail)), float(np.percentile(best, 100 - tail))
+
+
+# ---------------------------------------------------------------------------------------------- the readout
+# A probe's result is read from its measured grid points and their intervals; the parabola fit is a summary. On one
+# shared sample set the importance estimate is smooth in lambda whatever the truth, so a high R^2 is no evidence
+# for a parabola, and the fit's argmax lands mid-grid on flat, noisy curves.
+
+def _relative(per_prompt, lambdas) -> np.ndarray:
+    """dJ(lambda) - dJ(0) per prompt [len(lambdas), P] (paired on the shared samples)."""
+    lam = np.asarray(lambdas, dtype=np.float64)
+    zero = np.flatnonzero(lam == 0)
+    if len(zero) == 0:
+        raise ValueError("the lambda grid must contain 0 (the gain is measured relative to it)")
+    per_prompt = np.asarray(per_prompt, dtype=np.float64)
+    return per_prompt - per_prompt[zero[0]]
+
+
+def best_point_probability(per_prompt, *, resamples: int = GAIN_RESAMPLES, seed: int = GAIN_SEED) -> list[float]:
+    """One probability per grid lambda: the share of bootstrap resamples in which that point has the largest mean
+    gain. Prompts are resampled jointly for every lambda (the samples are shared, so the curve moves as one);
+    ties split evenly. Where no point has most of the mass, the grid cannot tell its points apart."""
+    x = np.asarray(per_prompt, dtype=np.float64)
+    idx = np.random.default_rng(seed).integers(0, x.shape[1], (resamples, x.shape[1]))
+    counts = np.zeros(x.shape[0])
+    for i in idx:
+        means = x[:, i].mean(axis=1)
+        best = np.flatnonzero(means >= means.max() - 1e-15 * max(1.0, abs(means.max())))
+        counts[best] += 1.0 / len(best)
+    return (counts / resamples).tolist()
+
+
+def share_of_best(per_prompt, lambdas, target: float, *, resamples: int = GAIN_RESAMPLES, seed: int = GAIN_SEED,
+                  level: float = 0.95) -> list | None:
+    """[share, low, high]: the measured gain at the grid point `target` relative to lambda = 0, as a share of the
+    best grid point's (both measured, dJ(lambda) - dJ(0)), with a percentile-bootstrap interval over prompts (the
+    best point re-chosen in every resample, so the interval carries the choice). None where no point gains over
+    lambda = 0 (the best is 0 itself: no share to speak of)."""
+    lam = [float(v) for v in lambdas]
+    rel = _relative(per_prompt, lam)
+    t = lam.index(float(target))
+    means = rel.mean(axis=1)
+    if means.max() <= 0:
+        return None
+    idx = np.random.default_rng(seed).integers(0, rel.shape[1], (resamples, rel.shape[1]))
+    shares = []
+    for i in idx:
+        m = rel[:, i].mean(axis=1)
+        if m.max() > 0:
+            shares.append(m[t] / m.max())
+    tail = (1 - level) / 2 * 100
+    low, high = (np.percentile(shares, tail), np.percentile(shares, 100 - tail)) if shares else (np.nan, np.nan)
+    return [float(means[t] / means.max()), float(low), float(high)]
+
+
+def importance_ess(new_logps, old_logps) -> tuple[float, float]:
+    """(effective sample size (sum w)^2 / sum w^2, the largest weight's share of sum w) of the importance weights
+    w = pi_theta'(y) / pi_theta(y) over the shared samples. ESS near the sample count: the estimate is as good as
+    fresh samples; far below it (under 10%): a few samples carry the estimate and its interval is optimistic."""
+    log_w = _as_float64(new_logps) - _as_float64(old_logps)
+    w = np.exp(log_w - log_w.max())  # scale-free: both numbers are ratios
+    return float(w.sum() ** 2 / (w * w).sum()), float(w.max() / w.sum())

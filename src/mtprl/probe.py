@@ -30,6 +30,7 @@ term is probed.
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import time
@@ -41,7 +42,8 @@ import torch
 from .callbacks import phase
 from .eval_mode import evaluating
 from .evaluation import completion_mask, score_completions
-from .gain import bootstrap_mean, direct_gain, gain_curve_with_interval, per_prompt_gains
+from .gain import (best_point_probability, bootstrap_mean, direct_gain, gain_curve_with_interval, importance_ess,
+                   per_prompt_gains, share_of_best)
 from .jsonl import atomic_write_json
 from .logprobs import main_logprobs
 from .occ import OCCStats, lambda_from_stats
@@ -58,12 +60,16 @@ class ProbeOptions:
     """What one probe measures (`mtprl probe` fields of the same names)."""
 
     term: str = ""  # detach | ce | policy | distill; "" = the run's regime's term (occ -> policy)
-    lambdas: str = "auto"  # comma-separated; auto = {-1, 0, 0.5, 1, 2, 4} x a reference lambda (see `lambda_grid`)
+    lambdas: str = "auto"  # comma-separated; auto = log-spaced around a reference lambda, dense where the clip binds
     prompts: int = 64  # held-out prompts N
     samples: int = 16  # samples per prompt M
     direct: int = 2  # lambdas also measured directly with fresh samples (0 = none)
     seed: int = 0
     batch_size: int = 64  # rows per forward when scoring and sampling
+    extend: int = 2  # times the grid is doubled outward when the best measured point is at its edge
+    # counterfactual updates from the same state and batch, comma-separated: no_clip, separate_clip,
+    # separate_state, sgd (plain SGD whose step norm at lambda = 0 matches the run's own step); each gets its curve
+    counterfactuals: str = ""
 
 
 # ------------------------------------------------------------------------------------------------- J: samples
@@ -141,34 +147,60 @@ def _mean_over_heads(metrics: dict, prefix: str) -> float | None:
     return float(statistics.fmean(values)) if values else None
 
 
-def lambda_grid(spec: str, reference: float) -> list[float]:
-    """`auto`: {-1, 0, 0.5, 1, 2, 4} x reference (the largest of |exact lambda|, |OCC's lambda| and mtp_coef), so
-    that the grid spans the parabola's peak on both sides; else the comma-separated values."""
+def lambda_grid(spec: str, reference: float, clip_lambda: float | None = None) -> list[float]:
+    """`auto`: 0, -reference, and log-spaced positives from reference / 8 to 8 x reference (the largest of |exact
+    lambda|, |OCC's lambda| and mtp_coef), three more between clip_lambda / 4 and clip_lambda (= max_grad_norm /
+    ||g_MTP||, where the shared clip starts to bind) so the curve is measured densely where the clip sets in;
+    else the comma-separated values."""
     if spec.strip() == "auto":
-        return [m * reference for m in (-1.0, 0.0, 0.5, 1.0, 2.0, 4.0)]
+        grid = {0.0, -reference, *np.geomspace(reference / 8, reference * 8, 7).tolist()}
+        if clip_lambda is not None and math.isfinite(clip_lambda) and clip_lambda > 0:
+            grid |= set(np.geomspace(clip_lambda / 4, clip_lambda, 3).tolist())
+        return sorted(grid)
     try:
         return [float(x) for x in spec.split(",") if x.strip()]
     except ValueError as e:
         raise ValueError(f"lambdas must be 'auto' or comma-separated numbers, got {spec!r}") from e
 
 
+COUNTERFACTUALS = {"no_clip": {"max_grad_norm": 0.0}, "separate_clip": {"mtp_grad_clip": "separate"},
+                   "separate_state": {"mtp_optimizer_state": "separate"}, "sgd": {}}
+
+
+def counterfactual_list(spec: str) -> list[str]:
+    names = [x.strip() for x in spec.split(",") if x.strip()]
+    unknown = [n for n in names if n not in COUNTERFACTUALS]
+    if unknown:
+        raise ValueError(f"counterfactuals: unknown {', '.join(unknown)} (choose from {', '.join(COUNTERFACTUALS)})")
+    return names
+
+
 # ------------------------------------------------------------------------------------------------- one state
 @dataclass
 class ProbeSetup:
     """What every update of one probe shares: the trainer at the probed state, the rollout's micro-batches, the
-    held-out samples of theta and how to sample more, the probed term."""
+    held-out samples of theta and how to sample more, the probed term, the parameters theta themselves."""
 
     trainer: object
     batches: list
     held: HeldOut
     sample: dict  # sample_held_out's settings
     term: str  # the MTP_TERMS entry probed at fixed lambdas
+    theta: list = field(default_factory=list)  # trainable parameters at the probed state
 
-    def logps_after(self, regime: str, coef: float | None = None, fidelity: bool = False):
-        """(held-out sequence log-probs under theta'(coef), the update's metrics)."""
-        model, temperature = self.trainer.model, self.trainer.args.temperature
-        return after_update(self.trainer, self.batches, lambda: sequence_logps(model, self.held, temperature),
-                            regime=regime, coef=coef, fidelity=fidelity)
+    def measure(self, regime: str, coef: float | None = None, fidelity: bool = False) -> dict:
+        """One update from the state: {logps: held-out sequence log-probs under theta', metrics: the update's,
+        delta: theta' - theta flattened}."""
+        trainer = self.trainer
+        params = [p for p in trainer.model.parameters() if p.requires_grad]
+
+        def after():
+            delta = torch.cat([(p.detach() - t).flatten().double() for p, t in zip(params, self.theta)])
+            return sequence_logps(trainer.model, self.held, trainer.args.temperature), delta
+
+        (logps, delta), metrics = after_update(trainer, self.batches, after, regime=regime, coef=coef,
+                                               fidelity=fidelity)
+        return {"logps": logps, "metrics": metrics, "delta": delta}
 
 
 def probe_state(trainer, tokenizer, held_out_data, options: ProbeOptions, *, step: int, log=phase) -> dict:
@@ -180,48 +212,133 @@ def probe_state(trainer, tokenizer, held_out_data, options: ProbeOptions, *, ste
     held = sample_held_out(trainer.model, tokenizer, held_out_data, seed=options.seed, **sample)
     log(f"probe step {step}: {len(held.rewards)} held-out samples, J(theta) = {held.rewards.mean():.4f}")
     setup = ProbeSetup(trainer, trainer.draw_rollout(step, options.seed), held, sample,
-                       options.term or fixed_form_of(args.mtp_regime, args.occ_variant))
+                       options.term or fixed_form_of(args.mtp_regime, args.occ_variant),
+                       [p.detach().clone() for p in trainer.model.parameters() if p.requires_grad])
     # OCC's lambda at this state: an update under the run's OCC settings (regime occ with its variant)
-    occ_logps, occ_metrics = setup.logps_after("occ")
-    occ_lambda = _mean_over_heads(occ_metrics, LAMBDA_KEYS) or 0.0
+    occ = setup.measure("occ")
+    occ_lambda = _mean_over_heads(occ["metrics"], LAMBDA_KEYS) or 0.0
     # lambda = 0 with the exact and estimated c, v^2 of the probed term on every micro-batch
-    zero_logps, zero_metrics = setup.logps_after(setup.term, 0.0, fidelity=True)
-    geometry = _gradient_geometry(zero_metrics, args)
+    zero = setup.measure(setup.term, 0.0, fidelity=True)
+    geometry = _gradient_geometry(zero["metrics"], args)
     reference = max(abs(geometry["exact_lambda"]), abs(occ_lambda), abs(args.mtp_coef), 1e-6)
-    grid = sorted(set(lambda_grid(options.lambdas, reference)) | {0.0, occ_lambda, geometry["exact_lambda"]})
-    new_logps = {0.0: zero_logps}
-    for lam in grid:
-        if lam not in new_logps:
-            new_logps[lam] = setup.logps_after(setup.term, lam)[0]
-            log(f"probe step {step}: lambda {lam:+.4g} done")
-    per_prompt = np.stack([per_prompt_gains(new_logps[lam], held.logps, held.rewards, held.prompt_ids)
-                           for lam in grid])
-    gains = [bootstrap_mean(row) for row in per_prompt]
-    relative = [bootstrap_mean(row - per_prompt[grid.index(0.0)]) for row in per_prompt]  # paired: same samples
-    curve, best_low, best_high = gain_curve_with_interval(grid, per_prompt)
-    direct = [_direct_check(setup, tokenizer, held_out_data, options.seed + 1, lam, gains[grid.index(lam)])
-              for lam in _direct_lambdas(grid, options.direct, occ_lambda)]
-    occ_gain = per_prompt_gains(occ_logps, held.logps, held.rewards, held.prompt_ids)
-    best_gain = curve.gain_at(curve.best_lambda)
+    clip_lambda = (args.max_grad_norm / math.sqrt(geometry["v2_exact"])
+                   if args.max_grad_norm > 0 and geometry["v2_exact"] > 0 else None)
+    grid = sorted(set(lambda_grid(options.lambdas, reference, clip_lambda)) | {0.0, occ_lambda,
+                                                                                geometry["exact_lambda"]})
+    points = _measure_grid(setup, grid, {0.0: zero}, options.extend, step, log)
+    grid = sorted(points)
+    curve = _readout(setup, grid, points, targets={"occ": occ_lambda, "exact": geometry["exact_lambda"]})
+    direct = [_direct_check(setup, tokenizer, held_out_data, options.seed + 1, lam, curve["dJ_points"][i])
+              for i, lam in enumerate(grid) if lam in _direct_lambdas(grid, options.direct, occ_lambda)]
+    curve.pop("dJ_points")
+    occ_gain = per_prompt_gains(occ["logps"], held.logps, held.rewards, held.prompt_ids)
+    counterfactuals = {name: _counterfactual(setup, name, grid, points[0.0], step, log)
+                       for name in counterfactual_list(options.counterfactuals)}
+    prompt_rewards = [held.rewards[held.prompt_ids == i] for i in np.unique(held.prompt_ids)]
     return {
-        "step": step, "term": setup.term, "regime": args.mtp_regime, "lambdas": grid,
-        "dJ": [g[0] for g in gains], "dJ_low": [g[1] for g in gains], "dJ_high": [g[2] for g in gains],
+        "step": step, "term": setup.term, "regime": args.mtp_regime, **curve,
+        "J_theta": float(held.rewards.mean()), "clip_lambda": clip_lambda, "max_grad_norm": args.max_grad_norm,
+        **geometry, "occ_lambda": occ_lambda, "occ_variant": args.occ_variant, "occ_lambda_plus": args.occ_lambda_plus,
+        # OCC's own lambda on each micro-batch of the rollout, in order (the first sees no change since the rollout)
+        "occ_lambdas_per_micro_batch": {k[len(LAMBDA_KEYS):]: v for k, v in occ["metrics"].items()
+                                        if k.startswith(LAMBDA_KEYS)},
+        # the run's own OCC update (lambda varying per micro-batch), measured on the same samples
+        "occ_update_dJ": list(bootstrap_mean(occ_gain)),
+        "direct": direct, "counterfactuals": counterfactuals,
+        # what was used: the prompts actually probed and how many have any reward variance among their samples
+        "prompts": len(prompt_rewards), "prompts_with_reward_variance": int(sum(r.std() > 0 for r in prompt_rewards)),
+        "prompts_requested": options.prompts, "samples": options.samples,
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def _measure_grid(setup: ProbeSetup, grid: list[float], points: dict, extend: int, step: int, log) -> dict:
+    """Every grid point measured (`ProbeSetup.measure`), then the grid doubled outward while the best measured
+    point sits at its edge (at most `extend` times)."""
+    for lam in grid:
+        if lam not in points:
+            points[lam] = setup.measure(setup.term, lam)
+            log(f"probe step {step}: lambda {lam:+.4g} done")
+    for _ in range(extend):
+        lams = sorted(points)
+        gains = [float(np.mean(_gains(setup, points[lam]))) for lam in lams]
+        best = int(np.argmax(gains))
+        if 0 < best < len(lams) - 1 or lams[best] == 0.0:
+            break
+        lam = 2.0 * lams[best]
+        points[lam] = setup.measure(setup.term, lam)
+        log(f"probe step {step}: best point at the grid's edge, lambda {lam:+.4g} added")
+    return points
+
+
+def _gains(setup: ProbeSetup, point: dict) -> np.ndarray:
+    held = setup.held
+    return per_prompt_gains(point["logps"], held.logps, held.rewards, held.prompt_ids)
+
+
+def _update_summary(points: dict, grid: list[float]) -> dict:
+    """Per lambda: ||delta theta||, its cosine with delta theta(0), the mean clip factor(s) and gradient norms."""
+    zero = points[0.0]["delta"]
+    out = {"update_norm": [float(points[lam]["delta"].norm()) for lam in grid],
+           "update_cosine": [float(torch.nn.functional.cosine_similarity(points[lam]["delta"], zero, dim=0))
+                             for lam in grid]}
+    for key in ("grad_norm", "grad_norm/rl", "grad_norm/mtp", "clip_factor", "clip_factor/rl", "clip_factor/mtp"):
+        values = [points[lam]["metrics"].get(key) for lam in grid]
+        if any(values):
+            out[key] = [float(statistics.fmean(v)) if v else None for v in values]
+    return out
+
+
+def _readout(setup: ProbeSetup, grid: list[float], points: dict, targets: dict | None = None) -> dict:
+    """probe.json's curve: dJ and dJ - dJ(0) per lambda with intervals, the measured best grid point and the
+    bootstrap probability of each point being best, an edge flag, the importance weights' ESS and largest weight,
+    the update's norm, cosine and clip; the parabola fit as a secondary summary; the shares of the best point's
+    gain at the `targets` lambdas (OCC's, the exact one)."""
+    held = setup.held
+    per_prompt = np.stack([_gains(setup, points[lam]) for lam in grid])
+    gains = [bootstrap_mean(row) for row in per_prompt]
+    rel_rows = per_prompt - per_prompt[grid.index(0.0)]
+    relative = [bootstrap_mean(row) for row in rel_rows]  # paired: the same samples
+    best = int(np.argmax([g[0] for g in relative]))
+    ess = [importance_ess(points[lam]["logps"], held.logps) for lam in grid]
+    curve, fit_low, fit_high = gain_curve_with_interval(grid, per_prompt)
+    n = len(held.rewards)
+    out = {
+        "lambdas": grid, "dJ": [g[0] for g in gains], "dJ_low": [g[1] for g in gains],
+        "dJ_high": [g[2] for g in gains], "dJ_points": gains,
         # dJ(lambda) - dJ(0), the curve the theory draws (paired on the shared samples, so much tighter)
         "dJ_rel": [g[0] for g in relative], "dJ_rel_low": [g[1] for g in relative],
         "dJ_rel_high": [g[2] for g in relative],
-        "J_theta": float(held.rewards.mean()),
+        "grid_best_lambda": grid[best], "best_lambda_probability": best_point_probability(per_prompt),
+        "best_at_edge": best in (0, len(grid) - 1) and grid[best] != 0.0,
+        "ess": [e[0] for e in ess], "max_weight": [e[1] for e in ess],
+        "low_ess_lambdas": [lam for lam, e in zip(grid, ess) if e[0] < 0.1 * n],
+        **_update_summary(points, grid),
+        # secondary: the parabola fit (1/se^2 weights let the points near 0 lead; on shared samples a smooth
+        # curve is what the estimator gives whatever the truth, so R^2 is no evidence of a parabola)
         "fit": {"linear": curve.linear, "quadratic": curve.quadratic, "r2": curve.r2},
-        # the grid's best measured point: robust where the parabola fits badly
-        "grid_best_lambda": grid[int(np.argmax([g[0] for g in relative]))],
-        "lambda_hat_star": curve.best_lambda, "lambda_hat_star_interval": [best_low, best_high],
-        **geometry, "occ_lambda": occ_lambda, "occ_variant": args.occ_variant, "occ_lambda_plus": args.occ_lambda_plus,
-        # the run's own OCC update (lambda varying per micro-batch), measured on the same samples
-        "occ_update_dJ": list(bootstrap_mean(occ_gain)),
-        "occ_share_of_best": (curve.gain_at(occ_lambda) / best_gain) if best_gain > 0 else None,
-        "direct": direct, "prompts": options.prompts, "samples": options.samples,
+        "lambda_hat_star": curve.best_lambda, "lambda_hat_star_interval": [fit_low, fit_high],
         "per_prompt": per_prompt.tolist(),  # [lambda, prompt] unbiased per-prompt gains: refits and re-bootstraps
-        "seconds": time.perf_counter() - start,
     }
+    for name, lam in (targets or {}).items():
+        out[f"{name}_share_of_best"] = share_of_best(per_prompt, grid, lam)
+    return out
+
+
+def _counterfactual(setup: ProbeSetup, name: str, grid: list[float], run_zero: dict, step: int, log) -> dict:
+    """The curve under another update from the same state and batch (`COUNTERFACTUALS`); `sgd`'s learning rate
+    makes its lambda = 0 step as long as the run's own (||delta theta(0)||)."""
+    settings = dict(COUNTERFACTUALS[name])
+    trainer = setup.trainer
+    if name == "sgd":
+        with trainer.using_update_settings(sgd_lr=1.0):
+            unit = float(setup.measure(setup.term, 0.0)["delta"].norm())
+        settings["sgd_lr"] = float(run_zero["delta"].norm()) / unit if unit > 0 else 0.0
+    with trainer.using_update_settings(**settings):
+        points = {lam: setup.measure(setup.term, lam) for lam in grid}
+    log(f"probe step {step}: counterfactual {name} done")
+    out = _readout(setup, grid, points)
+    return {"settings": settings, **{k: v for k, v in out.items() if k != "dJ_points"}}
 
 
 def _gradient_geometry(zero_metrics: dict, args) -> dict:
@@ -326,7 +443,9 @@ def probe_run(run_dir: str, which: str = "all", options: ProbeOptions | None = N
         suffix = f"-{options.term}" if options.term else ""
         path = os.path.join(run_dir, "probes", f"probe-step{step}{suffix}.json")
         atomic_write_json(path, result)
-        phase(f"probe: {path} (lambda_hat* {result['lambda_hat_star']:+.4g}, OCC's lambda "
-              f"{result['occ_lambda']:+.4g}, {result['seconds']:.0f} s)")
+        best = result["lambdas"].index(result["grid_best_lambda"])
+        phase(f"probe: {path} (best measured lambda {result['grid_best_lambda']:+.4g}, P(best) "
+              f"{result['best_lambda_probability'][best]:.2f}{', at the grid edge' if result['best_at_edge'] else ''}"
+              f"; OCC's lambda {result['occ_lambda']:+.4g}, {result['seconds']:.0f} s)")
         written.append(path)
     return written

@@ -217,7 +217,8 @@ class GeometryMixin:
         if joint and args.mtp_optimizer_state == "separate":
             self.mtp_moments = MTPMoments(self.calibrator.main_params, (args.adam_beta1, args.adam_beta2),
                                           args.adam_epsilon)
-        self.add_callback(AfterOptimizerStep(self))
+        if not any(isinstance(c, AfterOptimizerStep) for c in self.callback_handler.callbacks):
+            self.add_callback(AfterOptimizerStep(self))
 
     def _trainable_params(self) -> list:
         return [p for p in self.model.parameters() if p.requires_grad]
