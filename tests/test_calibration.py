@@ -154,3 +154,36 @@ def test_regime_losses_are_pure_functions_of_plain_data(name):
         want = (-masked_mean(mtp[:, k], mask) if regime.loss.__name__ == "ce_on_samples"
                 else policy_loss(mtp[:, k], old_mtp[:, k], adv, mask, loss_type="grpo"))
         torch.testing.assert_close(a, want)
+
+
+def test_adam_geometry_and_cross_fitted_c_against_autograd_and_the_optimizers_state():
+    """c_P = <g_RL, P g_MTP>, v2_P = <g_MTP, P g_MTP> with P from AdamW's bias-corrected exp_avg_sq (after one step
+    on a gradient g: v_hat = g^2, so P = 1 / (|g| + eps)), and the cross-fitted c against the previous micro-batch's
+    g_MTP, each against flattened autograd gradients."""
+    from mtprl.calibration import adam_preconditioner
+
+    model, out, rl, mtp_loss, main_params, head_params = _model_losses()
+    g_rl = torch.autograd.grad(rl, main_params, retain_graph=True, allow_unused=True)
+    g_rl = [torch.zeros_like(p) if g is None else g for g, p in zip(g_rl, main_params)]
+    g_mtp = [torch.zeros_like(p) if g is None else g for g, p in
+             zip(torch.autograd.grad(mtp_loss, main_params, retain_graph=True, allow_unused=True), main_params)]
+    shadow = [p.detach().clone().requires_grad_() for p in main_params]  # the graph keeps the real ones intact
+    opt = torch.optim.AdamW(shadow, lr=1e-3, eps=1e-8)
+    for p, g in zip(shadow, g_mtp):
+        p.grad = g.clone() + 0.5  # some gradient the optimizer has seen
+    opt.step()
+    P = adam_preconditioner(opt, shadow)
+    for g, q in zip(g_mtp, P):
+        torch.testing.assert_close(q, 1.0 / ((g + 0.5).abs() + 1e-8))
+    cal = LambdaCalibrator(CalibrationSettings(), main_params, head_params)
+    grads = RLGradients(rl, out.hidden)
+    cal.gradient_stats("exact", grads, mtp_loss)  # fills the exact g_RL cache, as fidelity does
+    first = cal.exact_geometry(1, grads, mtp_loss, P)
+    c_p = sum(float((a * q * b).sum()) for a, b, q in zip(g_rl, g_mtp, P))
+    v2_p = sum(float((b * b * q).sum()) for b, q in zip(g_mtp, P))
+    assert first["mtp/c_adam/1"] == pytest.approx(c_p, rel=1e-4)
+    assert first["mtp/v2_adam/1"] == pytest.approx(v2_p, rel=1e-4)
+    assert "mtp/c_cross/1" not in first  # no previous micro-batch yet
+    second = cal.exact_geometry(1, grads, mtp_loss, None)  # same batch again: the cross-fit reduces to the exact c
+    assert second["mtp/c_cross/1"] == pytest.approx(sum(float((a * b).sum()) for a, b in zip(g_rl, g_mtp)), rel=1e-4)
+    assert adam_preconditioner(torch.optim.AdamW(shadow), shadow) is None  # before the first step

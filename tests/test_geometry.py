@@ -169,3 +169,17 @@ def test_moments_state_dict_round_trip_rejects_another_trunk():
     moments.step([torch.ones(3)], 0.5, 0.1)
     with pytest.raises(ValueError, match="trainable parameters"):
         MTPMoments(params * 2).load_state_dict(moments.state_dict())
+
+
+@pytest.mark.parametrize("first_update", ["zero", "carry"])
+def test_occs_first_update_after_a_rollout_is_zero_or_carries_the_last_lambda(tmp_path, first_update):
+    """OCC's lambda is logged per position within the rollout; at position 0 the proxies see no change (0), and
+    occ_first_update=carry uses the previous rollout's last lambda there instead."""
+    trainer = _mtp_trainer(tmp_path, mtp_regime="occ", mtp_num_heads=1, steps_per_generation=2, max_steps=4,
+                           occ_first_update=first_update, mtp_head_loss="none")
+    trainer.train()
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl") if '"mtp/lambda/1"' in line]
+    assert [("mtp/lambda_pos0/1" in r, "mtp/lambda_pos1/1" in r) for r in rows] == [(True, False), (False, True)] * 2
+    assert rows[0]["mtp/lambda_pos0/1"] == 0.0 and rows[1]["mtp/lambda_pos1/1"] != 0.0
+    want = 0.0 if first_update == "zero" else rows[1]["mtp/lambda_pos1/1"]
+    assert rows[2]["mtp/lambda_pos0/1"] == pytest.approx(want, rel=1e-6)

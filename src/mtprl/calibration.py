@@ -93,6 +93,8 @@ class LambdaCalibrator:
         self._last_index = [i for i, p in enumerate(self.main_params) if id(p) in last_ids]
         self.reduce, self.num_processes = reduce, num_processes
         self.ema: dict[int, OCCStats] = {}  # head depth -> running average of the proxies (`ema` source)
+        self.carried: dict[int, torch.Tensor] = {}  # head depth -> the last lambda (occ_first_update: carry)
+        self._previous_g_mtp: dict[int, list] = {}  # head depth -> g_MTP of the last fidelity micro-batch (cross-fit)
 
     # ------------------------------------------------------------------------------------- the proxies
     def proxies(self, delta_rl, heads: list[HeadData], reduction: str = "batch") -> list[OCCStats]:
@@ -125,11 +127,20 @@ class LambdaCalibrator:
         """The released code's lambda, which goes inside the head's advantages (lambda_plus shared by K)."""
         return self.lambda_from(stats, depth, metrics, regime.proxy_reduction, lambda_plus_scale=1.0 / num_heads)
 
-    def proxy_lambda(self, regime: Regime, stats: OCCStats, depth: int, metrics: dict) -> torch.Tensor:
-        """lambda of the sources that need no backward: `hat` (this micro-batch's proxies) and `ema`."""
+    def proxy_lambda(self, regime: Regime, stats: OCCStats, depth: int, metrics: dict,
+                     first_update: str | None = None) -> torch.Tensor:
+        """lambda of the sources that need no backward: `hat` (this micro-batch's proxies) and `ema`.
+        first_update: this is the first update after a rollout and `occ_first_update` says what it gets ("zero":
+        the proxies' own 0; "carry": the last lambda before it); None: a later update (its lambda is kept)."""
+        if first_update == "carry" and depth in self.carried:
+            return self.carried[depth]
         if regime.lambda_source == "ema":
-            return self.lambda_from(self.ema.get(depth, stats), depth, metrics)
-        return self.lambda_from(stats, depth, metrics, regime.proxy_reduction)
+            lam = self.lambda_from(self.ema.get(depth, stats), depth, metrics)
+        else:
+            lam = self.lambda_from(stats, depth, metrics, regime.proxy_reduction)
+        if first_update is None:
+            self.carried[depth] = lam.detach()
+        return lam
 
     def lambda_from_gradients(self, source: str, grads: "RLGradients", head_loss, depth: int,
                               metrics: dict) -> torch.Tensor:
@@ -221,9 +232,11 @@ class LambdaCalibrator:
         return metrics
 
     # ------------------------------------------------------------------------------------- fidelity, guard
-    def fidelity(self, depths, losses, grads: RLGradients, with_exact: bool = True) -> dict[str, float]:
+    def fidelity(self, depths, losses, grads: RLGradients, with_exact: bool = True,
+                 preconditioner: list | None = None) -> dict[str, float]:
         """Every lambda source's c and v2 for each head's loss (coefficient 1) on this micro-batch: hidden,
-        last_layers, exact (unless it comes from `add_exact_terms` this step), and the running average."""
+        last_layers, exact (unless it comes from `add_exact_terms` this step), and the running average; with the
+        exact gradients also Adam's geometry (`adam_geometry`) and the cross-fitted c (`cross_fitted_c`)."""
         metrics = {}
         sources = [s for s in GRADIENT_SOURCES if with_exact or s != "exact"]
         for depth, loss in zip(depths, losses):
@@ -233,7 +246,28 @@ class LambdaCalibrator:
                 metrics[f"mtp/v2_{source}/{depth}"] = est.v2_hat.item()
             metrics[f"mtp/c_ema/{depth}"] = self.ema[depth].c_hat.item()
             metrics[f"mtp/v2_ema/{depth}"] = self.ema[depth].v2_hat.item()
+            if with_exact:
+                metrics.update(self.exact_geometry(depth, grads, loss, preconditioner))
         return metrics
+
+    def exact_geometry(self, depth, grads: RLGradients, head_loss, preconditioner: list | None) -> dict[str, float]:
+        """What the exact c and v2 leave out, from the exact gradients over the main model (one more backward of the
+        head loss): Adam's geometry c_P = <g_RL, P g_MTP>, v2_P = <g_MTP, P g_MTP> with P = 1 / (sqrt(v_hat) + eps)
+        the optimizer's preconditioner (`adam_preconditioner`; skipped before its first step), and the cross-fitted
+        c = <g_RL of this micro-batch, g_MTP of the previous fidelity micro-batch> (the same-batch product carries
+        the two gradients' shared sampling noise)."""
+        g_rl = grads.cache["exact"]
+        g_mtp = self.mean_across_ranks(loss_gradients(head_loss, self.main_params))
+        out = {}
+        if preconditioner is not None:
+            c_p = sum(float((a.double() * q.double() * b.double()).sum()) for a, b, q in zip(g_rl, g_mtp, preconditioner))
+            v2_p = sum(float((b.double() ** 2 * q.double()).sum()) for b, q in zip(g_mtp, preconditioner))
+            out.update({f"mtp/c_adam/{depth}": c_p, f"mtp/v2_adam/{depth}": v2_p})
+        previous = self._previous_g_mtp.get(depth)
+        if previous is not None:
+            out[f"mtp/c_cross/{depth}"] = sum(float((a.double() * b.double()).sum()) for a, b in zip(g_rl, previous))
+        self._previous_g_mtp[depth] = [g.detach() for g in g_mtp]
+        return out
 
     def finite_or_zero(self, coef, depth, stats, metrics: dict):
         """A NaN/inf lambda (NaN log-probs upstream) must not poison the weights: use 0 for this micro-batch,
@@ -244,3 +278,19 @@ class LambdaCalibrator:
                       f"v2_hat={stats.v2_hat.item()}); using 0 for this micro-batch")
         metrics.setdefault(f"mtp/lambda_nonfinite/{depth}", []).append(1.0)
         return torch.zeros_like(coef)
+
+
+def adam_preconditioner(optimizer, params) -> list | None:
+    """P = 1 / (sqrt(v_hat) + eps) per parameter from an Adam-family optimizer's `exp_avg_sq` (bias-corrected with
+    its step count and beta2); None before its first step or for an optimizer without second moments."""
+    out = []
+    for p in params:
+        state = optimizer.state.get(p, {})
+        if "exp_avg_sq" not in state:
+            return None
+        group = next(g for g in optimizer.param_groups if any(q is p for q in g["params"]))
+        beta2, eps = group["betas"][1], group["eps"]
+        step = float(state["step"])
+        v_hat = state["exp_avg_sq"] / (1 - beta2 ** step)
+        out.append(1.0 / (v_hat.sqrt() + eps))
+    return out

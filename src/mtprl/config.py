@@ -183,6 +183,10 @@ class MTPGRPOConfig(HeadFields, GRPOConfig):
                 "(ce reaches the trunk, distill does not, both weighted by mtp_coef); mtp_head_loss: ce / distill "
                 "are the same losses on detached heads, weighted by mtp_head_coef, beside any regime."})
     mtp_head_coef: float = field(default=0.1, metadata={"help": "Weight of the mtp_head_loss term."})
+    occ_first_update: str = field(default="zero", metadata={
+        "help": "OCC's lambda on the first update after each rollout, where the policy has not moved yet and the "
+                "proxies give 0: zero (the paper) | carry (the last lambda of the previous rollout's updates, per "
+                "head; 0 before any). mtp/lambda_pos<i>/k logs lambda per position i within a rollout."})
     mtp_grad_clip: str = field(default="shared", metadata={
         "help": "shared: TRL's clip of the summed gradient to max_grad_norm (a large MTP gradient shrinks the "
                 "policy's part of the step) | separate: the policy's gradient clipped alone to max_grad_norm and the "
@@ -240,6 +244,7 @@ class MTPGRPOConfig(HeadFields, GRPOConfig):
         check_int("occ_last_layers", self.occ_last_layers, 1)
         check_number("occ_ema_beta", self.occ_ema_beta, 0.0, 1.0, high_open=True)
         check_int("occ_fidelity_every", self.occ_fidelity_every, 0)
+        check_choice("occ_first_update", self.occ_first_update, ("zero", "carry"))
         check_choice("mtp_grad_clip", self.mtp_grad_clip, GRAD_CLIP_MODES)
         check_choice("mtp_optimizer_state", self.mtp_optimizer_state, OPTIMIZER_STATE_MODES)
         if self.mtp_max_grad_norm is not None:

@@ -55,6 +55,9 @@ class StepSettings:
     # (`mtp_grad_clip` / `mtp_optimizer_state: separate` where the term reaches the trunk; update_geometry.py)
     keep_apart: bool = False
     unit_gradient: bool = False  # with keep_apart: also the term's trunk gradient at coefficient 1 (its own moments)
+    # the first update after a rollout: what OCC's proxy lambda is there ("zero" | "carry", occ_first_update);
+    # None on later updates
+    first_update: str | None = None
 
 
 @dataclass
@@ -78,13 +81,14 @@ def _add(metrics: dict, name: str, value: float) -> None:
 
 def mtp_step(rl_loss: torch.Tensor, logprobs: LogProbs, inputs: Mapping, settings: StepSettings,
              scaling: LossScaling, calibrator: LambdaCalibrator, *, rerun_heads: RerunHeads | None = None,
-             cut: TrunkCut | None = None) -> StepResult:
+             cut: TrunkCut | None = None, preconditioner: list | None = None) -> StepResult:
     """TRL's loss plus the regime's MTP term for this micro-batch (summed over heads), and everything it measured.
 
     rl_loss: TRL's own loss of the micro-batch; logprobs: the forward it was computed from (`LogProbs`, heads
     included); inputs: TRL's micro-batch (old log-probs, masks, advantages); scaling: TRL's loss scaling as numbers;
     rerun_heads: re-runs the heads on this forward's trunk (needed by the head-only term and fidelity steps);
-    cut: the graph was cut below the last layers (occ last_layers, `split_backward.TrunkCut`)."""
+    cut: the graph was cut below the last layers (occ last_layers, `split_backward.TrunkCut`); preconditioner: Adam's
+    1 / (sqrt(v_hat) + eps) over the main parameters on fidelity steps (`calibration.adam_preconditioner`)."""
     regime, training = settings.regime, settings.training
     old_main = inputs.get("old_per_token_logps")
     old_main = logprobs.main.detach() if old_main is None else old_main
@@ -119,7 +123,7 @@ def mtp_step(rl_loss: torch.Tensor, logprobs: LogProbs, inputs: Mapping, setting
         if regime.mtp_grad == "detach":  # c and v2 over the main model: the head losses on the live trunk
             fidelity_losses = _joint_head_losses(logprobs, inputs, regime, scaling, rerun_heads)
         for name, value in calibrator.fidelity([h.depth for h in heads], fidelity_losses, grads,
-                                               with_exact=not stashes).items():
+                                               with_exact=not stashes, preconditioner=preconditioner).items():
             _add(metrics, name, value)
     if settings.head_loss != "none" and training:  # the heads always learn, whatever reaches the trunk
         head_losses = _head_only_losses(settings.head_loss, mask, rerun_heads)
@@ -173,7 +177,7 @@ def _head_term(h: HeadData, stats, num_heads: int, regime: Regime, settings: Ste
         return loss, torch.tensor(float(settings.mtp_coef))
     source = regime.lambda_source
     if source in ("hat", "ema"):
-        return loss, calibrator.proxy_lambda(regime, stats, h.depth, metrics)
+        return loss, calibrator.proxy_lambda(regime, stats, h.depth, metrics, settings.first_update)
     if grads is None:  # not a training micro-batch: gradient sources need a backward, lambda is 0 there
         return loss, torch.zeros((), device=loss.device)
     if source == "exact":

@@ -232,10 +232,15 @@ def probe_state(trainer, tokenizer, held_out_data, options: ProbeOptions, *, ste
               for i, lam in enumerate(grid) if lam in _direct_lambdas(grid, options.direct, occ_lambda)]
     curve.pop("dJ_points")
     occ_gain = per_prompt_gains(occ["logps"], held.logps, held.rewards, held.prompt_ids)
+    # the first update of the rollout with the lambda carried from the last one (occ_first_update: carry; the
+    # calibrator holds the OCC update's last lambda, a stand-in for the previous rollout's) against lambda = 0 there
+    with trainer.using_update_settings(occ_first_update="carry"):
+        carry = setup.measure("occ")
+    carry_gain = per_prompt_gains(carry["logps"], held.logps, held.rewards, held.prompt_ids)
     counterfactuals = {name: _counterfactual(setup, name, grid, points[0.0], step, log)
                        for name in counterfactual_list(options.counterfactuals)}
     prompt_rewards = [held.rewards[held.prompt_ids == i] for i in np.unique(held.prompt_ids)]
-    return {
+    result = {
         "step": step, "term": setup.term, "regime": args.mtp_regime, **curve,
         "J_theta": float(held.rewards.mean()), "clip_lambda": clip_lambda, "max_grad_norm": args.max_grad_norm,
         **geometry, "occ_lambda": occ_lambda, "occ_variant": args.occ_variant, "occ_lambda_plus": args.occ_lambda_plus,
@@ -244,12 +249,18 @@ def probe_state(trainer, tokenizer, held_out_data, options: ProbeOptions, *, ste
                                         if k.startswith(LAMBDA_KEYS)},
         # the run's own OCC update (lambda varying per micro-batch), measured on the same samples
         "occ_update_dJ": list(bootstrap_mean(occ_gain)),
+        "occ_carry_update_dJ": list(bootstrap_mean(carry_gain)),
+        "occ_carry_minus_zero_dJ": list(bootstrap_mean(carry_gain - occ_gain)),  # paired on the shared samples
+        "occ_carry_lambdas_per_micro_batch": {k[len(LAMBDA_KEYS):]: v for k, v in carry["metrics"].items()
+                                              if k.startswith(LAMBDA_KEYS)},
         "direct": direct, "counterfactuals": counterfactuals,
         # what was used: the prompts actually probed and how many have any reward variance among their samples
         "prompts": len(prompt_rewards), "prompts_with_reward_variance": int(sum(r.std() > 0 for r in prompt_rewards)),
         "prompts_requested": options.prompts, "samples": options.samples,
         "seconds": time.perf_counter() - start,
     }
+    result["nearest_to_best"] = nearest_to_best(result)
+    return result
 
 
 def _measure_grid(setup: ProbeSetup, grid: list[float], points: dict, extend: int, step: int, log) -> dict:
@@ -350,7 +361,22 @@ def _gradient_geometry(zero_metrics: dict, args) -> dict:
                                            lambda_plus=args.occ_lambda_plus, eps=args.occ_eps))
     sources = {key: float(statistics.fmean(v)) for key, v in zero_metrics.items()
                if key.startswith(("mtp/c_", "mtp/v2_")) and v}
-    return {"c_exact": c_exact, "v2_exact": v2_exact, "exact_lambda": exact_lambda, "estimators": sources}
+    out = {"c_exact": c_exact, "v2_exact": v2_exact, "exact_lambda": exact_lambda, "estimators": sources}
+    # Adam's geometry (c_P / v2_P) and the cross-fitted c (over v2_exact) give two more lambdas
+    c_adam, v2_adam = _mean_over_heads(zero_metrics, "mtp/c_adam/"), _mean_over_heads(zero_metrics, "mtp/v2_adam/")
+    c_cross = _mean_over_heads(zero_metrics, "mtp/c_cross/")
+    out["adam_lambda"] = args.occ_lambda_plus * c_adam / v2_adam if c_adam is not None and v2_adam else None
+    out["cross_lambda"] = args.occ_lambda_plus * c_cross / v2_exact if c_cross is not None and v2_exact else None
+    return out
+
+
+def nearest_to_best(result: dict) -> list[list]:
+    """[name, lambda, |lambda - best measured grid lambda|] for OCC's, the exact, Adam-geometry and cross-fitted
+    lambdas, nearest first (the measured best is the grid's: a lambda between two grid points ties with both)."""
+    best = result["grid_best_lambda"]
+    found = [[name, result[f"{name}_lambda"]] for name in ("occ", "exact", "adam", "cross")
+             if result.get(f"{name}_lambda") is not None]
+    return sorted(([n, lam, abs(lam - best)] for n, lam in found), key=lambda r: r[2])
 
 
 def _direct_check(setup: ProbeSetup, tokenizer, held_out_data, seed: int, lam: float, importance) -> dict:

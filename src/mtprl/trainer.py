@@ -35,7 +35,7 @@ import torch
 from trl import GRPOConfig, GRPOTrainer
 from trl.trainer.utils import get_config_model_id
 
-from .calibration import CalibrationSettings, LambdaCalibrator
+from .calibration import CalibrationSettings, LambdaCalibrator, adam_preconditioner
 from .callbacks import MetricsJsonlCallback
 from .checkpoints import MTPCheckpointMixin, attach_or_load_heads
 from .config import MTPGRPOConfig
@@ -258,9 +258,16 @@ class MTPGRPOTrainer(UpdateMixin, GeometryMixin, ConsistentLogOnResume, MTPCheck
                                          compute_entropy=True, compute_aux_loss=self.aux_loss_enabled)
         with serving_logprobs(self, logprobs.main, logprobs.entropy, logprobs.aux_loss):
             rl_loss = super()._compute_loss(model, inputs)  # TRL's own loss, on that forward's main log-probs
-        result = mtp_step(rl_loss, logprobs, inputs, self._step_settings(), self.loss_scaling(inputs),
-                          self.calibrator, rerun_heads=functools.partial(self._rerun_heads, logprobs, inputs),
-                          cut=cut)
+        settings = self._step_settings()
+        preconditioner = (adam_preconditioner(self.optimizer, self.calibrator.main_params)
+                          if settings.fidelity and settings.training and self.optimizer is not None else None)
+        result = mtp_step(rl_loss, logprobs, inputs, settings, self.loss_scaling(inputs), self.calibrator,
+                          rerun_heads=functools.partial(self._rerun_heads, logprobs, inputs), cut=cut,
+                          preconditioner=preconditioner)
+        if self.model.training:  # OCC's lambda per position within the rollout (the first sees no change yet)
+            position = self._rollout_position()
+            result.metrics.update({f"mtp/lambda_pos{position}/{k[len('mtp/lambda/'):]}": v
+                                   for k, v in list(result.metrics.items()) if k.startswith("mtp/lambda/")})
         self._log_metrics("train" if self.model.training else "eval", result.metrics)
         if self.model.training:  # what the draft policy sees at the next rollout
             self._latest_acceptance = [new if new is not None else old
@@ -278,7 +285,13 @@ class MTPGRPOTrainer(UpdateMixin, GeometryMixin, ConsistentLogOnResume, MTPCheck
                             self.current_gradient_accumulation_steps,
                             training=self.model.training and torch.is_grad_enabled(),
                             fidelity=self._fidelity_step(), keep_apart=apart is not None,
-                            unit_gradient=apart is not None and apart.with_unit)
+                            unit_gradient=apart is not None and apart.with_unit,
+                            first_update=self.args.occ_first_update if self._rollout_position() == 0 else None)
+
+    def _rollout_position(self) -> int:
+        """This micro-batch's index among the updates of its rollout (TRL draws a rollout every
+        steps_per_generation x num_iterations micro-steps)."""
+        return self._step % (self.args.steps_per_generation * self.num_iterations)
 
     def loss_scaling(self, inputs) -> LossScaling:
         """TRL's loss settings and gradient-accumulation scaling for this micro-batch, as numbers (the heads'

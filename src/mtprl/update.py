@@ -129,18 +129,20 @@ class UpdateMixin:
 
     @contextmanager
     def using_update_settings(self, *, max_grad_norm: float | None = None, mtp_grad_clip: str | None = None,
-                              mtp_optimizer_state: str | None = None, sgd_lr: float | None = None):
+                              mtp_optimizer_state: str | None = None, sgd_lr: float | None = None,
+                              occ_first_update: str | None = None):
         """`update_on` under other update settings while open (the gain probe's counterfactuals), restored on exit:
-        another clip budget (0: no clip), the separate clip or separate moments, or plain SGD at `sgd_lr` (no
-        momentum, constant rate) in place of the run's optimizer and scheduler."""
+        another clip budget (0: no clip), the separate clip or separate moments, plain SGD at `sgd_lr` (no
+        momentum, constant rate) in place of the run's optimizer and scheduler, or OCC's first-update rule."""
         args = self.args
-        saved = (args.max_grad_norm, args.mtp_grad_clip, args.mtp_optimizer_state, self.optimizer, self.lr_scheduler,
-                 self.mtp_gradient_apart, self.mtp_moments)
+        saved = (args.max_grad_norm, args.mtp_grad_clip, args.mtp_optimizer_state, args.occ_first_update,
+                 self.optimizer, self.lr_scheduler, self.mtp_gradient_apart, self.mtp_moments)
         try:
             if max_grad_norm is not None:
                 args.max_grad_norm = max_grad_norm
             args.mtp_grad_clip = mtp_grad_clip or args.mtp_grad_clip
             args.mtp_optimizer_state = mtp_optimizer_state or args.mtp_optimizer_state
+            args.occ_first_update = occ_first_update or args.occ_first_update
             self._init_geometry()
             if sgd_lr is not None:
                 params = [p for p in self.model.parameters() if p.requires_grad]
@@ -148,8 +150,8 @@ class UpdateMixin:
                 self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda _: 1.0)
             yield
         finally:
-            (args.max_grad_norm, args.mtp_grad_clip, args.mtp_optimizer_state, self.optimizer, self.lr_scheduler,
-             self.mtp_gradient_apart, self.mtp_moments) = saved
+            (args.max_grad_norm, args.mtp_grad_clip, args.mtp_optimizer_state, args.occ_first_update,
+             self.optimizer, self.lr_scheduler, self.mtp_gradient_apart, self.mtp_moments) = saved
 
     # ------------------------------------------------------------------------------------------ the state around it
     def update_state(self) -> UpdateState:
