@@ -388,18 +388,18 @@ def test_paper_configs_parse_and_run_one_step_per_arm(tmp_path, table):
 def test_sft_answer_suffix_fraction_writes_that_share_of_completions_in_the_rejected_format():
     from datasets import Dataset
 
-    from mtprl.cli import _sft_completions
+    from mtprl.sft_data import sft_completions
     from mtprl.tasks import TaskReward
     from mtprl.config import MTPSFTConfig
 
     rows = Dataset.from_list([{"prompt": f"{i}+1=", "answer": str(i + 1), "x": 0} for i in range(400)])
-    out = _sft_completions(rows, 0.5, seed=0)
+    out = sft_completions(rows, 0.5, seed=0)
     assert out.column_names == ["prompt", "completion"]
     suffixed = [c.endswith("!") for c in out["completion"]]
     assert 160 < sum(suffixed) < 240  # a seeded half
     assert [c.rstrip("!") for c in out["completion"]] == rows["answer"]
-    assert _sft_completions(rows, 0.5, seed=0)["completion"] == out["completion"]
-    assert not any(c.endswith("!") for c in _sft_completions(rows, 0.0, seed=0)["completion"])
+    assert sft_completions(rows, 0.5, seed=0)["completion"] == out["completion"]
+    assert not any(c.endswith("!") for c in sft_completions(rows, 0.0, seed=0)["completion"])
     reward = TaskReward()  # the verifier gives the suffixed format partial credit only: avg@k counts it wrong
     assert reward.score("12", "12", "reasoning_gym:chain_sum") == 1.0
     assert 0 < reward.score("12!", "12", "reasoning_gym:chain_sum") < 1.0
@@ -411,7 +411,8 @@ def test_compare_evaluates_the_start_again_when_the_starting_model_changed(tmp_p
     """start/eval.json is step 0 of every curve and the reference of every 'avg@k - start': kept while the
     starting model is the same, evaluated again when it was rewritten (e.g. a new warm start)."""
     import mtprl
-    from mtprl.cli import TaskArguments, _evaluate_start
+    from mtprl.cli import _evaluate_start
+    from mtprl.data import TaskArguments
     from mtprl.runs import start_fingerprint
     from mtprl.models import load_model
     from mtprl.trainer import MTPGRPOConfig

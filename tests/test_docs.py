@@ -7,6 +7,7 @@ import re
 
 from mtprl import cli
 from mtprl.config import MTPGRPOConfig
+from mtprl.data import TaskArguments
 from mtprl.native import LAYOUT_BY_NAME
 from mtprl.regimes import OCC_VARIANTS, REGIMES
 
@@ -45,7 +46,7 @@ def test_top_level_help_lists_the_regimes_variants_and_layouts_from_the_tables(c
 
 
 def test_train_help_shows_mtprls_fields_first_under_their_own_heading():
-    parser = cli.Parser((cli.TaskArguments, MTPGRPOConfig), "train")
+    parser = cli.Parser((TaskArguments, MTPGRPOConfig), "train")
     text = parser.format_help()
     assert text.startswith("usage: mtprl train [--config FILE.yaml]")
     headings = re.findall(r"^(\S.*):$", text, flags=re.M)

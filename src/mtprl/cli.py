@@ -1,5 +1,7 @@
 """The `mtprl` command line. YAML configs parsed with TRL's TrlParser; any field can be overridden on the
-command line (`mtprl train --config configs/tiny.yaml --mtp_regime ce --max_steps 10`).
+command line (`mtprl train --config configs/tiny.yaml --mtp_regime ce --max_steps 10`). This module parses and
+dispatches: the commands' argument dataclasses, the parser, and each command as a short sequence of calls; the
+model and the data come from `mtprl.data`, sft's training text from `mtprl.sft_data`.
 
 Commands (each a `cmd_*` function below):
   sft      `MTPSFTTrainer`: warm start, main CE + MTP CE on every head (MTP pretraining), then evaluate
@@ -20,36 +22,50 @@ The package, module by module (docs/layout.md has the same table with more words
   regimes       the regime vocabulary and table: one pure loss function per regime, where its coefficient comes from
   calibration   `LambdaCalibrator`: lambda for each micro-batch from the regime's lambda source
   config        `MTPGRPOConfig`, `MTPSFTConfig`, the shared head / draft fields, validation helpers
-  trainer       `MTPGRPOTrainer` (TRL overrides, the forward ledger, the loss as a sequence of calls)
+  mtp_step      the MTP step as a value: plain data in, `StepResult` (loss, metrics, acceptance, after_backward) out
+  trainer       `MTPGRPOTrainer` (TRL overrides: one forward, TRL's loss plus `mtp_step`)
+  update        `update_on`: one rollout's updates as a public call, the state around it
+  update_geometry  the clip and Adam's moments: step metrics, `mtp_grad_clip` / `mtp_optimizer_state: separate`
+  trl_compat    where TRL's machinery meets the heads (TRL's class from the MRO, the reference's heads)
+  trl_surface   every private TRL / transformers name mtprl relies on, checked against the installed packages
   sft_trainer   `MTPSFTTrainer` (the warm start)
+  sft_data      what sft trains on: reference completions, the model's own samples (`--mtp_only`)
   callbacks     progress lines, metrics.jsonl, the periodic evaluation
   runs          the run-state rule (fresh / resume / evaluate / finished) shared by train and compare
+  data          `TaskArguments` (every command's model / data / evaluation fields) and loading from them
   tasks         tasks (reasoning-gym, jsonl), answer extraction, rewards that never crash a run
   evaluation    avg@k / pass@k
   arms          `regime@field=value` arms of a comparison
   stats         paired bootstrap intervals, correlations and summaries
-  gain          estimators of the per-step gain dJ(lambda): importance sampling, direct, the parabola fit
+  gain          the per-step gain dJ(lambda) measured: importance sampling, direct, best-point probability, fit
   probe         the gain probe: a run's state, its own update per lambda, probe.json
-  probe_report  the report's measured Figure 3 and lambda_hat* table
+  probe_report  the report's measured Figure 3 and the table read from the measured points
   report        the comparison report (table with intervals, figures) from run directories
   jsonl         reading and appending JSON Lines files
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import sys
 import time
 from dataclasses import dataclass, field, fields
+from types import MappingProxyType
+from typing import ClassVar
 
 from trl import TrlParser
 
 from .callbacks import PeriodicEvalCallback, phase
 from .config import DraftFields, check_draft_options
+from .data import RUN_TASK_FIELDS, TaskArguments, load_for_task, task_benchmarks, task_splits
 from .faults import kill_point
-from .jsonl import atomic_write_json, atomic_write_text
+from .jsonl import atomic_write_json
+from .probe import ProbeOptions
 from .runs import prepare_run, record_trained_steps, resume_point, start_fingerprint
+from .sft_data import self_distillation_data, sft_completions
+
 
 def usage() -> str:
     """`mtprl --help`: the commands, with the regimes, lambda sources and export layouts read from the code's own
@@ -73,19 +89,6 @@ commands:
            heads in the model family's own checkpoint layout ({', '.join(LAYOUT_BY_NAME)}) or mtprl's
 
 `mtprl <command> --help` lists every field, mtprl's own first; docs/configuration.md has them all."""
-
-
-def _json_field(value, name):
-    """A field that holds JSON: a dict straight from the YAML, or a JSON string from the command line."""
-    if isinstance(value, dict):
-        return value
-    try:
-        parsed = json.loads(value or "{}")
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{name} must be a JSON object, got {value!r} ({e.msg})") from e
-    if not isinstance(parsed, dict):
-        raise ValueError(f"{name} must be a JSON object, got {value!r}")
-    return parsed
 
 
 # `--help` headings: a class's own fields under its heading, fields inherited from TRL / transformers after them
@@ -128,9 +131,13 @@ class Parser(TrlParser):
         if base is not None:
             library = self.add_argument_group(f"{base.__name__} ({base.__module__.split('.')[0]}; see its "
                                               "documentation)")
+        extra_help = getattr(dtype, "FIELD_HELP", {})  # help for fields declared without it (ProbeArguments')
         for f in fields(dtype):
             if f.init:
                 f.type = hints[f.name]
+                if "help" not in f.metadata and f.name in extra_help:
+                    f = copy.copy(f)
+                    f.metadata = MappingProxyType({**f.metadata, "help": extra_help[f.name]})
                 self._parse_dataclass_field(library if f.name in inherited else own, f)
 
     def parse_args_and_config(self, args=None, **kwargs):
@@ -158,112 +165,10 @@ def unknown_field_error(error: ValueError, argv, types) -> ValueError:
 
 
 @dataclass
-class TaskArguments:
-    """The model, the data and the evaluation; shared by every command."""
-
-    model_name_or_path: str = field(default="tiny", metadata={
-        "help": "'tiny' (the project's preset, fresh weights), an mtprl checkpoint, or anything from_pretrained "
-                "accepts: a hub id or a local directory."})
-    gguf_file: str | None = field(default=None, metadata={
-        "help": "A GGUF file inside model_name_or_path, read by transformers' GGUF reader as float weights."})
-    dtype: str = field(default="auto", metadata={"help": "auto | bfloat16 | float16 | float32"})
-    attn_implementation: str | None = field(default=None, metadata={"help": "e.g. sdpa, eager, flash_attention_2"})
-    task: str = field(default="reasoning_gym:chain_sum", metadata={
-        "help": "reasoning_gym:<name> or jsonl:<path with question/answer rows>; dataset_name replaces it."})
-    task_config: str = field(default='{"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2}',
-                             metadata={"help": "JSON object of reasoning-gym task options."})
-    dataset_name: str | None = field(default=None, metadata={
-        "help": "Any dataset datasets.load_dataset reads (hub name, local directory, parquet/json/jsonl/csv "
-                "file); DAPO-Math-17k, DeepScaleR/MATH-500/AIME, MATH and GSM8K columns are recognised. Rewards "
-                "go through math-verify."})
-    dataset_config: str | None = field(default=None, metadata={"help": "The dataset's configuration name."})
-    dataset_train_split: str = field(default="train", metadata={"help": "Split the training questions come from."})
-    dataset_test_split: str | None = field(default=None, metadata={
-        "help": "Held-out split; when unset the held-out questions are carved from the training split."})
-    question_column: str | None = field(default=None, metadata={"help": "Column of the question (with answer_column "
-                                                                       "it overrides the format detection)."})
-    answer_column: str | None = field(default=None, metadata={"help": "Column of the reference answer."})
-    prompt_format: str = field(default="auto", metadata={
-        "help": "auto (chat for a tokenizer with a chat template) | chat (TRL's conversational prompts) | plain."})
-    system_prompt: str | None = field(default=None, metadata={"help": "Chat prompts: an optional system message."})
-    train_size: int = field(default=4000, metadata={"help": "Training questions."})
-    eval_size: int = field(default=200, metadata={"help": "Held-out questions (never in the training split)."})
-    task_seed: int = field(default=0, metadata={"help": "Seed of the question pool and of the split."})
-    eval_k: int = field(default=4, metadata={"help": "Samples per question for avg@k / pass@k."})
-    eval_max_new_tokens: int = field(default=8, metadata={"help": "Generation budget at evaluation."})
-    eval_datasets: str = field(default="{}", metadata={
-        "help": "Benchmarks evaluated besides the held-out split: JSON {name: dataset} or {name: {path, config, "
-                "split, question_column, answer_column, size}}; avg@k / pass@k per benchmark and their average."})
-    eval_before: bool = field(default=False, metadata={"help": "train: evaluate the starting model too."})
-    eval_after: bool = field(default=True, metadata={"help": "sft/train: evaluate the final model."})
-    eval_output: str | None = field(default=None, metadata={
-        "help": "eval: where to write the JSON (default <model>/evals/eval-<time>.json: a run's eval.json, the "
-                "training's final evaluation, is replaced only when named here)."})
-    overwrite: bool = field(default=False, metadata={"help": "sft: train again even if output_dir holds a model."})
-
-    def task_options(self) -> dict:
-        return _json_field(self.task_config, "task_config")
-
-    def benchmark_specs(self) -> dict[str, dict]:
-        specs = {}
-        for name, spec in _json_field(self.eval_datasets, "eval_datasets").items():
-            spec = {"path": spec} if isinstance(spec, str) else dict(spec)
-            if "path" not in spec:
-                raise ValueError(f"eval_datasets[{name!r}] needs a 'path' (dataset name, directory or file)")
-            specs[name] = spec
-        return specs
-
-    def load_kwargs(self) -> dict:
-        return {"dtype": self.dtype, "attn_implementation": self.attn_implementation, "gguf_file": self.gguf_file}
-
-
-@dataclass
 class EvalArguments(DraftFields):
     """`mtprl eval` has no training config; `trust_remote_code` is otherwise TRL's (TrainingArguments') field."""
 
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow a model's own modelling code."})
-
-
-def _load(task_args: TaskArguments, num_heads=None, init="copy_last_layer", seed=0, trust_remote_code=False):
-    from .models import load_model
-
-    what = task_args.model_name_or_path + (f" ({task_args.gguf_file})" if task_args.gguf_file else "")
-    phase(f"loading model {what}")
-    return load_model(task_args.model_name_or_path, num_heads, init, seed=seed,
-                      **({} if task_args.model_name_or_path == "tiny" else
-                         dict(task_args.load_kwargs(), trust_remote_code=trust_remote_code)))
-
-
-def _splits(task_args: TaskArguments, tokenizer=None):
-    """(train, eval) of the task or of `dataset_name`, prompts in the format the tokenizer calls for."""
-    from .tasks import load_math_splits, load_task_splits, resolve_prompt_format
-
-    fmt = resolve_prompt_format(task_args.prompt_format, tokenizer)
-    prompts = {"prompt_format": fmt, "system_prompt": task_args.system_prompt}
-    source = task_args.dataset_name or task_args.task
-    phase(f"loading {source} ({task_args.train_size} train / {task_args.eval_size} eval questions, {fmt} prompts)")
-    if task_args.dataset_name:
-        return load_math_splits(task_args.dataset_name, task_args.train_size, task_args.eval_size, task_args.task_seed,
-                                config=task_args.dataset_config, train_split=task_args.dataset_train_split,
-                                test_split=task_args.dataset_test_split, question_column=task_args.question_column,
-                                answer_column=task_args.answer_column, **prompts)
-    return load_task_splits(task_args.task, task_args.train_size, task_args.eval_size, task_args.task_seed,
-                            **prompts, **task_args.task_options())
-
-
-def _benchmarks(task_args: TaskArguments, tokenizer) -> dict:
-    """name -> held-out dataset of every `eval_datasets` benchmark (its rows up to `size`, default eval_size)."""
-    from .tasks import load_dataset_split, math_rows, resolve_prompt_format, rows_to_dataset
-
-    fmt = resolve_prompt_format(task_args.prompt_format, tokenizer)
-    out = {}
-    for name, spec in task_args.benchmark_specs().items():
-        split = spec.get("split", "test")
-        data = load_dataset_split(spec["path"], split, spec.get("config"))
-        rows = list(math_rows(data, f"{spec['path']} [{split}]", spec.get("question_column"),
-                              spec.get("answer_column")))[: spec.get("size", task_args.eval_size)]
-        out[name] = rows_to_dataset(rows, f"math:{spec['path']}", fmt, task_args.system_prompt)
-    return out
 
 
 def draft_policy(fields: DraftFields, model=None):
@@ -287,7 +192,7 @@ def _evaluate(model, tokenizer, eval_ds, task_args, path, label, draft=None):
     keys = (f"avg@{k}", f"pass@{k}")
     phase(f"evaluating {label}: {len(eval_ds)} questions x {k} samples")
     result = evaluate(model, tokenizer, eval_ds, k=k, max_new_tokens=task_args.eval_max_new_tokens, draft=draft)
-    benchmarks = _benchmarks(task_args, tokenizer)
+    benchmarks = task_benchmarks(task_args, tokenizer)
     if benchmarks:
         result["benchmarks"] = {}
         for name, data in benchmarks.items():
@@ -306,41 +211,6 @@ def _evaluate(model, tokenizer, eval_ds, task_args, path, label, draft=None):
     return result
 
 
-def _self_distillation_data(model, tokenizer, train_ds, cfg):
-    """prompt + the model's own sampled completion, for `sft --mtp_only`: the heads learn what the policy
-    predicts, on the policy's own text. Kept in `<output_dir>/self_distillation.jsonl`, so that a resumed warm-up
-    trains on the same text without sampling it again (minutes on a real model)."""
-    from datasets import Dataset
-
-    from .evaluation import sample_completions
-
-    path = os.path.join(cfg.output_dir, "self_distillation.jsonl")
-    if os.path.isfile(path):
-        phase(f"sft --mtp_only: reusing the self-sampled completions in {path}")
-        with open(path) as f:
-            return Dataset.from_list([json.loads(line) for line in f if line.strip()])
-    phase(f"sft --mtp_only: sampling {len(train_ds)} completions of up to {cfg.mtp_only_max_new_tokens} tokens "
-          "from the model itself")
-    prompts = list(train_ds["prompt"])
-    texts = sample_completions(model, tokenizer, prompts, max_new_tokens=cfg.mtp_only_max_new_tokens, seed=cfg.seed,
-                               draft=draft_policy(cfg, model))
-    rows = [{"prompt": p, "completion": [{"role": "assistant", "content": t}] if isinstance(p, list) else t}
-            for p, t in zip(prompts, texts) if t.strip()]
-    os.makedirs(cfg.output_dir, exist_ok=True)
-    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
-    return Dataset.from_list(rows)
-
-
-def _sft_completions(train_ds, suffix_fraction: float, seed: int):
-    """prompt + the reference answer as the completion; a seeded `suffix_fraction` of them written '<answer>!'
-    (`answer_suffix_fraction`: an answer format the verifier does not fully accept)."""
-    import numpy as np
-
-    suffixed = np.random.default_rng(seed).random(len(train_ds)) < suffix_fraction
-    return train_ds.map(lambda r, i: {"completion": r["answer"] + ("!" if suffixed[i] else "")},
-                        with_indices=True).select_columns(["prompt", "completion"])
-
-
 def cmd_sft(argv) -> dict | None:
     from .checkpoints import is_complete_checkpoint
     from .config import MTPSFTConfig
@@ -354,9 +224,9 @@ def cmd_sft(argv) -> dict | None:
         point = resume_point(cfg.output_dir, "true")
         cfg.resume_from_checkpoint = point[0] if point else None
         phase(f"sft: resuming from {point[0]} (step {point[1]})" if point else "sft: no checkpoint yet, fresh start")
-    model, tokenizer = _load(task_args, cfg.mtp_num_heads, cfg.mtp_init, seed=cfg.seed,
-                             trust_remote_code=cfg.trust_remote_code)
-    train_ds, eval_ds = _splits(task_args, tokenizer)
+    model, tokenizer = load_for_task(task_args, cfg.mtp_num_heads, cfg.mtp_init, seed=cfg.seed,
+                                     trust_remote_code=cfg.trust_remote_code)
+    train_ds, eval_ds = task_splits(task_args, tokenizer)
     before = None
     draft = draft_policy(cfg, model)
     if cfg.mtp_only:
@@ -367,9 +237,9 @@ def cmd_sft(argv) -> dict | None:
         elif task_args.eval_after:
             before = _evaluate(model, tokenizer, eval_ds, task_args, before_path, "model before the head warm-up",
                                draft)
-        train_ds = _self_distillation_data(model, tokenizer, train_ds, cfg)
+        train_ds = self_distillation_data(model, tokenizer, train_ds, cfg, draft)
     else:
-        train_ds = _sft_completions(train_ds, cfg.answer_suffix_fraction, cfg.seed)
+        train_ds = sft_completions(train_ds, cfg.answer_suffix_fraction, cfg.seed)
     phase(f"sft: {cfg.max_steps} steps, {cfg.mtp_num_heads} MTP head(s), "
           f"{'heads only (main model frozen)' if cfg.mtp_only else 'main + heads'}, output {cfg.output_dir}")
     trainer = MTPSFTTrainer(model=model, args=cfg, train_dataset=train_ds, processing_class=tokenizer)
@@ -394,9 +264,9 @@ def run_training(task_args: TaskArguments, cfg, label: str | None = None) -> dic
     from .tasks import TaskReward
     from .trainer import MTPGRPOTrainer
 
-    model, tokenizer = _load(task_args, cfg.mtp_num_heads, cfg.mtp_init, seed=cfg.seed,
-                             trust_remote_code=cfg.trust_remote_code)
-    train_ds, eval_ds = _splits(task_args, tokenizer)
+    model, tokenizer = load_for_task(task_args, cfg.mtp_num_heads, cfg.mtp_init, seed=cfg.seed,
+                                     trust_remote_code=cfg.trust_remote_code)
+    train_ds, eval_ds = task_splits(task_args, tokenizer)
     draft = draft_policy(cfg, model)
     if task_args.eval_before:
         _evaluate(model, tokenizer, eval_ds, task_args, os.path.join(cfg.output_dir, "eval_before.json"),
@@ -443,7 +313,7 @@ def _periodic_eval(model, tokenizer, eval_ds, task_args, draft=None) -> dict:
 
     k = task_args.eval_k
     row = {}
-    for name, data in [(None, eval_ds), *_benchmarks(task_args, tokenizer).items()]:
+    for name, data in [(None, eval_ds), *task_benchmarks(task_args, tokenizer).items()]:
         result = evaluate(model, tokenizer, data, k=k, max_new_tokens=task_args.eval_max_new_tokens, draft=draft)
         prefix = "eval/" if name is None else f"eval/{name}/"
         row[f"{prefix}avg@{k}"], row[f"{prefix}pass@{k}"] = result[f"avg@{k}"], result[f"pass@{k}"]
@@ -468,12 +338,6 @@ def cmd_train(argv) -> dict | None:
             return None
         cfg.resume_from_checkpoint = state.checkpoint  # None: fresh
     return run_training(task_args, cfg)
-
-
-# The TaskArguments a run records in run_info.json, so that `mtprl eval` of the run evaluates what it trained on.
-RUN_TASK_FIELDS = ("task", "task_config", "dataset_name", "dataset_config", "dataset_train_split",
-                   "dataset_test_split", "question_column", "answer_column", "prompt_format", "system_prompt",
-                   "train_size", "eval_size", "task_seed", "eval_k", "eval_max_new_tokens", "eval_datasets")
 
 
 def config_path(argv) -> str | None:
@@ -526,8 +390,8 @@ def _eval_path(task_args: TaskArguments) -> str:
 def cmd_eval(argv) -> dict:
     task_args, eval_args = Parser((TaskArguments, EvalArguments), "eval").parse_args_and_config(argv)
     _run_task_settings(task_args, list(argv))
-    model, tokenizer = _load(task_args, trust_remote_code=eval_args.trust_remote_code)
-    _, eval_ds = _splits(task_args, tokenizer)
+    model, tokenizer = load_for_task(task_args, trust_remote_code=eval_args.trust_remote_code)
+    _, eval_ds = task_splits(task_args, tokenizer)
     return _evaluate(model, tokenizer, eval_ds, task_args, _eval_path(task_args), task_args.model_name_or_path,
                      draft_policy(eval_args, model))
 
@@ -540,7 +404,7 @@ def _finish_run(run_dir, checkpoint, task_args):
         model, tokenizer = load_model(checkpoint)
         save_pretrained(model, run_dir, tokenizer=tokenizer)
     model, tokenizer = load_model(run_dir)
-    _, eval_ds = _splits(task_args, tokenizer)
+    _, eval_ds = task_splits(task_args, tokenizer)
     _evaluate(model, tokenizer, eval_ds, task_args, os.path.join(run_dir, "eval.json"), run_dir)
 
 
@@ -605,8 +469,9 @@ def _evaluate_start(task_args, cfg, report_dir) -> None:
             if json.load(f).get("start_model") == fingerprint:
                 return
         phase(f"{path} was made from another starting model (or an older copy of it): evaluating it again")
-    model, tokenizer = _load(task_args, cfg.mtp_num_heads, cfg.mtp_init, seed=0, trust_remote_code=cfg.trust_remote_code)
-    _, eval_ds = _splits(task_args, tokenizer)
+    model, tokenizer = load_for_task(task_args, cfg.mtp_num_heads, cfg.mtp_init, seed=0,
+                                     trust_remote_code=cfg.trust_remote_code)
+    _, eval_ds = task_splits(task_args, tokenizer)
     result = _evaluate(model, tokenizer, eval_ds, task_args, path, "starting model",
                        draft_policy(cfg, model))
     write_eval({**result, "start_model": fingerprint}, path)
@@ -708,27 +573,34 @@ def cmd_export(argv) -> str:
 
 
 @dataclass
-class ProbeArguments:
-    """`mtprl probe`: the per-step gain dJ(lambda) at checkpoints of a run (`mtprl.probe`)."""
+class ProbeArguments(ProbeOptions):
+    """`mtprl probe`: the per-step gain dJ(lambda) at checkpoints of a run (`mtprl.probe`). What the probe measures
+    is `probe.ProbeOptions`' fields, declared there once (a field added there is a flag here at once); this class
+    adds which run and which of its checkpoints, and the help text of the options (`FIELD_HELP`)."""
+
+    FIELD_HELP: ClassVar[dict[str, str]] = {
+        "term": "The MTP term probed at fixed lambda: detach | ce | policy | distill; default: the run's regime's "
+                "(occ -> policy, its term).",
+        "lambdas": "auto (0, -reference and log-spaced points from reference / 8 to 8 x reference, reference = the "
+                   "largest of |exact lambda|, |OCC's lambda|, mtp_coef; three more just below where the clip "
+                   "binds, max_grad_norm / ||g_MTP||) or comma-separated values; 0, OCC's lambda and the "
+                   "exact-gradient lambda are always added.",
+        "extend": "Times the grid is doubled outward while the best measured point is at its edge.",
+        "counterfactuals": "Comma-separated: no_clip, separate_clip, separate_state, sgd: the same curve under "
+                           "each alternative update from the same state and batch (docs/guide-geometry.md).",
+        "prompts": "Held-out prompts N (the run's eval split).",
+        "samples": "Samples per prompt M, drawn once from pi_theta.",
+        "direct": "How many lambdas are also measured directly (fresh samples from theta'), as a check.",
+        "seed": "Seed of the held-out samples and the rollout batch.",
+        "batch_size": "Rows per forward when scoring and sampling."}
 
     run_dir: str = field(default="", metadata={"help": "A run directory `mtprl train` or `compare` wrote."})
     checkpoints: str = field(default="all", metadata={
         "help": "all | last | comma-separated steps: the checkpoint-N states to probe (save_steps sets them)."})
-    term: str = field(default="", metadata={
-        "help": "The MTP term probed at fixed lambda: detach | ce | policy | distill; default: the run's regime's "
-                "(occ -> policy, its term)."})
-    lambdas: str = field(default="auto", metadata={
-        "help": "auto ({-1, 0, 0.5, 1, 2, 4} x the largest of |exact lambda|, |OCC's lambda|, mtp_coef) or "
-                "comma-separated values; 0, OCC's lambda and the exact-gradient lambda are always added."})
-    prompts: int = field(default=64, metadata={"help": "Held-out prompts N (the run's eval split)."})
-    samples: int = field(default=16, metadata={"help": "Samples per prompt M, drawn once from pi_theta."})
-    direct: int = field(default=2, metadata={
-        "help": "How many lambdas are also measured directly (fresh samples from theta'), as a check."})
-    seed: int = field(default=0, metadata={"help": "Seed of the held-out samples and the rollout batch."})
 
 
 def cmd_probe(argv) -> list[str]:
-    from .probe import TERM_OF_REGIME, ProbeOptions, probe_run
+    from .probe import TERM_OF_REGIME, probe_run
 
     (args,) = Parser((ProbeArguments,), "probe").parse_args_and_config(list(argv))
     if not args.run_dir or not os.path.isdir(args.run_dir):
@@ -739,10 +611,8 @@ def cmd_probe(argv) -> list[str]:
         if getattr(args, name) < (2 if name == "samples" else 1):
             raise ValueError(f"{name} must be >= {2 if name == 'samples' else 1} (the baseline leaves one sample "
                              f"out), got {getattr(args, name)}")
-    options = ProbeOptions(term=args.term, lambdas=args.lambdas, prompts=args.prompts, samples=args.samples,
-                           direct=args.direct, seed=args.seed)
+    options = ProbeOptions(**{f.name: getattr(args, f.name) for f in fields(ProbeOptions) if f.init})
     return probe_run(args.run_dir, args.checkpoints, options)
-
 
 COMMANDS = {"sft": cmd_sft, "train": cmd_train, "eval": cmd_eval, "compare": cmd_compare, "report": cmd_report,
             "export": cmd_export, "probe": cmd_probe}
