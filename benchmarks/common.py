@@ -23,3 +23,12 @@ def run_setups(names: str, setups: dict, args, run_setup, *extra) -> list[dict]:
             continue
         rows += run_setup(name, setup, args, *extra)
     return rows
+
+
+def add_model_arguments(parser) -> None:
+    """The model / drafter / output flags the setup-based benchmarks share (cycle.py, rl_step.py)."""
+    parser.add_argument("--smollm2_model", default="runs/smollm2-heads")
+    parser.add_argument("--math_file", default="runs/data/arith_gsm8k.jsonl")
+    parser.add_argument("--drafter_steps", type=int, default=300)
+    parser.add_argument("--smoke", action="store_true", help="the drafter at its smallest (rollout.py --smoke): seconds")
+    parser.add_argument("--json", default=None)

@@ -35,7 +35,7 @@ from mtprl import speculative
 from mtprl.mtp import decoder_of, get_mtp_heads
 
 import rollout as rollout_bench  # its setups, prompts, calibrated vocabulary (benchmarks/ is on sys.path)
-from common import progress, run_setups
+from common import add_model_arguments, progress, run_setups
 
 def _median_seconds(fn, repeats):
     fn()  # warm-up
@@ -191,11 +191,7 @@ def main():
     p.add_argument("--vocab", type=int, default=0, help="also the trimmed draft vocabulary of this size")
     p.add_argument("--calibration", type=int, default=64)
     p.add_argument("--tiny_model", default="runs/tiny-sft")
-    p.add_argument("--smollm2_model", default="runs/smollm2-heads")
-    p.add_argument("--math_file", default="runs/data/arith_gsm8k.jsonl")
-    p.add_argument("--drafter_steps", type=int, default=300)
-    p.add_argument("--smoke", action="store_true", help="the drafter at its smallest (rollout.py --smoke): seconds")
-    p.add_argument("--json", default=None)
+    add_model_arguments(p)
     args = p.parse_args()
     args.batches = [int(b) for b in args.batches.split(",")]
     args.drafts = [int(d) for d in args.drafts.split(",")]

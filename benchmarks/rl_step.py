@@ -45,7 +45,7 @@ from transformers import PrinterCallback, TrainerCallback
 from mtprl.trainer import MTPGRPOConfig, MTPGRPOTrainer
 
 import rollout as rollout_bench  # the drafter setup (benchmarks/ is on sys.path)
-from common import progress, run_setups
+from common import add_model_arguments, progress, run_setups
 
 class StepClock(TrainerCallback):
     """Wall time at the end of every optimizer step."""
@@ -182,11 +182,7 @@ def main():
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--drafts", type=int, default=2, help="drafts per verify (at most the model's heads)")
     p.add_argument("--vocab", type=int, default=0, help="trimmed arm: mtp_draft_vocab_size (0: no trimmed arm)")
-    p.add_argument("--smollm2_model", default="runs/smollm2-heads")
-    p.add_argument("--math_file", default="runs/data/arith_gsm8k.jsonl")
-    p.add_argument("--drafter_steps", type=int, default=300)
-    p.add_argument("--smoke", action="store_true", help="the drafter at its smallest (rollout.py --smoke): seconds")
-    p.add_argument("--json", default=None)
+    add_model_arguments(p)
     args = p.parse_args()
     rows = run_setups(args.setups, SETUPS, args, run_setup)
     print("\n| setup | arm | s per optimizer step | speed-up vs off | rollout share of the step | accept length |")

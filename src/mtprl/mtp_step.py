@@ -101,7 +101,7 @@ def mtp_step(rl_loss: torch.Tensor, logprobs: LogProbs, inputs: Mapping, setting
         calibrator.update_ema(heads, stats)
     grads = RLGradients(rl_loss, logprobs.hidden) if training else None
     metrics: dict[str, list[float]] = {}
-    total = rl_loss
+    term = rl_loss.new_zeros(())  # the MTP part, summed apart and added to rl_loss once (the value TRL logs)
     split, stashes, fidelity_losses, coefs = [], [], [], []
     for h, s in zip(heads, stats):
         loss, coef = _head_term(h, s, len(heads), regime, settings, scaling, calibrator, grads, cut, metrics)
@@ -112,7 +112,7 @@ def mtp_step(rl_loss: torch.Tensor, logprobs: LogProbs, inputs: Mapping, setting
         elif coef == "split_backward":
             split.append((h.depth, loss))
         else:
-            total = total + (loss if regime.lambda_in_advantages else coef.to(loss.dtype) * loss)
+            term = term + (loss if regime.lambda_in_advantages else coef.to(loss.dtype) * loss)
             _add(metrics, f"mtp/lambda/{h.depth}", coef)
             coefs.append((loss, float(coef)))
         _add(metrics, f"mtp/c_hat/{h.depth}", s.c_hat.item())
@@ -127,37 +127,40 @@ def mtp_step(rl_loss: torch.Tensor, logprobs: LogProbs, inputs: Mapping, setting
             _add(metrics, name, value)
     if settings.head_loss != "none" and training:  # the heads always learn, whatever reaches the trunk
         head_losses = _head_only_losses(settings.head_loss, mask, rerun_heads)
-        total = total + settings.head_coef * head_losses.mean() / settings.accumulation
+        term = term + settings.head_coef * head_losses.mean() / settings.accumulation
         for k, value in enumerate(head_losses.tolist(), start=1):
             _add(metrics, f"mtp/head_loss/{k}", value)
     after_backward = mtp_gradient = None
     if settings.keep_apart and training and coefs:
-        total, mtp_gradient = _taken_apart(rl_loss, total, coefs, calibrator, settings.unit_gradient)
+        term, mtp_gradient = _taken_apart(term, coefs, calibrator, settings.unit_gradient)
     if stashes:
-        total = total + sum(p.sum() for p in calibrator.head_params) * 0.0  # heads in this graph (DDP's check)
+        term = term + sum(p.sum() for p in calibrator.head_params) * 0.0  # heads in this graph (DDP's check)
         after_backward = functools.partial(calibrator.add_exact_terms, stashes)
         _add(metrics, "mtp/exact_stash_bytes", sum(g.numel() * g.element_size() for s in stashes for g in s.grads))
     if split:
-        total, lambdas = split_backward_loss(total, [loss for _, loss in split],
+        total, lambdas = split_backward_loss(rl_loss + term, [loss for _, loss in split],
                                              calibrator.main_params + calibrator.head_params, cut.pairs,
                                              calibrator.split_lambda_of([depth for depth, _ in split], metrics))
         for (depth, _), lam in zip(split, lambdas):
             _add(metrics, f"mtp/lambda/{depth}", lam.item())
+    else:
+        total = rl_loss + term
     return StepResult(total, metrics, acceptance, after_backward, mtp_gradient)
 
 
-def _taken_apart(rl_loss, total, coefs, calibrator: LambdaCalibrator, unit_gradient: bool):
-    """(the loss to backpropagate: the RL loss alone, the MTP part's gradients): the MTP part (total - rl_loss)
+def _taken_apart(term, coefs, calibrator: LambdaCalibrator, unit_gradient: bool):
+    """(what stays in the loss beside the RL loss: a zero that keeps the heads in the graph, the MTP part's
+    gradients): the MTP part `term`
     backpropagated on its own over the main and head parameters (the one extra backward), rank means."""
     params = calibrator.main_params + calibrator.head_params
     grads = calibrator.mean_across_ranks(_zero_filled(torch.autograd.grad(
-        total - rl_loss, params, retain_graph=True, allow_unused=True), params))
+        term, params, retain_graph=True, allow_unused=True), params))
     unit = None
     if unit_gradient:
         main = calibrator.main_params
         unit = calibrator.mean_across_ranks(_zero_filled(torch.autograd.grad(
             sum(loss for loss, _ in coefs), main, retain_graph=True, allow_unused=True), main))
-    keep = rl_loss + sum(p.sum() for p in calibrator.head_params) * 0.0  # heads in this graph (DDP's check)
+    keep = sum(p.sum() for p in calibrator.head_params) * 0.0  # heads in this graph (DDP's check)
     return keep, (grads, unit, sum(c for _, c in coefs) / len(coefs))
 
 
