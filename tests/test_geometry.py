@@ -183,3 +183,21 @@ def test_occs_first_update_after_a_rollout_is_zero_or_carries_the_last_lambda(tm
     assert rows[0]["mtp/lambda_pos0/1"] == 0.0 and rows[1]["mtp/lambda_pos1/1"] != 0.0
     want = 0.0 if first_update == "zero" else rows[1]["mtp/lambda_pos1/1"]
     assert rows[2]["mtp/lambda_pos0/1"] == pytest.approx(want, rel=1e-6)
+
+
+def test_separate_clip_keeps_the_head_only_term_with_the_mtp_part_under_the_exact_source(tmp_path):
+    """occ exact stashes the head's gradient; the head-only term (mtp_head_loss: ce) must still be taken apart with
+    the MTP part, so grad_norm/rl is the policy's alone (the none run's grad_norm)."""
+    model, tok = _small_model()
+    common = dict(mtp_num_heads=1, loss_type="grpo", max_grad_norm=MAX_NORM)
+    occ = _mtp_trainer(tmp_path, "occ", model=(copy.deepcopy(model), tok), mtp_regime="occ", occ_variant="exact",
+                       mtp_head_loss="ce", mtp_grad_clip="separate", **common)
+    none = _mtp_trainer(tmp_path, "none", model=(copy.deepcopy(model), tok), mtp_regime="none", **common)
+    for t in (occ, none):
+        t.create_optimizer_and_scheduler(num_training_steps=10)
+    inputs = _with_old_logprobs(occ, _crafted_inputs(heads=1))
+    inputs["old_mtp_logps"] = inputs["old_mtp_logps"][:, :1]
+    got = occ.update_on([inputs]).metrics
+    ref = none.update_on([{k: v for k, v in inputs.items() if k != "old_mtp_logps"}]).metrics
+    assert got["grad_norm/rl"][0] == pytest.approx(ref["grad_norm"][0], rel=1e-5)
+    assert got["grad_norm/mtp"][0] > 0

@@ -195,6 +195,9 @@ class MTPGRPOConfig(HeadFields, GRPOConfig):
                 "backward per micro-batch (docs/guide-geometry.md)."})
     mtp_max_grad_norm: float | None = field(default=None, metadata={
         "help": "The MTP term's own clip budget under mtp_grad_clip: separate (None: max_grad_norm; 0: no clip)."})
+    mtp_log_update_norm: bool = field(default=True, metadata={
+        "help": "Log update_norm (||delta theta|| of every optimizer step). It keeps one copy of the trainable "
+                "parameters from before the step until after it; set false on models where that copy does not fit."})
     mtp_optimizer_state: str = field(default="shared", metadata={
         "help": "shared: one AdamW over the summed gradient (its second moment mixes the two terms) | separate: the "
                 "MTP term's gradient at coefficient 1 gets its own Adam moments on the trunk, and the trunk moves "

@@ -131,7 +131,7 @@ def mtp_step(rl_loss: torch.Tensor, logprobs: LogProbs, inputs: Mapping, setting
         for k, value in enumerate(head_losses.tolist(), start=1):
             _add(metrics, f"mtp/head_loss/{k}", value)
     after_backward = mtp_gradient = None
-    if settings.keep_apart and training and coefs:
+    if settings.keep_apart and training and term.requires_grad:  # the regime's terms and the head-only term
         term, mtp_gradient = _taken_apart(term, coefs, calibrator, settings.unit_gradient)
     if stashes:
         term = term + sum(p.sum() for p in calibrator.head_params) * 0.0  # heads in this graph (DDP's check)
@@ -156,12 +156,12 @@ def _taken_apart(term, coefs, calibrator: LambdaCalibrator, unit_gradient: bool)
     grads = calibrator.mean_across_ranks(_zero_filled(torch.autograd.grad(
         term, params, retain_graph=True, allow_unused=True), params))
     unit = None
-    if unit_gradient:
+    if unit_gradient and coefs:
         main = calibrator.main_params
         unit = calibrator.mean_across_ranks(_zero_filled(torch.autograd.grad(
             sum(loss for loss, _ in coefs), main, retain_graph=True, allow_unused=True), main))
     keep = sum(p.sum() for p in calibrator.head_params) * 0.0  # heads in this graph (DDP's check)
-    return keep, (grads, unit, sum(c for _, c in coefs) / len(coefs))
+    return keep, (grads, unit, sum(c for _, c in coefs) / len(coefs) if coefs else None)
 
 
 def _zero_filled(grads, params) -> list[torch.Tensor]:

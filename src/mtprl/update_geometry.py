@@ -235,7 +235,8 @@ class GeometryMixin:
         """The gradient the optimizer steps on (`.grad`), clipped as configured, and this step's metrics; returns
         TRL's `grad_norm` (None where transformers measures it itself: no clip and nothing kept apart)."""
         args = self.args
-        self._params_before = [p.detach().clone() for p in self._trainable_params()]
+        if args.mtp_log_update_norm:
+            self._params_before = [p.detach().clone() for p in self._trainable_params()]
         apart = self.mtp_gradient_apart
         apart = apart if apart is not None and not apart.empty else None
         metrics, norm = {}, None
