@@ -8,9 +8,11 @@ median over repeats is reported with its ratio to `detach`. Memory: bytes of ten
 forward (CPU and GPU), plus peak allocated memory on a GPU. Whole step (rollout included): wall time per
 optimizer step of `trainer.train` over a few steps, each regime in turn, repeated in alternating order.
 It prints one progress line per phase and the table; `--json PATH` also writes the table for other tools:
-{"regimes": {"<name>": {"train_step_ms", "whole_step_ms", "saved_mb", "stashed_grad_mb", "peak_gpu_mb"}},
+{"regimes": {"<name>": {"train_step_ms", "whole_step_ms", "saved_mb", "stashed_grad_mb", "extra_state_mb",
+"peak_gpu_mb"}},
 "params", "device", ...}. Arms: every regime (occ = the paper's proxy), and occ's other variants as occ-<variant>
-(occ-exact, occ-hidden, occ-last_layers, occ-ema, occ-reference).
+(occ-exact, occ-hidden, occ-last_layers, occ-ema, occ-reference), and the geometry remedies (detach-separate_clip,
+ce-separate_clip, ce-separate_state, ce-separate_both; "extra state" = the separate Adam moments' bytes).
 """
 
 from __future__ import annotations
@@ -35,7 +37,13 @@ from mtprl.tasks import TaskReward, load_task_splits
 from mtprl.trainer import MTPGRPOConfig, MTPGRPOTrainer
 
 # Every regime (occ = its paper variant), then occ's other variants as "occ-<variant>".
-ARMS = {name: {} for name in REGIMES} | {f"occ-{v}": {"occ_variant": v} for v in OCC_VARIANTS if v != "paper"}
+# The two remedies of docs/guide-geometry.md on CE (its term reaches the trunk: the separate clip keeps the MTP
+# gradient apart through the exact source's stash, one extra backward; separate moments add one pair of trunk
+# moments) and the separate clip under detach (a clip per parameter group, no extra backward).
+ARMS = ({name: {} for name in REGIMES} | {f"occ-{v}": {"occ_variant": v} for v in OCC_VARIANTS if v != "paper"}
+        | {"detach-separate_clip": {"mtp_grad_clip": "separate"}, "ce-separate_clip": {"mtp_grad_clip": "separate"},
+           "ce-separate_state": {"mtp_optimizer_state": "separate"},
+           "ce-separate_both": {"mtp_grad_clip": "separate", "mtp_optimizer_state": "separate"}})
 DEFAULT_ARMS = "none,detach,ce,policy,occ,occ-exact,occ-hidden,occ-last_layers,occ-ema"
 
 
@@ -158,7 +166,7 @@ def main():
             measure.stash = max(result.metrics.get("mtp/exact_stash_bytes") or [0])
 
     times = {name: [] for name in setups}
-    saved, peak, stash = {}, {}, {}
+    saved, peak, stash, extra_state = {}, {}, {}, {}
     for name, trainer in setups.items():  # warm-up, and memory
         step(trainer)
         meter = SavedBytes()
@@ -168,6 +176,9 @@ def main():
         step(trainer, meter)
         saved[name] = meter.total
         stash[name] = getattr(meter, "stash", 0)
+        moments = trainer.mtp_moments
+        extra_state[name] = 0 if moments is None else sum(t.numel() * t.element_size()
+                                                          for t in moments.exp_avg + moments.exp_avg_sq)
         peak[name] = torch.cuda.max_memory_allocated() if device.type == "cuda" else float("nan")
     progress(f"timing training steps: {args.repeats} repeats x {len(setups)} regimes")
     for _ in range(args.repeats):
@@ -198,14 +209,15 @@ def main():
     med = {n: statistics.median(t) for n, t in times.items()}
     wmed = {n: statistics.median(t) if t else float("nan") for n, t in whole.items()}
     print(f"\n| regime | training step (ms, median of {args.repeats}) | / detach | whole step incl. rollout (ms) "
-          f"| / detach | saved for backward (MB) | stashed gradients (MB) | peak GPU memory (MB) |")
-    print("|---|---|---|---|---|---|---|---|")
+          f"| / detach | saved for backward (MB) | stashed gradients (MB) | extra state (MB) | peak GPU memory (MB) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name in setups:
         gpu = "–" if peak[name] != peak[name] else f"{peak[name] / 2**20:.0f}"
         whole_ms = "–" if wmed[name] != wmed[name] else f"{1000 * wmed[name]:.0f}"
         whole_ratio = "–" if wmed[name] != wmed[name] else f"{wmed[name] / wmed['detach']:.3f}"
         print(f"| {name} | {1000 * med[name]:.1f} | {med[name] / med['detach']:.3f} | {whole_ms} | "
-              f"{whole_ratio} | {saved[name] / 2**20:.1f} | {stash[name] / 2**20:.1f} | {gpu} |")
+              f"{whole_ratio} | {saved[name] / 2**20:.1f} | {stash[name] / 2**20:.1f} | {extra_state[name] / 2**20:.1f} | "
+              f"{gpu} |")
     main_mb = sum(p.numel() * p.element_size() for n, p in base.named_parameters()
                   if not n.startswith("mtp_heads.")) / 2**20
     print(f"\nmain-model gradients: {main_mb:.1f} MB (occ-exact stashes one copy of them plus the heads')")
@@ -218,6 +230,7 @@ def main():
         table = {name: {"train_step_ms": 1000 * med[name],
                         "whole_step_ms": None if wmed[name] != wmed[name] else 1000 * wmed[name],
                         "saved_mb": saved[name] / 2**20, "stashed_grad_mb": stash[name] / 2**20,
+                        "extra_state_mb": extra_state[name] / 2**20,
                         "peak_gpu_mb": None if peak[name] != peak[name] else peak[name] / 2**20} for name in setups}
         with open(args.json, "w") as f:
             json.dump({"regimes": table, "params": params, "device": str(device), "model": args.model,

@@ -69,7 +69,8 @@ def _check_step_table(table, regimes, whole):
     for key in ("params", "model", "heads", "batch", "completion", "layers", "repeats"):
         assert key in table, key
     for name, row in table["regimes"].items():
-        assert set(row) == {"train_step_ms", "whole_step_ms", "saved_mb", "stashed_grad_mb", "peak_gpu_mb"}, name
+        assert set(row) == {"train_step_ms", "whole_step_ms", "saved_mb", "stashed_grad_mb", "extra_state_mb",
+                            "peak_gpu_mb"}, name
         assert _finite(row["train_step_ms"], positive=True), (name, row)
         assert _finite(row["saved_mb"], positive=True), (name, row)
         assert _finite(row["stashed_grad_mb"]) and row["stashed_grad_mb"] >= 0, (name, row)
@@ -84,6 +85,19 @@ def test_step_time_smoke(tmp_path):
                                     "--repeats", "1", "--whole_steps", "1"], tmp_path)
     _check_step_table(table, _default_arms(), whole=True)
     assert table["layers"] == 2 and table["batch"] == 4
+    assert all(row["extra_state_mb"] == 0 for row in table["regimes"].values())
+
+
+def test_step_time_geometry_arms_smoke(tmp_path):
+    """The remedies' arms: the separate clip under CE stashes the MTP gradient (one trunk-and-heads copy), the
+    separate moments hold one pair of trunk moments (2 x the trunk's float32 bytes)."""
+    arms = ["detach", "detach-separate_clip", "ce-separate_clip", "ce-separate_state"]
+    table = _bench("step_time.py", ["--hidden", "32", "--layers", "2", "--batch", "4", "--completion", "4",
+                                    "--repeats", "1", "--whole_steps", "0", "--regimes", ",".join(arms)], tmp_path)
+    _check_step_table(table, arms, whole=False)
+    rows = table["regimes"]
+    assert rows["detach-separate_clip"]["stashed_grad_mb"] == 0 and rows["ce-separate_clip"]["stashed_grad_mb"] > 0
+    assert rows["ce-separate_state"]["extra_state_mb"] > 0 and rows["ce-separate_clip"]["extra_state_mb"] == 0
 
 
 def _rollout_methods(heads, vocab):

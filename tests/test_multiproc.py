@@ -55,6 +55,23 @@ def test_ddp_ranks_use_one_lambda_per_micro_batch_and_stay_identical(tmp_path, v
         assert torch.equal(p0[name], p1[name]), name
 
 
+@pytest.mark.parametrize("variant", ["paper", "exact"])
+def test_ddp_ranks_stay_identical_with_the_separate_clip_and_separate_moments(tmp_path, variant):
+    # A tight max_grad_norm (0.05) makes both clips bind; the separate moments must be the same on both ranks
+    # (they see the all-reduced MTP gradient) and be saved with the checkpoint.
+    ranks = _launch(tmp_path, "--variant", variant, "--mtp_grad_clip", "separate", "--mtp_optimizer_state", "separate")
+    for row0, row1 in zip(*ranks):
+        for key in ("mtp/lambda/1", "grad_norm/rl", "grad_norm/mtp", "clip_factor/rl", "clip_factor/mtp"):
+            assert key in row0 and row0[key] == row1[key], (variant, row0["step"], key)
+    assert any(r["clip_factor/rl"] < 1.0 for r in ranks[0]) and any(r["clip_factor/mtp"] < 1.0 for r in ranks[0])
+    p0, p1 = _params(tmp_path, 0), _params(tmp_path, 1)
+    for name in p0:
+        assert torch.equal(p0[name], p1[name]), name
+    moments = [torch.load(os.path.join(tmp_path, "checkpoint-4", f), weights_only=False)
+               for f in os.listdir(os.path.join(tmp_path, "checkpoint-4")) if f.startswith("mtp_moments")]
+    assert moments, os.listdir(os.path.join(tmp_path, "checkpoint-4"))
+
+
 def test_a_ddp_checkpoint_resumes_under_ddp_and_under_one_process(tmp_path):
     full = _launch(tmp_path / "full")  # 4 steps, checkpoints at 2 and 4
     checkpoint = str(tmp_path / "full" / "checkpoint-2")

@@ -7,6 +7,7 @@ Every rank writes what it saw, so the test can compare ranks:
 
     accelerate launch --config_file configs/accelerate/ddp.yaml --cpu --num_processes 2 \
         tests/multiproc/occ_run.py --output_dir OUT [--max_steps 4] [--resume_from CHECKPOINT] [--variant paper]
+        [--mtp_grad_clip separate] [--mtp_optimizer_state separate]
 """
 
 import argparse
@@ -46,6 +47,8 @@ def main():
     parser.add_argument("--resume_from", default=None)
     parser.add_argument("--variant", default="paper")
     parser.add_argument("--save_steps", type=int, default=2)
+    parser.add_argument("--mtp_grad_clip", default="shared")
+    parser.add_argument("--mtp_optimizer_state", default="shared")
     args = parser.parse_args()
 
     tok = char_tokenizer()
@@ -55,7 +58,9 @@ def main():
                         max_completion_length=6, learning_rate=1e-3, logging_steps=1, report_to=[], use_cpu=True,
                         save_strategy="steps", save_steps=args.save_steps, beta=0.0, seed=0, bf16=False,
                         max_steps=args.max_steps, steps_per_generation=2, mtp_regime="occ",
-                        occ_variant=args.variant, mtp_num_heads=2, loss_type="dapo", lr_scheduler_type="constant")
+                        occ_variant=args.variant, mtp_num_heads=2, loss_type="dapo", lr_scheduler_type="constant",
+                        mtp_grad_clip=args.mtp_grad_clip, mtp_optimizer_state=args.mtp_optimizer_state,
+                        max_grad_norm=0.05 if args.mtp_grad_clip == "separate" else 1.0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer = MTPGRPOTrainer(model=model, reward_funcs=[digit_reward], args=cfg, train_dataset=train,
