@@ -526,3 +526,43 @@ def test_resuming_through_the_python_api_logs_each_step_once(tmp_path):
     rows = _metrics(tmp_path / "run")
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
     assert [r["step"] for r in rows if "train_loss" in r] == [4]
+
+
+@pytest.mark.parametrize("regime", ["detach", "ce", "policy", "occ"])
+def test_a_bf16_run_trains_two_steps_per_regime_on_the_cpu(tmp_path, regime):
+    """bf16 on the CPU (TRL's bf16 autocast, the model and heads in bfloat16): finite lambda and loss, heads kept in
+    the model's dtype, the metrics logged, both the trunk and the heads moved."""
+    model, tok = _small_model()
+    model.to(torch.bfloat16)
+    trainer = _mtp_trainer(tmp_path, model=(model, tok), mtp_regime=regime, max_steps=2, steps_per_generation=2,
+                           bf16=True)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    rows = [r for r in _metrics(tmp_path / "run") if "mtp/lambda/1" in r]
+    assert len(rows) == 2
+    for row in rows:
+        assert math.isfinite(row["mtp/lambda/1"]) and math.isfinite(row["loss"]) and math.isfinite(row["grad_norm"])
+    assert {p.dtype for p in trainer.model.mtp_heads.parameters()} == {torch.bfloat16}
+    changed = {n for n, p in trainer.model.named_parameters() if not torch.equal(p, before[n])}
+    assert any(n.startswith("mtp_heads.") for n in changed) and any(n.startswith("model.layers.") for n in changed)
+
+
+def test_use_liger_kernel_is_refused_where_trl_would_skip_the_mtp_term(tmp_path):
+    """A TRL with a fused Liger GRPO loss (compute_liger_loss, returned instead of _compute_loss) would train plain
+    GRPO: refused at construction, naming the field. TRL 1.16 has no such path (use_liger_kernel only swaps layer
+    kernels at train()), so there the trainer builds and its loss is still _compute_loss."""
+    from mtprl.trainer import MTPGRPOTrainer
+
+    class FusedLigerTRL(MTPGRPOTrainer):
+        def compute_liger_loss(self, model, inputs):  # the shape of TRL's fused path
+            raise AssertionError("never reached")
+
+    model, tok = _small_model()
+    kw = dict(COMMON, output_dir=str(tmp_path / "run"), mtp_num_heads=2, mtp_regime="occ", use_liger_kernel=True)
+    with pytest.raises(ValueError, match="use_liger_kernel"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            FusedLigerTRL(model=model, reward_funcs=[digit_reward], args=MTPGRPOConfig(**kw), train_dataset=_dataset(),
+                          processing_class=tok)
+    trainer = _mtp_trainer(tmp_path, name="stock", mtp_regime="occ", use_liger_kernel=True)
+    assert not hasattr(trainer, "compute_liger_loss")

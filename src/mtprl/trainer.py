@@ -143,6 +143,13 @@ class MTPGRPOTrainer(UpdateMixin, GeometryMixin, ConsistentLogOnResume, MTPCheck
 
     def _warn_about_settings(self) -> None:
         args = self.args
+        if args.use_liger_kernel and hasattr(self, "compute_liger_loss") and self.args.mtp_num_heads:
+            # TRL versions with a fused Liger GRPO loss return it from compute_loss without calling _compute_loss,
+            # so the MTP term and the heads' loss would be skipped. TRL 1.16 has none: use_liger_kernel there only
+            # swaps the trunk's layer kernels (transformers' apply_liger_kernel) and the loss stays _compute_loss.
+            raise ValueError("use_liger_kernel: this TRL computes the GRPO loss in Liger's fused kernel "
+                             "(compute_liger_loss) without calling _compute_loss, so the MTP term would silently not "
+                             "train; set use_liger_kernel: false (or mtp_num_heads: 0 for plain GRPO)")
         if self.is_deepspeed_enabled and "separate" in (args.mtp_grad_clip, args.mtp_optimizer_state):
             raise ValueError("mtp_grad_clip / mtp_optimizer_state = separate act between the backward and the "
                              "optimizer step, which DeepSpeed runs inside its backward; use DDP or FSDP, or shared")
