@@ -566,3 +566,23 @@ def test_use_liger_kernel_is_refused_where_trl_would_skip_the_mtp_term(tmp_path)
                           processing_class=tok)
     trainer = _mtp_trainer(tmp_path, name="stock", mtp_regime="occ", use_liger_kernel=True)
     assert not hasattr(trainer, "compute_liger_loss")
+
+
+def test_fsdp_refuses_the_settings_that_read_sharded_gradients_and_names_them():
+    from mtprl.regimes import regime_for
+    from mtprl.trainer import sharded_gradient_refusal
+
+    def args(**kw):
+        return MTPGRPOConfig(output_dir="/tmp/unused", use_cpu=True, report_to=[], **kw)
+
+    for kw, named in [(dict(mtp_regime="occ", occ_variant="exact"), "occ_variant=exact"),
+                      (dict(mtp_regime="occ", occ_variant="last_layers"), "occ_variant=last_layers"),
+                      (dict(mtp_regime="ce", occ_fidelity_every=4), "occ_fidelity_every"),
+                      (dict(mtp_regime="ce", mtp_grad_clip="separate"), "mtp_grad_clip=separate"),
+                      (dict(mtp_regime="ce", mtp_optimizer_state="separate"), "mtp_optimizer_state=separate")]:
+        a = args(**kw)
+        message = sharded_gradient_refusal(a, regime_for(a.mtp_regime, a.occ_variant), fsdp=True)
+        assert message and named in message and "occ_variant paper" in message, (kw, message)
+        assert sharded_gradient_refusal(a, regime_for(a.mtp_regime, a.occ_variant), fsdp=False) is None
+    a = args(mtp_regime="occ", occ_variant="paper")
+    assert sharded_gradient_refusal(a, regime_for(a.mtp_regime, a.occ_variant), fsdp=True) is None

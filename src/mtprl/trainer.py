@@ -76,6 +76,27 @@ _MULTIMODAL_KEYS = ("pixel_values", "image_grid_thw", "num_images", "pixel_atten
                     "num_tiles", "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
 
 
+def sharded_gradient_refusal(args, regime, *, fsdp: bool) -> str | None:
+    """Under FSDP every `.grad` is a local shard (a DTensor): dot products and norms taken over `.grad` on one rank
+    are not the global ones (issue 34: a shard-correct reduction is not built yet), so the settings that read them
+    are refused with what to use instead. The shared clip is TRL's (accelerate's FSDP-aware clip) and stays."""
+    if not fsdp:
+        return None
+    reads = []
+    if regime is not None and regime.lambda_source in ("exact", "last_layers"):
+        reads.append(f"occ_variant={args.occ_variant}")
+    if args.occ_fidelity_every > 0:
+        reads.append("occ_fidelity_every > 0")
+    reads += [f"{field}=separate" for field in ("mtp_grad_clip", "mtp_optimizer_state")
+              if getattr(args, field) == "separate"]
+    if not reads:
+        return None
+    return (f"{', '.join(reads)}: under FSDP the gradients are sharded and these settings read global dot products "
+            "or norms of .grad, which mtprl does not yet reduce across shards (the lambda would be silently wrong on "
+            "every rank); use occ_variant paper, ema or hidden (log-probability proxies, all-reduced), "
+            "occ_fidelity_every 0 and the shared clip and moments, or DDP")
+
+
 class MTPGRPOTrainer(UpdateMixin, GeometryMixin, ConsistentLogOnResume, MTPCheckpointMixin, GRPOTrainer):
     """GRPOTrainer whose model carries MTP heads trained under `args.mtp_regime` (see MTPGRPOConfig)."""
 
@@ -143,6 +164,9 @@ class MTPGRPOTrainer(UpdateMixin, GeometryMixin, ConsistentLogOnResume, MTPCheck
 
     def _warn_about_settings(self) -> None:
         args = self.args
+        refusal = sharded_gradient_refusal(args, self.regime, fsdp=self.is_fsdp_enabled)
+        if refusal:
+            raise ValueError(refusal)
         if args.use_liger_kernel and hasattr(self, "compute_liger_loss") and self.args.mtp_num_heads:
             # TRL versions with a fused Liger GRPO loss return it from compute_loss without calling _compute_loss,
             # so the MTP term and the heads' loss would be skipped. TRL 1.16 has none: use_liger_kernel there only
