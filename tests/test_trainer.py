@@ -586,3 +586,30 @@ def test_fsdp_refuses_the_settings_that_read_sharded_gradients_and_names_them():
         assert sharded_gradient_refusal(a, regime_for(a.mtp_regime, a.occ_variant), fsdp=False) is None
     a = args(mtp_regime="occ", occ_variant="paper")
     assert sharded_gradient_refusal(a, regime_for(a.mtp_regime, a.occ_variant), fsdp=True) is None
+
+
+@pytest.mark.parametrize("variant", ["paper", "exact"])
+def test_a_lora_trunk_trains_its_adapter_and_the_heads_in_full(tmp_path, variant):
+    """TRL's peft_config: the trunk adapted by LoRA (its base weights frozen, bit-identical after training), the heads
+    (copied from the base weights of the adapted last layer) trained in full, OCC's lambda set over what trains."""
+    from peft import LoraConfig
+
+    model, tok = _small_model()
+    kw = dict(COMMON, output_dir=str(tmp_path / "run"), mtp_num_heads=2, mtp_regime="occ", occ_variant=variant,
+              max_steps=2, steps_per_generation=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = MTPGRPOTrainer(model=model, reward_funcs=[digit_reward], args=MTPGRPOConfig(**kw),
+                                 train_dataset=_dataset(), processing_class=tok,
+                                 peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    changed = {n for n, p in trainer.model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all(".lora_" in n or "mtp_heads." in n for n in changed), sorted(changed)[:5]
+    assert any("mtp_heads." in n for n in changed) and any(".lora_B." in n for n in changed)
+    rows = [r for r in _metrics(tmp_path / "run") if "mtp/lambda/1" in r]
+    assert all(math.isfinite(r["mtp/lambda/1"]) for r in rows) and rows[1]["mtp/lambda/1"] != 0
+    if variant == "paper":  # the proxies need a change since the rollout: 0 on its first micro-batch
+        assert rows[0]["mtp/lambda/1"] == 0.0
+    else:  # the exact lambda's v2 is the MTP gradient over the parameters that train: the adapter's and the heads'
+        assert rows[0]["mtp/v2_exact/1"] > 0

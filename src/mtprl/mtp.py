@@ -127,6 +127,13 @@ def mtp_layers_config(model: nn.Module, num_heads: int):
     return config
 
 
+def base_weights(state: dict) -> dict:
+    """A layer's state dict without PEFT's LoRA wrappers: `x.base_layer.w` -> `x.w`, adapter weights dropped (a head
+    copies the frozen base weights of a LoRA-adapted trunk layer; at LoRA's init, B = 0, that is the layer itself)."""
+    return {k.replace(".base_layer.", "."): v for k, v in state.items()
+            if ".lora_" not in k and "lora_magnitude_vector" not in k}
+
+
 def attach_mtp_heads(model: nn.Module, num_heads: int = 1, init: str = "copy_last_layer", config=None) -> MTPHeads:
     """Build K MTP depths for `model`, register them as `model.mtp_heads` and return them.
 
@@ -166,7 +173,7 @@ def attach_mtp_heads(model: nn.Module, num_heads: int = 1, init: str = "copy_las
         heads.apply(model._init_weights)
     if init == "copy_last_layer":
         for layer in heads.layers:
-            layer.mtp_block.load_state_dict(last_layer.state_dict())
+            layer.mtp_block.load_state_dict(base_weights(last_layer.state_dict()))
     ref = next(last_layer.parameters())
     heads.to(device=ref.device, dtype=ref.dtype)
     model.mtp_heads = heads
