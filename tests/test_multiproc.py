@@ -57,7 +57,7 @@ def test_ddp_ranks_use_one_lambda_per_micro_batch_and_stay_identical(tmp_path, v
 
 @pytest.mark.parametrize("variant", ["paper", "exact"])
 def test_ddp_ranks_stay_identical_with_the_separate_clip_and_separate_moments(tmp_path, variant):
-    # A tight max_grad_norm (0.05) makes both clips bind; the separate moments must be the same on both ranks
+    # Tight budgets (max_grad_norm 0.05, mtp_max_grad_norm 1e-3) make both clips bind; the separate moments must be the same on both ranks
     # (they see the all-reduced MTP gradient) and be saved with the checkpoint.
     ranks = _launch(tmp_path, "--variant", variant, "--mtp_grad_clip", "separate", "--mtp_optimizer_state", "separate")
     for row0, row1 in zip(*ranks):

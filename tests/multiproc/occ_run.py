@@ -60,7 +60,8 @@ def main():
                         max_steps=args.max_steps, steps_per_generation=2, mtp_regime="occ",
                         occ_variant=args.variant, mtp_num_heads=2, loss_type="dapo", lr_scheduler_type="constant",
                         mtp_grad_clip=args.mtp_grad_clip, mtp_optimizer_state=args.mtp_optimizer_state,
-                        max_grad_norm=0.05 if args.mtp_grad_clip == "separate" else 1.0)
+                        max_grad_norm=0.05 if args.mtp_grad_clip == "separate" else 1.0,
+                        mtp_max_grad_norm=1e-3 if args.mtp_grad_clip == "separate" else None)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer = MTPGRPOTrainer(model=model, reward_funcs=[digit_reward], args=cfg, train_dataset=train,
