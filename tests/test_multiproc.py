@@ -90,3 +90,26 @@ def test_a_ddp_checkpoint_resumes_under_ddp_and_under_one_process(tmp_path):
     assert [r["step"] for r in single[0]] == [3, 4]  # continued from step 2, not from scratch
     assert all(math.isfinite(r["mtp/lambda/1"]) for r in single[0])
     assert any(r["mtp/lambda/1"] != 0.0 for r in single[0])
+
+
+FSDP_SCRIPT = os.path.join(ROOT, "tests", "multiproc", "fsdp_stats.py")
+
+
+def test_gradient_statistics_of_fsdp2_shards_equal_the_unsharded_ones_and_local_sums_do_not(tmp_path):
+    # Two gloo processes shard the model with torch's fully_shard (DTensor gradients, uneven shards) and read c, v2,
+    # Adam-weighted c and the clip norms off the shards; rank 0 also computes them unsharded from the same batch.
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", FSDP_SCRIPT,
+                             "--output_dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    ranks = [json.load(open(os.path.join(tmp_path, f"stats_rank{r}.json"))) for r in (0, 1)]
+    assert ranks[0]["sharded_types"] == ["DTensor"]
+    assert ranks[0]["sharded_local_sizes"] != ranks[1]["sharded_local_sizes"]  # uneven shards
+    reference = ranks[0]["unsharded"]
+    assert reference["c"] != 0 and reference["v2"] > 0
+    for rank in ranks:
+        for key, value in reference.items():
+            assert rank["sharded"][key] == pytest.approx(value, rel=1e-6, abs=1e-9), (key, rank["sharded"][key], value)
+    # the deliberately broken variant (each rank's own shard, no all-reduce) misses on every statistic
+    for rank in ranks:
+        for key, value in reference.items():
+            assert rank["local_only"][key] != pytest.approx(value, rel=1e-2), key

@@ -584,8 +584,9 @@ def test_fsdp_refuses_the_settings_that_read_sharded_gradients_and_names_them():
         message = sharded_gradient_refusal(a, regime_for(a.mtp_regime, a.occ_variant), fsdp=True)
         assert message and named in message and "occ_variant paper" in message, (kw, message)
         assert sharded_gradient_refusal(a, regime_for(a.mtp_regime, a.occ_variant), fsdp=False) is None
-    a = args(mtp_regime="occ", occ_variant="paper")
-    assert sharded_gradient_refusal(a, regime_for(a.mtp_regime, a.occ_variant), fsdp=True) is None
+    for kw in (dict(mtp_regime="occ", occ_variant="paper"), dict(mtp_regime="detach", mtp_grad_clip="separate")):
+        a = args(**kw)  # log-prob proxies; the separate clip by parameter group reads .grad alone (shard_stats)
+        assert sharded_gradient_refusal(a, regime_for(a.mtp_regime, a.occ_variant), fsdp=True) is None, kw
 
 
 @pytest.mark.parametrize("variant", ["paper", "exact"])

@@ -32,6 +32,7 @@ import torch
 
 from .occ import OCCStats, ema_statistics, gradient_statistics, lambda_from_stats, loss_gradients, occ_statistics
 from .regimes import GRADIENT_SOURCES, HeadData, Regime
+from .shard_stats import global_dot, global_sq_norm
 
 
 @dataclass(frozen=True)
@@ -67,12 +68,9 @@ class ExactStash:
 
 
 def _grad_dot(params, grads) -> torch.Tensor:
-    """<p.grad, g> summed over parameters (float64 accumulation; a parameter without .grad counts 0)."""
-    total = torch.zeros((), dtype=torch.float64, device=grads[0].device if grads else None)
-    for p, g in zip(params, grads):
-        if p.grad is not None:
-            total = total + (p.grad.float() * g.float()).sum().double()
-    return total
+    """<p.grad, g> summed over `params` (float64; a parameter without .grad counts 0; shard-correct); `grads` may
+    run on past them (the heads' part of a stash), which is not summed."""
+    return global_dot([p.grad for p in params], grads[:len(params)]).to(grads[0].device if grads else None)
 
 
 def _identity_reduce(tensor, reduction):
@@ -214,7 +212,7 @@ class LambdaCalibrator:
         for d in stashes:  # every head's c from TRL's gradient alone, before any lambda * g_MTP is added
             after = self.reduce(_grad_dot(self.main_params, d.grads), "mean")
             c = (after - d.dot_before).float()
-            v2 = torch.stack([(g.float() ** 2).sum() for g in d.grads[:n_main]]).sum()
+            v2 = global_sq_norm(d.grads[:n_main]).float().to(c.device)
             lam = self.lambda_from(OCCStats(c, v2), d.depth, metrics)
             lambdas.append(lam)
             for name, value in ((f"mtp/lambda/{d.depth}", lam), (f"mtp/c_exact/{d.depth}", c),
@@ -260,12 +258,11 @@ class LambdaCalibrator:
         g_mtp = self.mean_across_ranks(loss_gradients(head_loss, self.main_params))
         out = {}
         if preconditioner is not None:
-            c_p = sum(float((a.double() * q.double() * b.double()).sum()) for a, b, q in zip(g_rl, g_mtp, preconditioner))
-            v2_p = sum(float((b.double() ** 2 * q.double()).sum()) for b, q in zip(g_mtp, preconditioner))
-            out.update({f"mtp/c_adam/{depth}": c_p, f"mtp/v2_adam/{depth}": v2_p})
+            out.update({f"mtp/c_adam/{depth}": float(global_dot(g_rl, g_mtp, preconditioner)),
+                        f"mtp/v2_adam/{depth}": float(global_dot(g_mtp, g_mtp, preconditioner))})
         previous = self._previous_g_mtp.get(depth)
         if previous is not None:
-            out[f"mtp/c_cross/{depth}"] = sum(float((a.double() * b.double()).sum()) for a, b in zip(g_rl, previous))
+            out[f"mtp/c_cross/{depth}"] = float(global_dot(g_rl, previous))
         self._previous_g_mtp[depth] = [g.detach() for g in g_mtp]
         return out
 

@@ -21,6 +21,8 @@ from typing import NamedTuple
 
 import torch
 
+from .shard_stats import global_dot, global_sq_norm
+
 # How the proxies are reduced over a micro-batch (the *reduction*): batch = the paper's sums (Eq. 13), token = the
 # released code's per-token ratio, averaged. Only the public `occ_coefficient(..., estimator=)` keeps the SPEC's
 # keyword for it; everywhere else "estimator" means an estimator of c and v2 (a lambda source).
@@ -98,15 +100,13 @@ def loss_gradients(loss, inputs) -> list[torch.Tensor]:
 
 
 def gradient_statistics(g_rl, g_mtp) -> OCCStats:
-    """c = <g_RL, g_MTP>, v2 = ||g_MTP||^2 (float32 sums) from two lists of gradients over the same tensors."""
+    """c = <g_RL, g_MTP>, v2 = ||g_MTP||^2 from two lists of gradients over the same tensors (float64 sums,
+    returned as float32; shard-correct under FSDP2: `shard_stats.global_dot`)."""
     if len(g_rl) != len(g_mtp):
         raise ValueError(f"gradient_statistics needs one g_RL per g_MTP, got {len(g_rl)} and {len(g_mtp)}")
-    c = v2 = torch.zeros((), dtype=torch.float32, device=g_mtp[0].device if g_mtp else None)
-    for a, b in zip(g_rl, g_mtp):
-        a, b = a.float(), b.float()
-        c = c + (a * b).sum()
-        v2 = v2 + (b * b).sum()
-    return OCCStats(c, v2)
+    device = g_mtp[0].device if g_mtp else None
+    c, v2 = global_dot(g_rl, g_mtp), global_sq_norm(g_mtp)
+    return OCCStats(c.float().to(device), v2.float().to(device))
 
 
 def hidden_state_statistics(rl_loss, mtp_loss, hidden) -> OCCStats:

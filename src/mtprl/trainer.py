@@ -77,9 +77,13 @@ _MULTIMODAL_KEYS = ("pixel_values", "image_grid_thw", "num_images", "pixel_atten
 
 
 def sharded_gradient_refusal(args, regime, *, fsdp: bool) -> str | None:
-    """Under FSDP every `.grad` is a local shard (a DTensor): dot products and norms taken over `.grad` on one rank
-    are not the global ones (issue 34: a shard-correct reduction is not built yet), so the settings that read them
-    are refused with what to use instead. The shared clip is TRL's (accelerate's FSDP-aware clip) and stays."""
+    """Under FSDP every `.grad` is a local shard (a DTensor). The statistics themselves are shard-correct
+    (`shard_stats.global_dot`: local-shard sums all-reduced over the shard group; tests/multiproc/fsdp_stats.py),
+    so what reads `.grad` alone runs: the separate clip where the heads see the trunk detached (by parameter group)
+    and the log-prob lambda sources. The settings that take gradients with `torch.autograd.grad` over the sharded
+    parameters (the exact and last-layers lambdas, the fidelity table, the kept-apart MTP gradient of the separate
+    clip and moments on a joint regime) go through FSDP2's all-gather backward, whose reduction across ranks that
+    hold different batches is untested here: they are refused with what to use instead."""
     if not fsdp:
         return None
     reads = []
@@ -87,14 +91,18 @@ def sharded_gradient_refusal(args, regime, *, fsdp: bool) -> str | None:
         reads.append(f"occ_variant={args.occ_variant}")
     if args.occ_fidelity_every > 0:
         reads.append("occ_fidelity_every > 0")
-    reads += [f"{field}=separate" for field in ("mtp_grad_clip", "mtp_optimizer_state")
-              if getattr(args, field) == "separate"]
+    detached = regime is not None and regime.mtp_grad == "detach"
+    if args.mtp_grad_clip == "separate" and not detached:
+        reads.append("mtp_grad_clip=separate")
+    if args.mtp_optimizer_state == "separate":
+        reads.append("mtp_optimizer_state=separate")
     if not reads:
         return None
-    return (f"{', '.join(reads)}: under FSDP the gradients are sharded and these settings read global dot products "
-            "or norms of .grad, which mtprl does not yet reduce across shards (the lambda would be silently wrong on "
-            "every rank); use occ_variant paper, ema or hidden (log-probability proxies, all-reduced), "
-            "occ_fidelity_every 0 and the shared clip and moments, or DDP")
+    return (f"{', '.join(reads)}: under FSDP these settings take the MTP gradient with torch.autograd.grad over the "
+            "sharded parameters (an extra backward through FSDP2's all-gather), which mtprl has not verified across "
+            "ranks with different batches (the lambda could be silently wrong on every rank); use occ_variant "
+            "paper, ema or hidden (log-probability proxies, all-reduced), occ_fidelity_every 0, the shared moments "
+            "and the shared clip (or the separate clip with a detached regime), or DDP")
 
 
 class MTPGRPOTrainer(UpdateMixin, GeometryMixin, ConsistentLogOnResume, MTPCheckpointMixin, GRPOTrainer):

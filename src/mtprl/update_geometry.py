@@ -28,18 +28,10 @@ from dataclasses import dataclass, field
 import torch
 from transformers import TrainerCallback
 
+from .shard_stats import global_norm  # shard-correct: the same norm on one process, DDP and FSDP2
+
 GRAD_CLIP_MODES = ("shared", "separate")
 OPTIMIZER_STATE_MODES = ("shared", "separate")
-
-
-def global_norm(tensors) -> torch.Tensor:
-    """sqrt(sum ||t||^2) over tensors (None skipped), accumulated in float64. On DDP .grad is already the rank mean
-    at the optimizer step, so this is the global norm."""
-    total = torch.zeros((), dtype=torch.float64)
-    for t in tensors:
-        if t is not None:
-            total = total + t.detach().double().pow(2).sum().cpu()
-    return total.sqrt()
 
 
 def clip_factor(norm: float, max_norm: float | None) -> float:
