@@ -27,6 +27,7 @@ from .native import LAYOUT_BY_NAME, LAYOUTS, find_native_layout, heads_config, l
 MTP_CONFIG_NAME = "mtp_config.json"
 MTP_WEIGHTS_NAME = "mtp_heads.safetensors"
 MAIN_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+ADAPTER_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")  # a LoRA run's trunk (`mtprl.lora`)
 _HEADS_WHAT = "the MTP heads, written by mtprl.save_pretrained"
 
 
@@ -84,8 +85,10 @@ def has_main_weights(path) -> bool:
 
 
 def is_complete_checkpoint(path) -> bool:
-    """Main-model weights and MTP head weights are both there (a finished `save_pretrained`)."""
-    return has_main_weights(path) and os.path.isfile(os.path.join(str(path), MTP_WEIGHTS_NAME))
+    """Main-model weights (or, for a LoRA run, the adapter's) and MTP head weights are both there (a finished
+    save)."""
+    trunk = has_main_weights(path) or any(os.path.isfile(os.path.join(str(path), f)) for f in ADAPTER_WEIGHT_FILES)
+    return trunk and os.path.isfile(os.path.join(str(path), MTP_WEIGHTS_NAME))
 
 
 def load_mtp_weights(heads: MTPHeads, path) -> None:

@@ -62,6 +62,7 @@ from .config import DraftFields, check_draft_options
 from .data import RUN_TASK_FIELDS, TaskArguments, load_for_task, task_benchmarks, task_splits
 from .faults import kill_point
 from .jsonl import atomic_write_json
+from .lora import LoraArguments, peft_config_of
 from .probe import ProbeOptions
 from .runs import prepare_run, record_trained_steps, resume_point, start_fingerprint
 from .sft_data import self_distillation_data, sft_completions
@@ -97,7 +98,7 @@ HEADINGS = {"MTPGRPOConfig": "mtprl: heads, regime, OCC, drafting (the fields MT
             "TaskArguments": "mtprl: model, task and evaluation (every command)",
             "EvalArguments": "mtprl eval", "CompareArguments": "mtprl compare: arms, seeds, report",
             "ReportArguments": "mtprl report", "ExportArguments": "mtprl export",
-            "ProbeArguments": "mtprl probe"}
+            "ProbeArguments": "mtprl probe", "LoraArguments": "LoRA of the trunk (TRL's ModelConfig PEFT flags)"}
 
 
 def _library_base(dtype):
@@ -258,9 +259,10 @@ def cmd_sft(argv) -> dict | None:
     return after
 
 
-def run_training(task_args: TaskArguments, cfg, label: str | None = None) -> dict | None:
-    """One RL run: load the model (with heads), train under `cfg.mtp_regime`, save, evaluate. With
-    `eval_steps` the held-out set (and every `eval_datasets` benchmark) is also evaluated every N steps."""
+def run_training(task_args: TaskArguments, cfg, label: str | None = None, peft_config=None) -> dict | None:
+    """One RL run: load the model (with heads), train under `cfg.mtp_regime` (the trunk adapted by LoRA under
+    `peft_config`, `mtprl.lora`), save, evaluate. With `eval_steps` the held-out set (and every `eval_datasets`
+    benchmark) is also evaluated every N steps."""
     from .tasks import TaskReward
     from .trainer import MTPGRPOTrainer
 
@@ -274,7 +276,8 @@ def run_training(task_args: TaskArguments, cfg, label: str | None = None) -> dic
     phase(f"train: regime={cfg.mtp_regime} variant={cfg.occ_variant} loss={cfg.loss_type} "
           f"steps={cfg.max_steps} output={cfg.output_dir}")
     trainer = MTPGRPOTrainer(model=model, reward_funcs=[TaskReward()], args=cfg, train_dataset=train_ds,
-                             processing_class=tokenizer)
+                             processing_class=tokenizer, peft_config=peft_config)
+    model = trainer.accelerator.unwrap_model(trainer.model)  # under LoRA the PeftModel, which carries the heads
     every = _eval_every(cfg)
     if every:
         trainer.add_callback(PeriodicEvalCallback(every, lambda m: _periodic_eval(m, tokenizer, eval_ds, task_args,
@@ -327,7 +330,7 @@ def cmd_train(argv) -> dict | None:
     each of its runs)."""
     from .config import MTPGRPOConfig
 
-    task_args, cfg = Parser((TaskArguments, MTPGRPOConfig), "train").parse_args_and_config(argv)
+    task_args, cfg, lora_args = Parser((TaskArguments, MTPGRPOConfig, LoraArguments), "train").parse_args_and_config(argv)
     if str(cfg.resume_from_checkpoint).lower() == "true":
         state = prepare_run(cfg.output_dir, cfg.max_steps, "train")
         if state.kind == "finished":
@@ -337,7 +340,7 @@ def cmd_train(argv) -> dict | None:
             _finish_run(cfg.output_dir, state.checkpoint, task_args)
             return None
         cfg.resume_from_checkpoint = state.checkpoint  # None: fresh
-    return run_training(task_args, cfg)
+    return run_training(task_args, cfg, peft_config=peft_config_of(lora_args))
 
 
 def config_path(argv) -> str | None:
@@ -481,8 +484,8 @@ def cmd_compare(argv) -> str:
     from .config import MTPGRPOConfig
     from .report import build_report
 
-    parser = Parser((CompareArguments, TaskArguments, MTPGRPOConfig), "compare")
-    compare_args, task_args0, cfg0 = parser.parse_args_and_config(list(argv))
+    parser = Parser((CompareArguments, TaskArguments, MTPGRPOConfig, LoraArguments), "compare")
+    compare_args, task_args0, cfg0, lora_args = parser.parse_args_and_config(list(argv))
     arms = compare_args.arm_list({f.name for f in fields(MTPGRPOConfig)})
     baseline, seeds = compare_args.baseline_arm(arms), compare_args.seed_list()
     for arm in arms:  # every arm's overrides parse (and validate) before anything runs
@@ -494,7 +497,7 @@ def cmd_compare(argv) -> str:
             run_dir = os.path.join(compare_args.report_dir, "runs", f"{arm.slug}-s{seed}")
             run_dirs.append(run_dir)
             extra = arm.cli_args() + ["--seed", str(seed), "--output_dir", run_dir, "--eval_before", "false"]
-            _, task_args, cfg = parser.parse_args_and_config(list(argv) + extra)
+            _, task_args, cfg, _ = parser.parse_args_and_config(list(argv) + extra)
             state = prepare_run(run_dir, cfg.max_steps, "compare", task_args.model_name_or_path)
             if state.kind == "finished":
                 continue
@@ -502,10 +505,10 @@ def cmd_compare(argv) -> str:
                 _finish_run(run_dir, state.checkpoint, task_args)
                 continue
             if state.kind == "resume":
-                _, task_args, cfg = parser.parse_args_and_config(
+                _, task_args, cfg, _ = parser.parse_args_and_config(
                     list(argv) + extra + ["--resume_from_checkpoint", state.checkpoint])
             phase(f"compare: running arm {arm.label} seed {seed}")
-            run_training(task_args, cfg, label=arm.label)
+            run_training(task_args, cfg, label=arm.label, peft_config=peft_config_of(lora_args))
     report = build_report(run_dirs, compare_args.report_dir, command="mtprl compare " + " ".join(argv),
                           baseline=baseline.label, start=os.path.join(compare_args.report_dir, "start", "eval.json"))
     phase(f"compare: report written to {report}")

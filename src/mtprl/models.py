@@ -17,6 +17,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from .checkpoints import attach_or_load_heads, load_tokenizer
+from .lora import is_adapter_dir, load_adapted
 
 PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
 CHARACTERS = [c for c in string.printable if c not in "\t\r\x0b\x0c"]  # printable ASCII + space + newline
@@ -144,6 +145,8 @@ def load_model(name_or_path: str, num_heads: int | None = None, init: str = "cop
     if name_or_path == "tiny":
         tokenizer = char_tokenizer()
         model = tiny_model(tokenizer, seed=seed)
+    elif os.path.isdir(name_or_path) and is_adapter_dir(name_or_path):  # a LoRA run: merged, with its heads
+        model, tokenizer = load_adapted(name_or_path, **load_kwargs)
     else:
         model, tokenizer = load_base_model(name_or_path, **load_kwargs)
     attach_or_load_heads(model, num_heads, init=init, source=None if name_or_path == "tiny" else name_or_path)

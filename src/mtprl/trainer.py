@@ -38,6 +38,7 @@ from trl.trainer.utils import get_config_model_id
 from .calibration import CalibrationSettings, LambdaCalibrator, adam_preconditioner
 from .callbacks import MetricsJsonlCallback
 from .checkpoints import MTPCheckpointMixin, attach_or_load_heads
+from .lora import heads_back_on, heads_off_for_peft
 from .config import MTPGRPOConfig
 from .logprobs import LogProbs, add_mtp_forward, head_logprobs
 from .mtp import decoder_of, last_layer_params
@@ -124,7 +125,9 @@ class MTPGRPOTrainer(UpdateMixin, GeometryMixin, ConsistentLogOnResume, MTPCheck
             reward_funcs = [safe_reward(f, args.reward_failure) if callable(f) and not isinstance(f, torch.nn.Module)
                             else f
                             for f in funcs]
+        heads = heads_off_for_peft(model, kwargs.get("peft_config"))  # LoRA must neither match nor freeze them
         super().__init__(model=model, reward_funcs=reward_funcs, args=args, **kwargs)
+        heads_back_on(self.accelerator.unwrap_model(self.model), heads)
         self.add_callback(MetricsJsonlCallback(args.output_dir))
         self.regime = regime_for(args.mtp_regime, args.occ_variant)  # None: plain GRPO
         # the MTP term the loss adds: the run's own; `update_on` runs an update with another
