@@ -58,11 +58,13 @@ from typing import ClassVar
 from trl import TrlParser
 
 from .callbacks import PeriodicEvalCallback, phase
+from .checkpoints import load_mtp_weights
 from .config import DraftFields, check_draft_options
 from .data import RUN_TASK_FIELDS, TaskArguments, load_for_task, task_benchmarks, task_splits
 from .faults import kill_point
 from .jsonl import atomic_write_json
 from .lora import LoraArguments, peft_config_of
+from .mtp import get_mtp_heads
 from .probe import ProbeOptions
 from .runs import prepare_run, record_trained_steps, resume_point, start_fingerprint
 from .sft_data import self_distillation_data, sft_completions
@@ -240,7 +242,7 @@ def cmd_sft(argv) -> dict | None:
                                draft)
         train_ds = self_distillation_data(model, tokenizer, train_ds, cfg, draft)
     else:
-        train_ds = sft_completions(train_ds, cfg.answer_suffix_fraction, cfg.seed)
+        train_ds = sft_completions(train_ds, cfg.answer_suffix_fraction, cfg.seed, cfg.answer_format)
     phase(f"sft: {cfg.max_steps} steps, {cfg.mtp_num_heads} MTP head(s), "
           f"{'heads only (main model frozen)' if cfg.mtp_only else 'main + heads'}, output {cfg.output_dir}")
     trainer = MTPSFTTrainer(model=model, args=cfg, train_dataset=train_ds, processing_class=tokenizer)
@@ -268,6 +270,9 @@ def run_training(task_args: TaskArguments, cfg, label: str | None = None, peft_c
 
     model, tokenizer = load_for_task(task_args, cfg.mtp_num_heads, cfg.mtp_init, seed=cfg.seed,
                                      trust_remote_code=cfg.trust_remote_code)
+    if cfg.mtp_heads_from:  # same policy, other heads (an arm's warm-up): loaded in place, the count checked
+        load_mtp_weights(get_mtp_heads(model), cfg.mtp_heads_from)
+        phase(f"train: MTP heads from {cfg.mtp_heads_from}")
     train_ds, eval_ds = task_splits(task_args, tokenizer)
     draft = draft_policy(cfg, model)
     if task_args.eval_before:
@@ -289,6 +294,7 @@ def run_training(task_args: TaskArguments, cfg, label: str | None = None, peft_c
         "label": label or cfg.mtp_regime, "model": task_args.model_name_or_path,
         "task": task_args.dataset_name or task_args.task, "max_steps": cfg.max_steps, "loss_type": cfg.loss_type,
         "mtp_coef": cfg.mtp_coef, "occ_lambda_plus": cfg.occ_lambda_plus, "mtp_draft_tokens": cfg.mtp_draft_tokens,
+        "mtp_heads_from": cfg.mtp_heads_from,
         "start_model": start_fingerprint(task_args.model_name_or_path),
         "task_args": {name: getattr(task_args, name) for name in RUN_TASK_FIELDS}})
     trainer.train(resume_from_checkpoint=cfg.resume_from_checkpoint)  # the trainer cuts the log back on resume
@@ -330,7 +336,8 @@ def cmd_train(argv) -> dict | None:
     each of its runs)."""
     from .config import MTPGRPOConfig
 
-    task_args, cfg, lora_args = Parser((TaskArguments, MTPGRPOConfig, LoraArguments), "train").parse_args_and_config(argv)
+    parser = Parser((TaskArguments, MTPGRPOConfig, LoraArguments), "train")
+    task_args, cfg, lora_args = parser.parse_args_and_config(argv)
     if str(cfg.resume_from_checkpoint).lower() == "true":
         state = prepare_run(cfg.output_dir, cfg.max_steps, "train")
         if state.kind == "finished":

@@ -20,6 +20,7 @@ from .mtp import INIT_CHOICES
 from .objectives import HEAD_LOSSES
 from .regimes import OCC_VARIANTS, REGIMES
 from .rollout import DRAFT_POLICIES
+from .sft_data import ANSWER_FORMATS
 from .tasks import REWARD_FAILURE_MODES
 from .trl_compat import TRL_LOSS_TYPES
 from .update_geometry import GRAD_CLIP_MODES, OPTIMIZER_STATE_MODES
@@ -138,12 +139,18 @@ class MTPGRPOConfig(HeadFields, GRPOConfig):
     """GRPOConfig plus the MTP/OCC fields. Invalid values fail here, naming the field."""
 
     mtp_regime: str = field(default="occ", metadata={
-        "help": "How MTP heads train during RL: none (plain GRPO) | detach (CE, no gradient into the main model) | "
+        "help": "How MTP heads train during RL: none (plain GRPO) | frozen (plain GRPO's loss; the heads stay "
+                "attached, draft with mtp_draft_tokens, and are never trained: the frozen-head baseline) | detach "
+                "(CE, no gradient into the main model) | "
                 "ce (CE, joint) | policy (the RL loss on each head, fixed mtp_coef) | occ (policy loss scaled by "
                 "OCC's lambda) | distill (KL from the policy's own distribution, no gradient into the main model). "
                 "The regime's term is what the trunk sees (through joint heads, weighted by mtp_coef or lambda); "
                 "mtp_head_loss is a second, head-only term that never reaches the trunk (docs/regimes.md)."})
     mtp_coef: float = field(default=0.1, metadata={"help": "Fixed MTP coefficient for detach, ce, policy, distill."})
+    mtp_heads_from: str | None = field(default=None, metadata={
+        "help": "An mtprl checkpoint directory whose MTP heads replace the model's own before RL (same count; the "
+                "main model is still model_name_or_path): arms of one comparison that start from one policy with "
+                "heads warmed differently, e.g. by `sft --mtp_only true --mtp_only_loss tv`."})
     occ_variant: str = field(default="paper", metadata={
         "help": "Where OCC's lambda comes from (its lambda source). paper: the log-prob proxies c_hat, v2_hat with "
                 "the batch reduction (Eq. 13), head ratio against the head's own old log-probs, lambda scales the "
@@ -234,7 +241,11 @@ class MTPGRPOConfig(HeadFields, GRPOConfig):
         check_number("temperature", self.temperature, 0.0, low_open=True)
         if self.mtp_draft_tokens and self.mtp_regime == "none":
             raise ValueError("mtp_draft_tokens > 0 drafts with the MTP heads, which mtp_regime=none does not attach; "
-                             "use e.g. mtp_regime=detach (heads trained, policy untouched)")
+                             "use mtp_regime=frozen (heads drafting, never trained) or detach (heads trained, policy "
+                             "untouched)")
+        if self.mtp_regime == "frozen" and self.mtp_head_loss not in ("none", "auto"):
+            raise ValueError(f"mtp_head_loss={self.mtp_head_loss} trains the heads, which mtp_regime=frozen keeps "
+                             "fixed; use mtp_head_loss=none (or auto) with frozen, or mtp_regime=detach to train them")
         if self.mtp_draft_tokens and getattr(self, "use_vllm", False):
             raise ValueError("mtp_draft_tokens > 0 with use_vllm=true is not supported: the heads draft through "
                              "transformers generation; set use_vllm=false or mtp_draft_tokens=0")
@@ -277,6 +288,14 @@ class MTPSFTConfig(HeadFields, SFTConfig):
                 "samples of the dataset's prompts (self-distillation)."})
     mtp_only_max_new_tokens: int = field(default=64, metadata={
         "help": "mtp_only: tokens sampled per prompt for the self-distillation text."})
+    mtp_only_loss: str = field(default="distill", metadata={
+        "help": "mtp_only: what the heads learn on the self-sampled text, in mtp_head_loss's vocabulary. distill: "
+                "KL(p_main || q_k), the policy's own distribution | tv: 1 - sum_v min(p_main, q_k), one minus the "
+                "speculative acceptance (the heads trained as drafters) | ce: the sampled tokens."})
+    answer_format: str = field(default="answer", metadata={
+        "help": "The warm start's completions: answer (the reference answer alone) | working (chain_sum only: the "
+                "running sum written out line by line, '4 - 1 = 3', '3 - 7 = -4', then 'Answer: -4'; completions of "
+                "20-45 tokens, where drafting has something to accelerate)."})
     answer_suffix_fraction: float = field(default=0.0, metadata={
         "help": "Fraction of the warm-start completions written '<answer>!', a format the verifier does not fully "
                 "accept (reasoning-gym gives partial credit; avg@k counts it wrong): a stand-in for the "
@@ -286,5 +305,7 @@ class MTPSFTConfig(HeadFields, SFTConfig):
     def __post_init__(self):
         self.check_head_fields()
         check_number("answer_suffix_fraction", self.answer_suffix_fraction, 0.0, 1.0)
+        check_choice("mtp_only_loss", self.mtp_only_loss, HEAD_LOSSES[1:])
+        check_choice("answer_format", self.answer_format, ANSWER_FORMATS)
         check_number("mtp_coef", self.mtp_coef)
         super().__post_init__()

@@ -111,6 +111,13 @@ def get_mtp_heads(model: nn.Module) -> MTPHeads:
     return heads
 
 
+def freeze_heads(heads: nn.Module) -> None:
+    """`mtp_regime: frozen`: the heads keep their weights (no gradient, so no optimizer state and no weight decay)
+    and only draft."""
+    for p in heads.parameters():
+        p.requires_grad_(False)
+
+
 def mtp_layers_config(model: nn.Module, num_heads: int):
     """The config K MTP depths are built from: transformers' own `get_mtp_config` where the model's config
     declares `num_mtp_layers` (DeepSeek-V3, GLM-4.5: layer types re-indexed, MoE blocks for MoE families), else

@@ -47,11 +47,11 @@ from .gain import (best_point_probability, bootstrap_mean, direct_gain, gain_cur
 from .jsonl import atomic_write_json
 from .logprobs import main_logprobs
 from .occ import OCCStats, lambda_from_stats
-from .regimes import REGIMES, fixed_form_of
+from .regimes import REGIMES, TERMLESS, fixed_form_of
 from .tasks import TaskReward, prompt_text
 
 # The probed term per run regime, read off the one regime table (`Regime.fixed_form`: occ -> policy).
-TERM_OF_REGIME = {name: fixed_form_of(name) for name in REGIMES if name != "none"}
+TERM_OF_REGIME = {name: fixed_form_of(name) for name in REGIMES if name not in TERMLESS}
 LAMBDA_KEYS = "mtp/lambda/"
 
 

@@ -23,7 +23,9 @@ from .objectives import LOSS_TYPES, masked_mean, policy_loss
 
 # Display labels, in the order the report lists the regimes.
 REGIME_LABELS = {"none": "GRPO (no MTP)", "detach": "Detach", "ce": "CE loss", "policy": "Policy loss",
-                 "occ": "OCC", "distill": "Distill"}
+                 "occ": "OCC", "distill": "Distill", "frozen": "Frozen heads"}
+# Regimes with no MTP term in the loss: `none` (no heads) and `frozen` (heads attached, drafting, never trained)
+TERMLESS = ("none", "frozen")
 REGIMES = tuple(REGIME_LABELS)
 # The values of the config field `occ_variant`. `reference` is the released code's variant (SPEC name), not RL's
 # reference model; the others name their lambda source (`paper`: the proxies, `hat`).
@@ -149,8 +151,9 @@ MTP_TERMS = {
 
 
 def regime_for(mtp_regime: str, occ_variant: str = "paper") -> Regime | None:
-    """The table entry for a config's regime (None for `none`: plain GRPO, heads unused)."""
-    if mtp_regime == "none":
+    """The table entry for a config's regime (None for `none` and `frozen`: plain GRPO's loss; under `frozen` the
+    heads stay attached and draft, with no gradient)."""
+    if mtp_regime in TERMLESS:
         return None
     return MTP_TERMS[f"occ:{occ_variant}" if mtp_regime == "occ" else mtp_regime]
 
@@ -159,5 +162,5 @@ def fixed_form_of(mtp_regime: str, occ_variant: str = "paper") -> str:
     """The `MTP_TERMS` name of a config regime's loss at a fixed coefficient (`Regime.fixed_form`): occ -> policy."""
     regime = regime_for(mtp_regime, occ_variant)
     if regime is None:
-        raise ValueError("mtp_regime=none has no MTP term to scan a coefficient over")
+        raise ValueError(f"mtp_regime={mtp_regime} has no MTP term to scan a coefficient over")
     return regime.fixed_form or mtp_regime

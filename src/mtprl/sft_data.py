@@ -37,12 +37,47 @@ def self_distillation_data(model, tokenizer, train_ds, cfg, draft=None):
     return Dataset.from_list(rows)
 
 
-def sft_completions(train_ds, suffix_fraction: float, seed: int):
-    """prompt + the reference answer as the completion; a seeded `suffix_fraction` of them written '<answer>!'
-    (`answer_suffix_fraction`: an answer format the verifier does not fully accept)."""
+# `answer_format`: what a warm-start completion holds before its answer
+ANSWER_FORMATS = ("answer", "working")
+
+
+def working(expression: str, answer: str, where: str = "row") -> str:
+    """A chain sum's running total written out, one operation a line, then the answer: '4 - 1 - 7' ->
+    '4 - 1 = 3\n3 - 7 = -4\nAnswer: -4' (`extract_answer` reads what follows the last 'Answer:'). Checked against
+    the reference answer, so a misparsed expression fails loudly instead of teaching a wrong sum."""
+    parts = expression.split()
+    if len(parts) < 3 or len(parts) % 2 == 0 or any(op not in "+-" for op in parts[1::2]):
+        raise ValueError(f"answer_format=working: {where}: expression {expression!r} is not a chain sum "
+                         "('a + b - c ...')")
+    total, lines = int(parts[0]), []
+    for op, term in zip(parts[1::2], parts[2::2]):
+        new = total + int(term) if op == "+" else total - int(term)
+        lines.append(f"{total} {op} {term} = {new}")
+        total = new
+    if str(total) != str(answer).strip():
+        raise ValueError(f"answer_format=working: {where}: {expression!r} sums to {total}, the reference answer "
+                         f"is {answer!r}")
+    return "\n".join(lines) + f"\nAnswer: {answer}"
+
+
+def _working_completion(row: dict, index: int) -> str:
+    expression = json.loads(row.get("metadata") or "{}").get("expression")
+    if expression is None:
+        raise ValueError(f"answer_format=working: train row {index} has no 'expression' in its metadata (the working "
+                         "format writes out reasoning_gym chain_sum sums; use answer_format=answer for other tasks)")
+    return working(expression, row["answer"], where=f"train row {index}")
+
+
+def sft_completions(train_ds, suffix_fraction: float, seed: int, answer_format: str = "answer"):
+    """prompt + the reference completion: the answer (`answer`) or the chain sum's working and then the answer
+    (`working`); a seeded `suffix_fraction` of them end in '!' (`answer_suffix_fraction`: an answer format the
+    verifier does not fully accept)."""
     import numpy as np
 
+    if answer_format not in ANSWER_FORMATS:
+        raise ValueError(f"answer_format must be one of {', '.join(ANSWER_FORMATS)}, got {answer_format!r}")
     suffixed = np.random.default_rng(seed).random(len(train_ds)) < suffix_fraction
-    return train_ds.map(lambda r, i: {"completion": r["answer"] + ("!" if suffixed[i] else "")},
+    body = _working_completion if answer_format == "working" else (lambda r, i: r["answer"])
+    return train_ds.map(lambda r, i: {"completion": body(r, i) + ("!" if suffixed[i] else "")},
                         with_indices=True).select_columns(["prompt", "completion"])
 

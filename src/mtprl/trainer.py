@@ -41,7 +41,7 @@ from .checkpoints import MTPCheckpointMixin, attach_or_load_heads
 from .lora import heads_back_on, heads_off_for_peft
 from .config import MTPGRPOConfig
 from .logprobs import LogProbs, add_mtp_forward, head_logprobs
-from .mtp import decoder_of, last_layer_params
+from .mtp import decoder_of, freeze_heads, last_layer_params
 from .mtp_step import StepSettings, mtp_step
 from .objectives import LOSS_TYPES
 from .regimes import LossScaling, regime_for
@@ -128,6 +128,10 @@ class MTPGRPOTrainer(UpdateMixin, GeometryMixin, ConsistentLogOnResume, MTPCheck
         heads = heads_off_for_peft(model, kwargs.get("peft_config"))  # LoRA must neither match nor freeze them
         super().__init__(model=model, reward_funcs=reward_funcs, args=args, **kwargs)
         heads_back_on(self.accelerator.unwrap_model(self.model), heads)
+        if args.mtp_regime == "frozen":  # the heads draft, never train (frozen before TRL builds the optimizer)
+            unwrapped = self.accelerator.unwrap_model(self.model)
+            freeze_heads(attach_or_load_heads(unwrapped, args.mtp_num_heads, args.mtp_init,
+                                              unwrapped.config._name_or_path))
         self.add_callback(MetricsJsonlCallback(args.output_dir))
         self.regime = regime_for(args.mtp_regime, args.occ_variant)  # None: plain GRPO
         # the MTP term the loss adds: the run's own; `update_on` runs an update with another
