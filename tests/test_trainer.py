@@ -604,6 +604,12 @@ def test_a_lora_trunk_trains_its_adapter_and_the_heads_in_full(tmp_path, variant
                                  train_dataset=_dataset(), processing_class=tok,
                                  peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    # every lambda source's sums run over what trains: the adapter (main) and the whole heads, no base weight
+    named = dict(trainer.model.named_parameters())
+    lora = {id(p) for n, p in named.items() if ".lora_" in n and "mtp_heads." not in n}
+    heads = {id(p) for n, p in named.items() if "mtp_heads." in n}
+    assert {id(p) for p in trainer.calibrator.main_params} == lora and lora
+    assert {id(p) for p in trainer.calibrator.head_params} == heads
     trainer.train()
     changed = {n for n, p in trainer.model.named_parameters() if not torch.equal(p, before[n])}
     assert changed and all(".lora_" in n or "mtp_heads." in n for n in changed), sorted(changed)[:5]
