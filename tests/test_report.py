@@ -188,7 +188,7 @@ def test_rollout_table_and_figure_from_drafted_runs(tmp_path):
     assert rows["occ"]["rate_late/2"] == pytest.approx(0.075) and rows["detach"]["seeds"] == 2
     report = build_report(dirs, str(tmp_path / "report"))
     text = open(report).read()
-    assert "## Rollouts drafted by the heads" in text and "| OCC | 1 | 2.00 | 1.750 | 1.150 | 175 | 115 | 0.150 | 0.075 |" in text
+    assert "## Rollouts drafted by the heads" in text and "| OCC | 1 | 2.00 | 1.750 | 1.150 | 175 | 115 | 0.750 -> 0.150 | 0.375 -> 0.075 |" in text
     assert os.path.getsize(tmp_path / "report" / "rollouts.png") > 10_000
 
 
@@ -279,3 +279,28 @@ def test_late_acceptance_interval_pairs_seeds_and_steps_against_a_hand_bootstrap
 
     assert "depth 1, last quarter, vs Detach (points, 95%)" in text and "(baseline)" in text
     assert f"| {_interval(diff)} |" in text
+    # the accept length pairs the same way, in tokens: 1 + rate, so the same differences
+    length = rows["occ"]["length_vs_baseline"]
+    assert (length.mean, length.low, length.high) == pytest.approx((diff.mean, diff.low, diff.high))
+    assert f"| {_interval(length, scale=1.0, digits=3)} |" in text and "(tokens, 95%)" in text
+
+
+def test_step_time_table_gives_the_update_alone_and_the_whole_step_with_its_rollouts(tmp_path):
+    """The median of TRL's step_time is the update alone (3 of every 4 steps do not generate); its mean includes the
+    rollout steps: both per arm against hand computations, with ratios to the baseline."""
+    from mtprl.report import step_time_table
+
+    times = {"detach": [1.0, 1.0, 1.0, 5.0] * 2, "occ": [1.2, 1.2, 1.2, 9.2] * 2}
+    dirs = []
+    for regime, ts in times.items():
+        path = _fake_run(tmp_path, regime, 0, [0.1] * 8, 0.3, 0.6)
+        rows = [json.loads(line) for line in open(os.path.join(path, "metrics.jsonl"))]
+        with open(os.path.join(path, "metrics.jsonl"), "w") as f:
+            for row, t in zip(rows, ts):
+                f.write(json.dumps({**row, "step_time": t}) + "\n")
+        dirs.append(path)
+    rows = {r["label"]: r for r in table_rows(load_runs(dirs)[0])}
+    assert rows["occ"]["step_time"] == pytest.approx(1.2) and rows["occ"]["whole_step_time"] == pytest.approx(3.2)
+    assert rows["detach"]["whole_step_time"] == pytest.approx(2.0)
+    text = step_time_table(list(rows.values()), "detach")
+    assert "| OCC | 1.200 | 1.20x | 3.200 | 1.60x |" in text and "rollouts included" in text

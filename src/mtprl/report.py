@@ -59,6 +59,12 @@ class Run:
         _, times = self.series("step_time")
         return statistics.median(times) if times else float("nan")
 
+    def mean_step_time(self) -> float:
+        """TRL's step_time, averaged over every logged step: the steps that generate a rollout (every
+        `steps_per_generation`-th) included, so the whole RL step, where the median is the update alone."""
+        _, times = self.series("step_time")
+        return statistics.fmean(times) if times else float("nan")
+
     def heads(self) -> list[str]:
         return sorted({k.rsplit("/", 1)[1] for r in self.rows for k in r if k.startswith("mtp/lambda/")}, key=int)
 
@@ -145,6 +151,7 @@ def table_rows(runs, baseline=None, start=None) -> list[dict]:
                                              if "benchmarks_average" in e])
         row["reward"] = mean_std([r.final_reward() for r in group])
         row["step_time"] = statistics.median([r.median_step_time() for r in group])
+        row["whole_step_time"] = statistics.fmean([r.mean_step_time() for r in group])
         groups = _by_label(runs)
         row["vs_baseline"] = (paired_difference(group, groups[baseline]) if baseline in groups and label != baseline
                               else None)
@@ -161,12 +168,13 @@ def _fmt(ms, best=False, scale=100.0, seeds=2):
     return f"**{text}**" if best else text
 
 
-def _interval(diff) -> str:
+def _interval(diff, scale=100.0, digits=1) -> str:
     if diff is None:
         return "–"
+    f = f"{{:+.{digits}f}}".format
     if diff.seeds == 1:  # the seed-to-seed variation, the larger part of the noise here, is not measured
-        return f"{100 * diff.mean:+.1f} (1 seed, no interval)"
-    return f"{100 * diff.mean:+.1f} [{100 * diff.low:+.1f}, {100 * diff.high:+.1f}] {diff.verdict}"
+        return f"{f(scale * diff.mean)} (1 seed, no interval)"
+    return f"{f(scale * diff.mean)} [{f(scale * diff.low)}, {f(scale * diff.high)}] {diff.verdict}"
 
 
 def markdown_table(rows, baseline=None, start=None) -> str:
@@ -206,11 +214,17 @@ def step_time_table(rows, baseline=None) -> str:
         (r for r in rows if r["regime"] == "detach"), None)
     base = base_row["step_time"] if base_row else float("nan")
     name = REGIME_LABELS.get(base_row["label"], base_row["label"]) if base_row else "detach"
-    lines = ["| arm | median step time (s) | / " + name + " |", "|---|---|---|"]
+    whole_base = base_row.get("whole_step_time", float("nan")) if base_row else float("nan")
+
+    def ratio(value, of):
+        return "–" if not of or math.isnan(of) or math.isnan(value) else f"{value / of:.2f}x"
+
+    lines = ["| arm | median step time (s) | / " + name + " | mean step time, rollouts included (s) | / " + name + " |",
+             "|---|---|---|---|---|"]
     for r in rows:
-        ratio = r["step_time"] / base if base and not math.isnan(base) else float("nan")
+        whole = r.get("whole_step_time", float("nan"))
         lines.append(f"| {REGIME_LABELS.get(r['label'], r['label'])} | {r['step_time']:.3f} | "
-                     f"{'–' if math.isnan(ratio) else f'{ratio:.2f}x'} |")
+                     f"{ratio(r['step_time'], base)} | {whole:.3f} | {ratio(whole, whole_base)} |")
     return "\n".join(lines)
 
 
@@ -220,11 +234,12 @@ def _early_late(values, share=0.25):
     return statistics.fmean(values[:n]), statistics.fmean(values[-n:])
 
 
-def late_acceptance_difference(arm_runs, base_runs, depth: int = 1, share: float = 0.25):
-    """Paired bootstrap of the last-quarter draft-`depth` acceptance rate, arm - baseline: per seed both arms have,
-    the rollouts at the same steps of the last `share` of the baseline's rollouts (same seed and step: the same
-    prompts), resampled over seeds and rollouts (`stats.paired_bootstrap`). None when nothing pairs."""
-    key = f"rollout/spec_accept_rate/{depth}"
+def late_acceptance_difference(arm_runs, base_runs, depth: int = 1, share: float = 0.25, key: str | None = None):
+    """Paired bootstrap of the last-quarter draft-`depth` acceptance rate (or of any per-rollout series `key`, e.g.
+    `rollout/spec_accept_length`), arm - baseline: per seed both arms have, the rollouts at the same steps of the
+    last `share` of the baseline's rollouts (same seed and step: the same prompts), resampled over seeds and
+    rollouts (`stats.paired_bootstrap`). None when nothing pairs."""
+    key = key or f"rollout/spec_accept_rate/{depth}"
     base_by_seed = {r.seed: dict(zip(*r.series(key))) for r in base_runs}
     arm_by_seed = {r.seed: dict(zip(*r.series(key))) for r in arm_runs}
     seeds = sorted(s for s in set(base_by_seed) & set(arm_by_seed) if base_by_seed[s] and arm_by_seed[s])
@@ -245,8 +260,9 @@ def late_acceptance_difference(arm_runs, base_runs, depth: int = 1, share: float
 def rollout_rows(runs, baseline=None) -> list[dict]:
     """Per arm, for runs whose rollouts the heads drafted (`mtp_draft_tokens`): tokens per verify forward and
     tokens/s early and late in training (first and last quarter of the rollouts, mean over seeds), the
-    per-depth acceptance rate over the last quarter, and (given a `baseline` arm label) the paired interval of the
-    last-quarter draft-1 acceptance against the baseline (`late_acceptance_difference`)."""
+    per-depth acceptance rate over the first and the last quarter, and (given a `baseline` arm label) the paired
+    intervals against the baseline of the last-quarter accept length and of every depth's last-quarter acceptance
+    (`late_acceptance_difference`)."""
     rows = []
     groups = _by_label(runs)
     for label, group in groups.items():
@@ -269,32 +285,40 @@ def rollout_rows(runs, baseline=None) -> list[dict]:
             rates = [r for r in rates if r]
             if not rates:
                 break
+            row[f"rate_early/{depth}"] = statistics.fmean(_early_late(r)[0] for r in rates)
             row[f"rate_late/{depth}"] = statistics.fmean(_early_late(r)[1] for r in rates)
+            if baseline in groups and label != baseline:
+                row[f"accept{depth}_vs_baseline"] = late_acceptance_difference(group, groups[baseline], depth)
             depth += 1
         if baseline in groups and label != baseline:
-            row["accept1_vs_baseline"] = late_acceptance_difference(group, groups[baseline])
+            row["length_vs_baseline"] = late_acceptance_difference(group, groups[baseline],
+                                                                   key="rollout/spec_accept_length")
         rows.append(row)
     return rows
 
 
 def rollout_markdown(rows, baseline=None) -> str:
     depths = sorted({int(k.split("/")[1]) for r in rows for k in r if k.startswith("rate_late/")})
-    paired = baseline is not None and any("accept1_vs_baseline" in r for r in rows)
+    paired = baseline is not None and any("length_vs_baseline" in r for r in rows)
     base_name = REGIME_LABELS.get(baseline, baseline)
-    lines = ["| arm | seeds | drafts per verify (mean) | accept length, first quarter | accept length, last quarter | "
-             "tokens/s, first quarter | tokens/s, last quarter | " +
-             " | ".join(f"accept rate depth {d}, last quarter" for d in depths) + " |" +
-             (f" depth 1, last quarter, vs {base_name} (points, 95%) |" if paired else ""),
-             "|---" * (7 + len(depths) + paired) + "|"]
+    head = ["arm", "seeds", "drafts per verify (mean)", "accept length, first quarter", "accept length, last quarter",
+            "tokens/s, first quarter", "tokens/s, last quarter",
+            *(f"accept rate depth {d}, first -> last quarter" for d in depths)]
+    if paired:
+        head += [f"accept length, last quarter, vs {base_name} (tokens, 95%)",
+                 *(f"depth {d}, last quarter, vs {base_name} (points, 95%)" for d in depths)]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for r in rows:
-        rates = " | ".join(f"{r[f'rate_late/{d}']:.3f}" if f"rate_late/{d}" in r else "–" for d in depths)
-        line = (f"| {REGIME_LABELS.get(r['label'], r['label'])} | {r['seeds']} | {r['draft_tokens']:.2f} | "
-                f"{r['accept_early']:.3f} | {r['accept_late']:.3f} | {r['tps_early']:.0f} | {r['tps_late']:.0f} | "
-                f"{rates} |")
-        if paired:
-            diff = r.get("accept1_vs_baseline")
-            line += " (baseline) |" if r["label"] == baseline else f" {_interval(diff)} |"
-        lines.append(line)
+        cells = [REGIME_LABELS.get(r["label"], r["label"]), str(r["seeds"]), f"{r['draft_tokens']:.2f}",
+                 f"{r['accept_early']:.3f}", f"{r['accept_late']:.3f}", f"{r['tps_early']:.0f}", f"{r['tps_late']:.0f}",
+                 *(f"{r[f'rate_early/{d}']:.3f} -> {r[f'rate_late/{d}']:.3f}" if f"rate_late/{d}" in r else "–"
+                   for d in depths)]
+        if paired and r["label"] == baseline:
+            cells += ["(baseline)"] * (1 + len(depths))
+        elif paired:
+            cells += [_interval(r.get("length_vs_baseline"), scale=1.0, digits=3),
+                      *(_interval(r.get(f"accept{d}_vs_baseline")) for d in depths)]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
