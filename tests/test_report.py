@@ -286,8 +286,8 @@ def test_late_acceptance_interval_pairs_seeds_and_steps_against_a_hand_bootstrap
 
 
 def test_step_time_table_gives_the_update_alone_and_the_whole_step_with_its_rollouts(tmp_path):
-    """The median of TRL's step_time is the update alone (3 of every 4 steps do not generate); its mean includes the
-    rollout steps: both per arm against hand computations, with ratios to the baseline."""
+    """Logged every step, the median of TRL's step_time is the update alone (3 of every 4 steps do not generate); its
+    mean includes the rollout steps: both per arm against hand computations, with ratios to the baseline."""
     from mtprl.report import step_time_table
 
     times = {"detach": [1.0, 1.0, 1.0, 5.0] * 2, "occ": [1.2, 1.2, 1.2, 9.2] * 2}

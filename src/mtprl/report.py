@@ -60,8 +60,10 @@ class Run:
         return statistics.median(times) if times else float("nan")
 
     def mean_step_time(self) -> float:
-        """TRL's step_time, averaged over every logged step: the steps that generate a rollout (every
-        `steps_per_generation`-th) included, so the whole RL step, where the median is the update alone."""
+        """TRL's step_time (each logged value its mean over a logging window) averaged over every logged window:
+        the steps that generate a rollout (every `steps_per_generation`-th) included, so with windows of equal size
+        the whole RL step. The median is a typical window, which leaves the rollouts out where they fall in fewer
+        than half the windows."""
         _, times = self.series("step_time")
         return statistics.fmean(times) if times else float("nan")
 
