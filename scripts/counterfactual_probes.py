@@ -21,9 +21,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-UPDATES = ("own", "no_clip", "separate_clip", "separate_state", "sgd")
-NAMES = {"own": "the run's update (shared clip, AdamW)", "no_clip": "no clip", "separate_clip": "separate clip",
-         "separate_state": "separate Adam moments", "sgd": "plain SGD (step at 0 matched)"}
+NAMES = {"own": "the run's update (shared clip, AdamW)", "no_clip": "AdamW, no clip",
+         "separate_clip": "AdamW, separate clip", "separate_state": "separate Adam moments, shared clip",
+         "sgd": "SGD, shared clip (step at 0 matched)", "sgd_no_clip": "SGD, no clip (step at 0 matched)"}
 
 
 def probe_files(paths) -> list[str]:

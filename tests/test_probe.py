@@ -107,3 +107,52 @@ def test_dj_at_zero_is_one_update_for_every_term_and_detach_is_flat(tmp_path):
     assert not torch.equal(logps["policy", 0.0], logps["policy", 3.0])  # a joint term does
     assert not torch.equal(logps["policy", 0.0], held.logps)  # the update moved the policy
     assert np.isfinite(held.rewards).all()
+
+
+def _sgd_by_hand(trainer, batches, lam, lr, max_grad_norm):
+    """theta after one SGD step per micro-batch, by hand: autograd's gradient of compute_loss at the current theta,
+    clipped over every trainable parameter when max_grad_norm > 0 (TRL's clip), then theta -= lr * g."""
+    model = trainer.model
+    params = [p for p in model.parameters() if p.requires_grad]
+    start = [p.detach().clone() for p in params]
+    model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    for micro in batches:
+        model.zero_grad(set_to_none=True)
+        with trainer.using_term(trainer.term_for("policy", lam)):
+            trainer.compute_loss(model, micro).backward()
+        grads = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in params]
+        norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads))
+        scale = min(1.0, max_grad_norm / (float(norm) + 1e-6)) if max_grad_norm > 0 else 1.0
+        with torch.no_grad():
+            for p, g in zip(params, grads):
+                p -= lr * scale * g
+    after = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, s in zip(params, start):
+            p.copy_(s)
+    model.zero_grad(set_to_none=True)
+    return start, after
+
+
+def test_the_probes_sgd_counterfactuals_are_sgd_with_and_without_the_clip(tmp_path):
+    """`sgd` keeps the run's clip, `sgd_no_clip` drops it: the update the probe measures under each
+    (`using_update_settings`) lands on the hand computation, and the clip visibly binds in one and not the other."""
+    from mtprl.probe import COUNTERFACTUALS
+
+    trainer, _, batches = _setup(tmp_path, max_grad_norm=0.05)
+    params = [p for p in trainer.model.parameters() if p.requires_grad]
+    lr, lam = 1e-2, 2.0
+    moved = {}
+    for name in ("sgd", "sgd_no_clip"):
+        clip = COUNTERFACTUALS[name].get("max_grad_norm", trainer.args.max_grad_norm)
+        start, want = _sgd_by_hand(trainer, batches, lam, lr, clip)
+        with trainer.using_update_settings(sgd_lr=lr, **COUNTERFACTUALS[name]):
+            got, _ = after_update(trainer, batches, lambda: [p.detach().clone() for p in params], regime="policy",
+                                  coef=lam)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+        moved[name] = float(torch.sqrt(sum(((a - s).double() ** 2).sum() for a, s in zip(got, start))))
+    assert moved["sgd"] <= 2 * lr * 0.05 * (1 + 1e-4)  # two steps, each clipped to lr * 0.05
+    assert moved["sgd_no_clip"] > 3 * moved["sgd"]
+    assert trainer.args.max_grad_norm == 0.05 and trainer.args.optim != "sgd"  # the run's settings are back

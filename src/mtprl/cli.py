@@ -596,8 +596,9 @@ class ProbeArguments(ProbeOptions):
                    "binds, max_grad_norm / ||g_MTP||) or comma-separated values; 0, OCC's lambda and the "
                    "exact-gradient lambda are always added.",
         "extend": "Times the grid is doubled outward while the best measured point is at its edge.",
-        "counterfactuals": "Comma-separated: no_clip, separate_clip, separate_state, sgd: the same curve under "
-                           "each alternative update from the same state and batch (docs/guide-geometry.md).",
+        "counterfactuals": "Comma-separated: no_clip, separate_clip, separate_state, sgd (the run's clip kept), "
+                           "sgd_no_clip: the same curve under each alternative update from the same state and batch "
+                           "(docs/guide-geometry.md).",
         "prompts": "Held-out prompts N (the run's eval split).",
         "samples": "Samples per prompt M, drawn once from pi_theta.",
         "direct": "How many lambdas are also measured directly (fresh samples from theta'), as a check.",

@@ -163,8 +163,10 @@ def lambda_grid(spec: str, reference: float, clip_lambda: float | None = None) -
         raise ValueError(f"lambdas must be 'auto' or comma-separated numbers, got {spec!r}") from e
 
 
+# `sgd` keeps the run's clip; `sgd_no_clip` takes both normalisers away, so what shapes its curve is the gradient
 COUNTERFACTUALS = {"no_clip": {"max_grad_norm": 0.0}, "separate_clip": {"mtp_grad_clip": "separate"},
-                   "separate_state": {"mtp_optimizer_state": "separate"}, "sgd": {}}
+                   "separate_state": {"mtp_optimizer_state": "separate"}, "sgd": {},
+                   "sgd_no_clip": {"max_grad_norm": 0.0}}
 
 
 def counterfactual_list(spec: str) -> list[str]:
@@ -337,12 +339,12 @@ def _readout(setup: ProbeSetup, grid: list[float], points: dict, targets: dict |
 
 
 def _counterfactual(setup: ProbeSetup, name: str, grid: list[float], run_zero: dict, step: int, log) -> dict:
-    """The curve under another update from the same state and batch (`COUNTERFACTUALS`); `sgd`'s learning rate
-    makes its lambda = 0 step as long as the run's own (||delta theta(0)||)."""
+    """The curve under another update from the same state and batch (`COUNTERFACTUALS`); the SGD updates' learning
+    rate makes their lambda = 0 step as long as the run's own (||delta theta(0)||)."""
     settings = dict(COUNTERFACTUALS[name])
     trainer = setup.trainer
-    if name == "sgd":
-        with trainer.using_update_settings(sgd_lr=1.0):
+    if name.startswith("sgd"):
+        with trainer.using_update_settings(sgd_lr=1.0, **settings):
             unit = float(setup.measure(setup.term, 0.0)["delta"].norm())
         settings["sgd_lr"] = float(run_zero["delta"].norm()) / unit if unit > 0 else 0.0
     with trainer.using_update_settings(**settings):
