@@ -52,7 +52,8 @@ def summary(readout: dict) -> dict:
 
 
 def label(path: str, probe: dict) -> str:
-    run = os.path.basename(os.path.dirname(os.path.dirname(path)))
+    folder = os.path.dirname(path)  # <run>/probes/probe.json as the probe writes it, or <run name>/probe.json
+    run = os.path.basename(os.path.dirname(folder) if os.path.basename(folder) == "probes" else folder)
     return f"{run} step {probe['step']} ({probe['term']} term)"
 
 
@@ -79,30 +80,40 @@ def markdown(files) -> str:
     return "\n".join(lines)
 
 
+ADAM_FAMILY = ("own", "no_clip", "separate_clip", "separate_state")  # AdamW's step; SGD's intervals are far wider
+
+
 def figure(files, out: str) -> None:
+    """Two rows per probe set: the AdamW updates (the run's own and its clip / moment variants), then the SGD ones
+    with the run's own curve repeated for scale (their intervals are several times wider)."""
     n = len(files)
-    cols = min(4, n)
-    rows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.6 * rows), squeeze=False)
-    for ax, path in zip(axes.flat, files):
+    fig, axes = plt.subplots(2, n, figsize=(3.9 * n, 7.2), squeeze=False)
+    for col, path in enumerate(files):
         probe = json.load(open(path))
-        for i, (name, readout) in enumerate(curves(probe).items()):
-            s = summary(readout)
-            xs = [lam for lam, *_ in s["rel"]]
-            ms = [m for _, m, _, _ in s["rel"]]
-            err = [[m - lo for _, m, lo, _ in s["rel"]], [hi - m for _, m, _, hi in s["rel"]]]
-            ax.errorbar(xs, ms, yerr=err, marker="o", ms=3, lw=1.3, capsize=2, color=f"C{i}",
-                        label=NAMES.get(name, name), alpha=0.9)
-        ax.axhline(0, color="grey", lw=0.8)
-        ax.set_xscale("symlog", linthresh=0.03)
-        ax.set_title(label(path, probe), fontsize=9)
-        ax.set_xlabel("lambda (symlog)")
-        ax.set_ylabel("dJ(lambda) - dJ(0), points")
-        ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[n:]:
-        ax.axis("off")
-    axes.flat[0].legend(fontsize=7)
-    fig.suptitle("One update from the same state and batch: which normaliser shapes the curve?", fontsize=11)
+        for row, keep in enumerate((ADAM_FAMILY, ("own", "sgd", "sgd_no_clip"))):
+            ax = axes[row][col]
+            for i, (name, readout) in enumerate(curves(probe).items()):
+                if name not in keep:
+                    continue
+                s = summary(readout)
+                xs = [lam for lam, *_ in s["rel"]]
+                ms = [m for _, m, _, _ in s["rel"]]
+                err = [[m - lo for _, m, lo, _ in s["rel"]], [hi - m for _, m, _, hi in s["rel"]]]
+                ax.errorbar(xs, ms, yerr=err, marker="o", ms=3, lw=1.3, capsize=2, color=f"C{i}",
+                            label=NAMES.get(name, name), alpha=0.9)
+            ax.axhline(0, color="grey", lw=0.8)
+            ax.set_xscale("symlog", linthresh=0.03)
+            lams = probe["lambdas"]
+            ax.set_xlim(min(lams) * 1.3 if min(lams) < 0 else -0.005, max(lams) * 1.3)
+            ax.set_title(label(path, probe), fontsize=9)
+            ax.set_xlabel("lambda (symlog)")
+            if col == 0:
+                ax.set_ylabel(("AdamW updates" if row == 0 else "SGD updates") + "\ndJ(lambda) - dJ(0), points")
+            ax.grid(alpha=0.3)
+            if col == 0:
+                ax.legend(fontsize=6.5)
+    fig.suptitle("One update from the same state and batch (95% intervals): which normaliser shapes the curve?",
+                 fontsize=11)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
