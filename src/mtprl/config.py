@@ -284,8 +284,8 @@ class MTPSFTConfig(HeadFields, SFTConfig):
     mtp_coef: float = field(default=1.0, metadata={"help": "Weight of the mean MTP CE against the main CE."})
     mtp_only: bool = field(default=False, metadata={
         "help": "Warm fresh heads for a model without MTP weights: the main model is frozen (trunk, embeddings, "
-                "lm_head) and the heads learn the main head's distribution, KL(p_main || q_k), on the model's own "
-                "samples of the dataset's prompts (self-distillation)."})
+                "lm_head) and the heads learn mtp_only_loss (default: the main head's distribution, "
+                "KL(p_main || q_k)) on the model's own samples of the dataset's prompts (self-distillation)."})
     mtp_only_max_new_tokens: int = field(default=64, metadata={
         "help": "mtp_only: tokens sampled per prompt for the self-distillation text."})
     mtp_only_loss: str = field(default="distill", metadata={

@@ -29,7 +29,9 @@ def next_token_kl(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tenso
 def completion_kl(end, start, sequences: torch.Tensor, attention_mask: torch.Tensor, gen_len: int) -> torch.Tensor:
     """Per sequence, the sum over its completion tokens (the last `gen_len` positions, masked) of the exact next-token
     KL(p_end || p_start) at the positions that predicted them: [N]."""
-    logits = [m(input_ids=sequences, attention_mask=attention_mask).logits[:, -gen_len - 1:-1] for m in (end, start)]
+    # logits only where they predict a completion token (transformers' logits_to_keep): no [N, T, V] tensor
+    logits = [m(input_ids=sequences, attention_mask=attention_mask, logits_to_keep=gen_len + 1).logits[:, :-1]
+              for m in (end, start)]
     kl = next_token_kl(*logits)
     return (kl * attention_mask[:, -gen_len:].float()).sum(-1)
 

@@ -654,8 +654,9 @@ def build_report(run_dirs, out_dir, title="mtprl comparison", command=None, base
         lines += ["## Rollouts drafted by the heads", "",
                   "Each arm's own heads draft its rollouts (`mtp_draft_tokens`, lossless speculative sampling): the "
                   "accept length is the tokens committed per trunk forward (1 = the heads never help), early and "
-                  "late in training; the last column is the paired interval of the last-quarter draft-1 acceptance "
-                  "against the baseline (seeds and rollouts at the same steps resampled). See rollouts.png.", "",
+                  "late in training, and the acceptance per draft depth in the first and last quarter; the columns "
+                  "against the baseline are paired intervals of the last-quarter accept length and of each depth's "
+                  "acceptance (seeds and rollouts at the same steps resampled). See rollouts.png.", "",
                   rollout_markdown(rollouts, baseline if len(groups) > 1 else None), ""]
     if fidelity:
         lines += ["## Estimators against the exact statistics", "",
