@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from mtprl.arms import parse_arms
-from mtprl.stats import paired_bootstrap, verdict
+from mtprl.stats import question_seed_bootstrap, verdict
 from mtprl.trainer import MTPGRPOConfig
 
 FIELDS = {f.name for f in fields(MTPGRPOConfig)}
@@ -42,15 +42,16 @@ def test_bad_arms_are_errors_naming_the_arm(spec, message):
         parse_arms(spec, FIELDS)
 
 
-def test_paired_bootstrap_verdicts_and_shapes():
+def test_old_seed_and_question_bootstrap_verdicts_and_shapes():
+    """The old interval, kept for the A/A calibration's comparison (tests/test_verdicts.py shows it fails there)."""
     rng = np.random.default_rng(3)
     base = rng.random((2, 300))
-    better = paired_bootstrap(np.clip(base + 0.1, 0, 1), base)
+    better = question_seed_bootstrap(np.clip(base + 0.1, 0, 1), base)
     assert better.verdict == "better" and better.low > 0 and better.seeds == 2 and better.questions == 300
-    assert paired_bootstrap(base - 0.1, base).verdict == "worse"
-    noise = paired_bootstrap(base + 0.02 * rng.standard_normal(base.shape), base)
+    assert question_seed_bootstrap(base - 0.1, base).verdict == "worse"
+    noise = question_seed_bootstrap(base + 0.02 * rng.standard_normal(base.shape), base)
     assert noise.low < 0 < noise.high and noise.verdict == "no detectable difference"
-    assert paired_bootstrap(base, base)[:3] == (0.0, 0.0, 0.0)
+    assert question_seed_bootstrap(base, base)[:3] == (0.0, 0.0, 0.0)
     assert verdict(-0.1, 0.2) == "no detectable difference"
     with pytest.raises(ValueError, match="one shape"):
-        paired_bootstrap(base, base[:, :10])
+        question_seed_bootstrap(base, base[:, :10])

@@ -138,10 +138,11 @@ def test_fidelity_table_per_estimator(tmp_path):
 
 
 def test_report_command_takes_baseline_and_start(tmp_path):
-    """`mtprl report --baseline --start`: intervals against the named arm and the starting model, by the bootstrap
-    protocol, from per-question results in the runs' eval.json."""
+    """`mtprl report --baseline --start`: intervals against the named arm (Welch's t on the run means, by hand) and
+    the starting model, from per-question results in the runs' eval.json; per_question.json keeps them all."""
+    from scipy import stats as scipy_stats
+
     from mtprl.cli import main
-    from mtprl.stats import paired_bootstrap
 
     per_question = {("detach", 0): [2, 0, 4, 1], ("detach", 1): [1, 1, 3, 1], ("ce", 0): [4, 2, 4, 2],
                     ("ce", 1): [3, 2, 4, 3]}
@@ -158,11 +159,18 @@ def test_report_command_takes_baseline_and_start(tmp_path):
     assert main(["report", *dirs, "--report_dir", str(tmp_path / "r"), "--baseline", "ce", "--start", str(start)]) == 0
     rows = {r["label"]: r for r in json.load(open(tmp_path / "r" / "report.json"))["rows"]}
     acc = lambda regime: [[c / 4 for c in per_question[(regime, s)]] for s in (0, 1)]  # noqa: E731
-    expected = paired_bootstrap(acc("detach"), acc("ce"))
-    assert rows["detach"]["vs_baseline"]["low"] == pytest.approx(expected.low)
+    a, b = np.mean(acc("detach"), axis=1), np.mean(acc("ce"), axis=1)  # run means
+    se2 = a.var(ddof=1) / 2 + b.var(ddof=1) / 2
+    df = se2 ** 2 / ((a.var(ddof=1) / 2) ** 2 + (b.var(ddof=1) / 2) ** 2)  # Welch-Satterthwaite, n - 1 = 1
+    low = a.mean() - b.mean() - scipy_stats.t.ppf(0.975, df) * np.sqrt(se2)
+    assert rows["detach"]["vs_baseline"]["low"] == pytest.approx(low)
     assert rows["detach"]["vs_baseline"]["mean"] == pytest.approx(np.mean(acc("detach")) - np.mean(acc("ce")))
+    assert rows["detach"]["vs_baseline"]["runs"] == [2, 2]
     assert rows["ce"]["vs_baseline"] is None
     assert rows["ce"]["vs_start"]["mean"] == pytest.approx(np.mean(acc("ce")) - 0.25)
+    kept = json.load(open(tmp_path / "r" / "per_question.json"))
+    assert {(r["label"], r["seed"]): r["correct_per_question"] for r in kept["runs"]} == per_question
+    assert kept["start"]["correct_per_question"] == [1, 1, 1, 1]
 
 
 def test_rollout_table_and_figure_from_drafted_runs(tmp_path):
@@ -192,15 +200,19 @@ def test_rollout_table_and_figure_from_drafted_runs(tmp_path):
     assert os.path.getsize(tmp_path / "report" / "rollouts.png") > 10_000
 
 
-def test_one_seed_says_so_and_an_all_zero_comparison_warns():
+def test_one_seed_says_so_and_no_difference_says_what_it_would_need():
+    from mtprl.aa_calibration import runs_needed
     from mtprl.report import _fmt, _interval
-    from mtprl.stats import paired_bootstrap
+    from mtprl.stats import compare_arms
 
     assert _fmt((0.25, 0.0), seeds=1) == "25.0 (1 seed)" and _fmt((0.25, 0.01), seeds=2) == "25.0 ± 1.0"
-    one = paired_bootstrap([[1.0, 0.0, 1.0]], [[0.0, 0.0, 1.0]])
-    assert _interval(one) == "+33.3 (1 seed, no interval)"
-    two = paired_bootstrap([[1.0, 0.0, 1.0], [1.0, 1.0, 0.0]], [[0.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
-    assert "[" in _interval(two)
+    one = compare_arms([[1.0, 0.0, 1.0]], [[0.0, 0.0, 1.0], [1.0, 0.0, 1.0]])
+    assert _interval(one) == "+16.7 (1 run, no interval)"  # 2/3 - (1/3 + 2/3) / 2
+    arm, base = [0.30, 0.34, 0.31], [0.32, 0.29, 0.33]
+    two = compare_arms(arm, base)
+    sd = np.sqrt((np.var(arm, ddof=1) + np.var(base, ddof=1)) / 2)
+    text = _interval(two, power_effects=(0.03,))
+    assert text.endswith(f"no detectable difference at 3 runs; 3 would need {runs_needed(0.03, sd)}"), text
 
 
 def test_a_comparison_whose_every_arm_scores_zero_warns(tmp_path):
@@ -250,11 +262,11 @@ def test_probe_section_reports_lambda_hat_star_against_occs_lambda(tmp_path):
     assert "probes" in json.load(open(tmp_path / "report" / "report.json"))
 
 
-def test_late_acceptance_interval_pairs_seeds_and_steps_against_a_hand_bootstrap(tmp_path):
-    """The last-quarter draft-1 acceptance of an arm against detach: the same seeds, the rollouts at the same
-    steps of the baseline's last quarter, equal to stats.paired_bootstrap on the hand-built matrices; in the table."""
+def test_late_acceptance_interval_takes_each_runs_last_quarter_as_the_unit(tmp_path):
+    """The last-quarter draft-1 acceptance of an arm against detach: each run's mean over its last quarter of
+    rollouts, then Welch's t on those run means (stats.compare_arms on the hand-built values); in the table."""
     from mtprl.report import late_acceptance_difference, rollout_rows
-    from mtprl.stats import paired_bootstrap
+    from mtprl.stats import compare_arms
 
     dirs = [_fake_run(tmp_path, regime, s, [0.1] * 8, 0.3, 0.6) for regime in ("detach", "occ") for s in (0, 1)]
     rate = {("detach", 0): [0.5] * 8, ("detach", 1): [0.6] * 8,
@@ -269,9 +281,10 @@ def test_late_acceptance_interval_pairs_seeds_and_steps_against_a_hand_bootstrap
     detach = [r for r in runs if r.label == "detach"]
     occ = [r for r in runs if r.label == "occ"]
     diff = late_acceptance_difference(occ, detach)
-    expected = paired_bootstrap([[0.3, 0.2], [0.4, 0.45]], [[0.5, 0.5], [0.6, 0.6]])  # steps 7, 8 of seeds 0, 1
+    expected = compare_arms([0.25, 0.425], [0.5, 0.6])  # the mean of steps 7, 8 of each run
     assert (diff.mean, diff.low, diff.high) == pytest.approx((expected.mean, expected.low, expected.high))
-    assert diff.mean == pytest.approx((-0.2 - 0.3 - 0.2 - 0.15) / 4) and diff.verdict == "worse"
+    # -21 points, and still no verdict: two runs per arm whose late means spread by 12 and 7 points
+    assert diff.mean == pytest.approx((-0.2 - 0.3 - 0.2 - 0.15) / 4) and diff.verdict == "no detectable difference"
     rows = {r["label"]: r for r in rollout_rows(runs, "detach")}
     assert "accept1_vs_baseline" not in rows["detach"] and rows["occ"]["accept1_vs_baseline"].mean == diff.mean
     text = open(build_report(dirs, str(tmp_path / "report"))).read()

@@ -22,7 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from .jsonl import atomic_write_json, atomic_write_text, read_jsonl  # noqa: E402
 from .probe_report import probe_section  # noqa: E402
 from .regimes import REGIME_LABELS  # noqa: E402
-from .stats import mean_std, paired_bootstrap, pearson_r, quantile, spearman_r  # noqa: E402
+from .stats import compare_arms, compare_to_reference, mean_std, pearson_r, quantile, spearman_r  # noqa: E402
 
 
 class Run:
@@ -92,7 +92,7 @@ def _by_label(runs):
 
 
 def accuracy_matrix(runs, seeds=None):
-    """Per-seed, per-question accuracy [S, Q] (correct samples / k, from eval.json) for `seeds` (default: every
+    """Per-run, per-question accuracy [runs, Q] (correct samples / k, from eval.json) for `seeds` (default: every
     seed with an eval), and the questions digest they share. Raises if runs were evaluated on other questions."""
     by_seed = {r.seed: r.eval for r in runs if r.eval and "correct_per_question" in r.eval}
     seeds = sorted(by_seed) if seeds is None else seeds
@@ -102,24 +102,36 @@ def accuracy_matrix(runs, seeds=None):
     return [[c / by_seed[s]["k"] for c in by_seed[s]["correct_per_question"]] for s in seeds], digests.pop()
 
 
-def paired_difference(arm_runs, base_runs=None, start=None):
-    """Paired bootstrap of arm - baseline over the seeds both have (or arm - starting model, whose one evaluation
-    pairs with every seed); None when nothing pairs."""
-    arm_seeds = {r.seed for r in arm_runs if r.eval and "correct_per_question" in r.eval}
-    if start is not None:
-        if "correct_per_question" not in start or not arm_seeds:
-            return None
-        arm, digest = accuracy_matrix(arm_runs, sorted(arm_seeds))
-        if digest != start.get("questions_digest"):
-            return None
-        base = [[c / start["k"] for c in start["correct_per_question"]]] * len(arm)
-        return paired_bootstrap(arm, base)
-    seeds = sorted(arm_seeds & {r.seed for r in base_runs if r.eval and "correct_per_question" in r.eval})
-    if not seeds:
+def arm_difference(arm_runs, base_runs=None, start=None):
+    """arm - baseline with the training run as the unit (`stats.compare_arms`: Welch's t on the run means, every
+    run of each arm, no pairing by seed), or arm - the starting model (`stats.compare_to_reference`: its one
+    evaluation, with that evaluation's sampling noise); None when an arm has no per-question evaluation or the
+    arms were evaluated on other questions."""
+    if not any(r.eval and "correct_per_question" in r.eval for r in arm_runs):
         return None
-    arm, arm_digest = accuracy_matrix(arm_runs, seeds)
-    base, base_digest = accuracy_matrix(base_runs, seeds)
-    return paired_bootstrap(arm, base) if arm_digest == base_digest else None
+    arm, digest = accuracy_matrix(arm_runs)
+    if start is not None:
+        if "correct_per_question" not in start or digest != start.get("questions_digest"):
+            return None
+        return compare_to_reference(arm, [c / start["k"] for c in start["correct_per_question"]], start["k"])
+    if not any(r.eval and "correct_per_question" in r.eval for r in base_runs):
+        return None
+    base, base_digest = accuracy_matrix(base_runs)
+    return compare_arms(arm, base) if digest == base_digest else None
+
+
+def per_question_results(runs, start=None) -> dict:
+    """Every run's per-question evaluation (correct samples out of k per held-out question) and the starting
+    model's: the small file beside a report from which anyone can recompute any interval
+    (`scripts/verdicts.py REPORT_DIR`)."""
+    out = {"runs": [{"label": r.label, "seed": r.seed, "k": r.eval["k"],
+                     "questions_digest": r.eval.get("questions_digest"),
+                     "correct_per_question": r.eval["correct_per_question"]}
+                    for r in runs if r.eval and "correct_per_question" in r.eval]}
+    if start and "correct_per_question" in start:
+        out["start"] = {"k": start["k"], "questions_digest": start.get("questions_digest"),
+                        "correct_per_question": start["correct_per_question"]}
+    return out
 
 
 def benchmark_names(runs) -> list[str]:
@@ -135,8 +147,8 @@ def benchmark_names(runs) -> list[str]:
 def table_rows(runs, baseline=None, start=None) -> list[dict]:
     """One row per arm: mean/std over seeds of avg@k and pass@k (from eval.json), avg@k on every
     `eval_datasets` benchmark and their average (the paper's Table 1 columns), final training reward (mean of
-    the last 5 logged rewards), median step time; and the paired 95% bootstrap interval of avg@k against the
-    `baseline` arm and against the `start` model's evaluation (`stats.paired_bootstrap`)."""
+    the last 5 logged rewards), median step time; and the 95% interval of avg@k against the `baseline` arm and
+    against the `start` model's evaluation, the training run as the unit (`arm_difference`)."""
     rows = []
     names = benchmark_names(runs)
     for label, group in _by_label(runs).items():
@@ -155,9 +167,9 @@ def table_rows(runs, baseline=None, start=None) -> list[dict]:
         row["step_time"] = statistics.median([r.median_step_time() for r in group])
         row["whole_step_time"] = statistics.fmean([r.mean_step_time() for r in group])
         groups = _by_label(runs)
-        row["vs_baseline"] = (paired_difference(group, groups[baseline]) if baseline in groups and label != baseline
+        row["vs_baseline"] = (arm_difference(group, groups[baseline]) if baseline in groups and label != baseline
                               else None)
-        row["vs_start"] = paired_difference(group, start=start) if start else None
+        row["vs_start"] = arm_difference(group, start=start) if start else None
         rows.append(row)
     return rows
 
@@ -170,13 +182,35 @@ def _fmt(ms, best=False, scale=100.0, seeds=2):
     return f"**{text}**" if best else text
 
 
-def _interval(diff, scale=100.0, digits=1) -> str:
+# The differences a report names when it says how many runs a verdict would need (accuracy units).
+POWER_EFFECTS = (0.03,)
+
+
+def _interval(diff, scale=100.0, digits=1, power_effects=()) -> str:
+    """An ArmComparison in words: the difference, its interval and verdict; where no difference is detected and
+    `power_effects` are given, the runs per arm each effect would need at this comparison's run-to-run spread
+    (`aa_calibration.runs_needed`, 80% power)."""
     if diff is None:
         return "–"
     f = f"{{:+.{digits}f}}".format
-    if diff.seeds == 1:  # the seed-to-seed variation, the larger part of the noise here, is not measured
-        return f"{f(scale * diff.mean)} (1 seed, no interval)"
-    return f"{f(scale * diff.mean)} [{f(scale * diff.low)}, {f(scale * diff.high)}] {diff.verdict}"
+    runs = min(diff.runs)
+    if runs < 2:  # the run-to-run variation, the larger part of the noise, is not measured
+        return f"{f(scale * diff.mean)} (1 run, no interval)"
+    text = f"{f(scale * diff.mean)} [{f(scale * diff.low)}, {f(scale * diff.high)}] {diff.verdict}"
+    if diff.verdict == "no detectable difference" and power_effects:
+        text += f" at {runs} runs" + "".join(f"; {scale * e:g} would need {_runs_needed(e, diff)}"
+                                             for e in power_effects)
+    return text
+
+
+def _runs_needed(effect, diff) -> str:
+    from .aa_calibration import runs_needed
+
+    sds = [sd for sd in diff.run_sd if sd > 0 and not math.isnan(sd)]
+    if not sds:
+        return "?"
+    need = runs_needed(effect, math.sqrt(statistics.fmean(sd ** 2 for sd in sds)))
+    return f">{200}" if need is None else str(need)
 
 
 def markdown_table(rows, baseline=None, start=None) -> str:
@@ -205,9 +239,39 @@ def markdown_table(rows, baseline=None, start=None) -> str:
     for r in rows:
         cells = [_fmt(r[key], not math.isnan(r[key][0]) and shown(r[key]) == best[key], seeds=len(r["seeds"]))
                  for key in keys]
-        cells += ["(baseline)" if key == "vs_baseline" and r["label"] == baseline else _interval(r[key])
+        cells += ["(baseline)" if key == "vs_baseline" and r["label"] == baseline else
+                  _interval(r[key], power_effects=POWER_EFFECTS if key == "vs_baseline" else ())
                   for key in compare]
         lines.append(f"| {REGIME_LABELS.get(r['label'], r['label'])} | {len(r['seeds'])} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+VERDICT_NOTE = (
+    "Intervals: 95%, the training run as the unit (`mtprl.stats.compare_arms`: Welch's t on each run's mean over the "
+    "held-out questions and their samples; against the starting model, its one evaluation's sampling noise added); "
+    "\"better\" / \"worse\" only when the interval excludes 0, otherwise \"no detectable difference\", with the runs "
+    "per arm that a 3-point difference would need at 80% power at the spread these runs show. Calibrated on A/A "
+    "runs: reports/calibration. Every run's per-question results: per_question.json (`python scripts/verdicts.py "
+    "REPORT_DIR` recomputes every interval).")
+
+
+def noise_table(rows, baseline) -> str:
+    """The two noise components behind each interval against the baseline: the run-to-run spread (what the
+    interval uses) and the question-level part (what resampling the questions alone would give)."""
+    if baseline is None or not any(r.get("vs_baseline") for r in rows):
+        return ""
+    name = REGIME_LABELS.get(baseline, baseline)
+    lines = [f"| arm vs {name} | runs | sd of run means, arm / baseline (points) | standard error: runs "
+             "(points) | question-level part (points) | Welch df |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        d = r.get("vs_baseline")
+        if d is None:
+            continue
+        sd = " / ".join("–" if math.isnan(v) else f"{100 * v:.1f}" for v in d.run_sd)
+        df = "–" if math.isnan(d.df) else f"{d.df:.1f}"
+        se = "–" if math.isinf(d.se) else f"{100 * d.se:.2f}"
+        lines.append(f"| {REGIME_LABELS.get(r['label'], r['label'])} | {d.runs[0]} / {d.runs[1]} | {sd} | {se} | "
+                     f"{100 * d.question_se:.2f} | {df} |")
     return "\n".join(lines)
 
 
@@ -237,32 +301,27 @@ def _early_late(values, share=0.25):
 
 
 def late_acceptance_difference(arm_runs, base_runs, depth: int = 1, share: float = 0.25, key: str | None = None):
-    """Paired bootstrap of the last-quarter draft-`depth` acceptance rate (or of any per-rollout series `key`, e.g.
-    `rollout/spec_accept_length`), arm - baseline: per seed both arms have, the rollouts at the same steps of the
-    last `share` of the baseline's rollouts (same seed and step: the same prompts), resampled over seeds and
-    rollouts (`stats.paired_bootstrap`). None when nothing pairs."""
+    """arm - baseline of the last-quarter draft-`depth` acceptance rate (or of any per-rollout series `key`, e.g.
+    `rollout/spec_accept_length`): each run reduced to the mean over its last `share` of rollouts, then
+    `stats.compare_arms` on those run means (the training run as the unit). None when an arm has no such series."""
     key = key or f"rollout/spec_accept_rate/{depth}"
-    base_by_seed = {r.seed: dict(zip(*r.series(key))) for r in base_runs}
-    arm_by_seed = {r.seed: dict(zip(*r.series(key))) for r in arm_runs}
-    seeds = sorted(s for s in set(base_by_seed) & set(arm_by_seed) if base_by_seed[s] and arm_by_seed[s])
-    if not seeds:
-        return None
-    steps = None
-    for seed in seeds:
-        base_steps = sorted(base_by_seed[seed])
-        late = set(base_steps[-max(1, int(len(base_steps) * share)):]) & set(arm_by_seed[seed])
-        steps = late if steps is None else steps & late
-    steps = sorted(steps)
-    if not steps:
-        return None
-    return paired_bootstrap([[arm_by_seed[s][t] for t in steps] for s in seeds],
-                            [[base_by_seed[s][t] for t in steps] for s in seeds])
+
+    def late_means(runs):
+        means = []
+        for run in runs:
+            values = run.series(key)[1]
+            if values:
+                means.append(_early_late(values, share)[1])
+        return means
+
+    arm, base = late_means(arm_runs), late_means(base_runs)
+    return compare_arms(arm, base) if arm and base else None
 
 
 def rollout_rows(runs, baseline=None) -> list[dict]:
     """Per arm, for runs whose rollouts the heads drafted (`mtp_draft_tokens`): tokens per verify forward and
     tokens/s early and late in training (first and last quarter of the rollouts, mean over seeds), the
-    per-depth acceptance rate over the first and the last quarter, and (given a `baseline` arm label) the paired
+    per-depth acceptance rate over the first and the last quarter, and (given a `baseline` arm label) the
     intervals against the baseline of the last-quarter accept length and of every depth's last-quarter acceptance
     (`late_acceptance_difference`)."""
     rows = []
@@ -647,16 +706,16 @@ def build_report(run_dirs, out_dir, title="mtprl comparison", command=None, base
         lines += [f"**Warning:** {zero}.", ""]
     lines += ["## Accuracy on held-out questions (mean ± std over seeds)", "",
               markdown_table(rows, baseline=baseline if len(groups) > 1 else None, start=start_eval), "",
-              "Intervals: paired bootstrap over seeds and questions (mtprl.stats), 95%; \"better\" / \"worse\" "
-              "only when the interval excludes 0, otherwise \"no detectable difference\".", ""]
+              VERDICT_NOTE, "", noise_table(rows, baseline if len(groups) > 1 else None), ""]
     lines += ["## Step time", "", step_time_table(rows, baseline), ""]
     if rollouts:
         lines += ["## Rollouts drafted by the heads", "",
                   "Each arm's own heads draft its rollouts (`mtp_draft_tokens`, lossless speculative sampling): the "
                   "accept length is the tokens committed per trunk forward (1 = the heads never help), early and "
                   "late in training, and the acceptance per draft depth in the first and last quarter; the columns "
-                  "against the baseline are paired intervals of the last-quarter accept length and of each depth's "
-                  "acceptance (seeds and rollouts at the same steps resampled). See rollouts.png.", "",
+                  "against the baseline are 95% intervals of the last-quarter accept length and of each depth's "
+                  "acceptance, each run's last-quarter mean the unit (Welch's t, `stats.compare_arms`). See "
+                  "rollouts.png.", "",
                   rollout_markdown(rollouts, baseline if len(groups) > 1 else None), ""]
     if fidelity:
         lines += ["## Estimators against the exact statistics", "",
@@ -669,10 +728,15 @@ def build_report(run_dirs, out_dir, title="mtprl comparison", command=None, base
         lines += ["## Skipped runs", ""] + [f"- {s}" for s in skipped] + [""]
     report = os.path.join(out_dir, "report.md")
     atomic_write_text(report, "\n".join(lines))
+    atomic_write_json(os.path.join(out_dir, "per_question.json"), per_question_results(runs, start_eval))
     for row in rows:
         for key in ("vs_baseline", "vs_start"):
             if row[key] is not None:
-                row[key] = dict(row[key]._asdict(), verdict=row[key].verdict)
+                row[key] = row[key].as_dict()
+    for row in rollouts:
+        for key in [k for k in row if k.endswith("_vs_baseline")]:
+            if row[key] is not None:
+                row[key] = row[key].as_dict()
     atomic_write_json(os.path.join(out_dir, "report.json"),
                       {"rows": rows, "baseline": baseline, "fidelity": fidelity, "skipped": skipped,
                        "rollouts": rollouts, "probes": probes, "figures": figures}, default=float)

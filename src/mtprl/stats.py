@@ -1,32 +1,155 @@
-"""Statistics: paired bootstrap intervals over questions and seeds (a difference told from noise), correlations
-(Pearson, Spearman), quantiles, mean and standard deviation. The report and the benchmarks use these.
+"""Statistics: the verdict behind every "better / worse" (`compare_arms`), correlations (Pearson, Spearman),
+quantiles, mean and standard deviation. The report, `mtprl compare`, the probe and the scripts use these.
 
-Paired bootstrap intervals over questions and seeds.
+Verdicts: the training run is the unit of replication.
+An RL comparison's dominant noise is the training run: two runs of one configuration that differ only in their seed
+end up several points apart (reports/calibration: the seed-to-seed spread of the demo's Detach arm), far more than
+the held-out questions' sampling noise. `compare_arms` therefore reduces each run to one number, its mean accuracy
+over the shared questions (and their k samples), and puts Welch's t interval (`scipy.stats.ttest_ind`,
+`equal_var=False`) on the difference of the two arms' run means. The question-level noise is reported beside it as
+its own component (`question_se`: the standard error that resampling questions alone would give, which is what an
+interval that treats the question as the unit measures). The arms' runs are not paired: two runs of two arms with
+one seed share only their start, not their random numbers, so a pairing would add nothing but a wrong df.
 
-Two arms are evaluated on the same held-out questions with the same seeds, so the comparison is paired:
-D[s, q] = accuracy of the arm on question q with seed s minus the baseline's (each an average over k samples).
-The bootstrap resamples seeds and questions with replacement (two levels: both are sources of noise) and takes
-the mean of D over the resampled grid; the 2.5% and 97.5% percentiles of those means are the 95% interval.
-Protocol, so anyone can reproduce an interval exactly: numpy `default_rng(seed)`; per resample first
-`integers(0, S, S)` (seeds) then `integers(0, Q, Q)` (questions).
+Calibration (reports/calibration, `mtprl.aa_calibration`): on A/A splits of 16 runs of one configuration the share
+of "better"/"worse" stays at or below 5% at 2, 3 and 5 runs per arm; the old interval (`question_seed_bootstrap`,
+seeds and questions resampled) is shown there beside it, and it calls noise a difference far more often.
 """
 
 from __future__ import annotations
 
 import math
 import statistics
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
+from scipy import stats as scipy_stats
 
-BOOTSTRAP_RESAMPLES = 4000
-BOOTSTRAP_SEED = 0
+LEVEL = 0.95
 
 
-class PairedDifference(NamedTuple):
-    mean: float  # mean of D over all seeds and questions (= difference of the arms' mean accuracies)
-    low: float  # 2.5% bootstrap percentile
-    high: float  # 97.5% bootstrap percentile
+def verdict(low: float, high: float) -> str:
+    """Words for an interval of arm - baseline."""
+    if low > 0:
+        return "better"
+    if high < 0:
+        return "worse"
+    return "no detectable difference"
+
+
+@dataclass(frozen=True)
+class ArmComparison:
+    """arm - baseline, with the training run as the unit (`compare_arms`)."""
+
+    mean: float  # difference of the arms' mean accuracies (each arm: the mean of its runs' means)
+    low: float  # Welch's t interval at `level` (infinite where fewer than 2 runs in an arm)
+    high: float
+    runs: tuple[int, int]  # runs of the arm, runs of the baseline
+    questions: int
+    se: float  # standard error of `mean` from the run-to-run spread (what the interval uses)
+    df: float  # Welch-Satterthwaite degrees of freedom (nan where undefined)
+    question_se: float  # the question-level component: the standard error resampling questions alone would give
+    run_sd: tuple[float, float]  # standard deviation of the run means, per arm (nan for one run)
+    level: float = LEVEL
+
+    @property
+    def verdict(self) -> str:
+        return verdict(self.low, self.high)
+
+    @property
+    def seeds(self) -> int:
+        """The smaller arm's run count (what limits the interval)."""
+        return min(self.runs)
+
+    def as_dict(self) -> dict:
+        return {"mean": self.mean, "low": self.low, "high": self.high, "runs": list(self.runs),
+                "questions": self.questions, "se": self.se, "df": self.df, "question_se": self.question_se,
+                "run_sd": list(self.run_sd), "level": self.level, "verdict": self.verdict,
+                "method": "welch_t_on_run_means"}
+
+
+def _runs_by_items(values, name: str) -> np.ndarray:
+    values = np.asarray(values, dtype=np.float64)
+    if values.ndim == 1:
+        values = values[:, None]  # one number per run
+    if values.ndim != 2 or 0 in values.shape:
+        raise ValueError(f"compare_arms: {name} must be a [runs, questions] array, got shape {values.shape}")
+    if not np.all(np.isfinite(values)):
+        raise ValueError(f"compare_arms: {name} holds non-finite values")
+    return values
+
+
+def welch_interval(arm_means, base_means, level: float = LEVEL) -> tuple[float, float, float, float]:
+    """(difference, low, high, df) of Welch's t interval on two samples of run means (`scipy.stats.ttest_ind`,
+    `equal_var=False`); an infinite interval where an arm has fewer than 2 runs; a point interval where both arms'
+    runs agree exactly (no spread to scale)."""
+    a, b = np.asarray(arm_means, dtype=np.float64), np.asarray(base_means, dtype=np.float64)
+    diff = float(a.mean() - b.mean())
+    if len(a) < 2 or len(b) < 2:
+        return diff, -math.inf, math.inf, float("nan")
+    if a.var() == 0 and b.var() == 0:
+        return diff, diff, diff, float("nan")
+    result = scipy_stats.ttest_ind(a, b, equal_var=False)
+    ci = result.confidence_interval(confidence_level=level)
+    return diff, float(ci.low), float(ci.high), float(result.df)
+
+
+def compare_arms(arm, baseline, *, level: float = LEVEL) -> ArmComparison:
+    """arm - baseline from `[runs, questions]` accuracies (each run one training run, each entry that run's average
+    over its k samples of one held-out question; both arms on the same questions, run counts may differ; a 1-D
+    array is one number per run). The interval is Welch's t on the run means (SPEC §12); `question_se` is the
+    question-level noise of the same difference, reported beside it."""
+    arm, baseline = _runs_by_items(arm, "arm"), _runs_by_items(baseline, "baseline")
+    if arm.shape[1] != baseline.shape[1]:
+        raise ValueError(f"compare_arms: the arms must share their questions, got {arm.shape[1]} and "
+                         f"{baseline.shape[1]} per run")
+    arm_means, base_means = arm.mean(axis=1), baseline.mean(axis=1)
+    diff, low, high, df = welch_interval(arm_means, base_means, level)
+    sd = tuple(float(m.std(ddof=1)) if len(m) > 1 else float("nan") for m in (arm_means, base_means))
+    se = math.sqrt(sd[0] ** 2 / len(arm_means) + sd[1] ** 2 / len(base_means)) if min(map(len, (arm_means,
+                                                                                                  base_means))) > 1 else math.inf
+    per_question = arm.mean(axis=0) - baseline.mean(axis=0)
+    q = len(per_question)
+    question_se = float(per_question.std(ddof=1) / math.sqrt(q)) if q > 1 else float("nan")
+    return ArmComparison(diff, low, high, (arm.shape[0], baseline.shape[0]), q, se, df, question_se, sd, level)
+
+
+def compare_to_reference(arm, reference, k: int, *, level: float = LEVEL) -> ArmComparison:
+    """arm - a fixed model evaluated once (the starting model every run begins from): `arm` `[runs, questions]`,
+    `reference` `[questions]` (its average over k samples per question). The reference has no run-to-run spread,
+    only its evaluation's sampling noise: the variance of its mean, sum_q p_q (1 - p_q) / (k - 1) / Q^2 (unbiased
+    per question), is added to the arm's s^2 / n, with Welch-Satterthwaite degrees of freedom (the reference's
+    term has Q (k - 1))."""
+    arm = _runs_by_items(arm, "arm")
+    ref = np.asarray(reference, dtype=np.float64).reshape(-1)
+    if ref.shape[0] != arm.shape[1]:
+        raise ValueError(f"compare_to_reference: {ref.shape[0]} reference questions, {arm.shape[1]} per run")
+    means = arm.mean(axis=1)
+    n, q = len(means), len(ref)
+    diff = float(means.mean() - ref.mean())
+    ref_var = float(np.sum(ref * (1 - ref)) / max(k - 1, 1) / q ** 2)
+    per_question = arm.mean(axis=0) - ref
+    question_se = float(per_question.std(ddof=1) / math.sqrt(q)) if q > 1 else float("nan")
+    if n < 2:
+        return ArmComparison(diff, -math.inf, math.inf, (n, 1), q, math.inf, float("nan"), question_se,
+                             (float("nan"), 0.0), level)
+    arm_var = float(means.var(ddof=1)) / n
+    se = math.sqrt(arm_var + ref_var)
+    if se == 0:
+        return ArmComparison(diff, diff, diff, (n, 1), q, 0.0, float("nan"), question_se,
+                             (0.0, 0.0), level)
+    ref_df = q * max(k - 1, 1)
+    df = (arm_var + ref_var) ** 2 / (arm_var ** 2 / (n - 1) + ref_var ** 2 / ref_df)
+    t = float(scipy_stats.t.ppf(0.5 + level / 2, df))
+    return ArmComparison(diff, diff - t * se, diff + t * se, (n, 1), q, se, float(df), question_se,
+                         (float(means.std(ddof=1)), 0.0), level)
+
+
+class BootstrapDifference(NamedTuple):
+    mean: float
+    low: float
+    high: float
     seeds: int
     questions: int
 
@@ -35,34 +158,36 @@ class PairedDifference(NamedTuple):
         return verdict(self.low, self.high)
 
 
-def verdict(low: float, high: float) -> str:
-    """Words for a 95% interval of arm - baseline."""
-    if low > 0:
-        return "better"
-    if high < 0:
-        return "worse"
-    return "no detectable difference"
+BOOTSTRAP_RESAMPLES = 4000
+BOOTSTRAP_SEED = 0
 
 
-def paired_bootstrap(arm, baseline, *, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED,
-                     level: float = 0.95) -> PairedDifference:
-    """95% interval of mean(arm - baseline) from per-seed, per-question accuracies `[S, Q]` (same seeds in the
-    same order, same questions in the same order)."""
+def question_seed_bootstrap(arm, baseline, *, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED,
+                            level: float = LEVEL) -> BootstrapDifference:
+    """The interval mtprl used before `compare_arms` (kept only so that the A/A calibration can show its false-positive
+    rate beside the new method's): D[s, q] = arm - baseline for seed s (paired by position) and question q, seeds
+    and questions resampled with replacement, the percentile interval of the grid mean. With 2-3 seeds it is far
+    too narrow (reports/calibration); never use it for a verdict.
+    Protocol (the old reports' numbers): numpy `default_rng(seed)`; per resample `integers(0, S, S)` then
+    `integers(0, Q, Q)`."""
     arm, baseline = np.asarray(arm, dtype=np.float64), np.asarray(baseline, dtype=np.float64)
     if arm.shape != baseline.shape or arm.ndim != 2 or 0 in arm.shape:
-        raise ValueError(f"paired_bootstrap needs two [seeds, questions] arrays of one shape, got {arm.shape} and "
-                         f"{baseline.shape}")
+        raise ValueError(f"question_seed_bootstrap needs two [seeds, questions] arrays of one shape, got {arm.shape} "
+                         f"and {baseline.shape}")
     diff = arm - baseline
     n_seeds, n_questions = diff.shape
     rng = np.random.default_rng(seed)
-    means = np.empty(resamples)
-    for b in range(resamples):
-        s = rng.integers(0, n_seeds, n_seeds)
-        q = rng.integers(0, n_questions, n_questions)
-        means[b] = diff[np.ix_(s, q)].mean()
+    seed_idx = np.empty((resamples, n_seeds), dtype=np.int64)
+    question_idx = np.empty((resamples, n_questions), dtype=np.int64)
+    for b in range(resamples):  # the draw order of the protocol; the means are taken at once below
+        seed_idx[b] = rng.integers(0, n_seeds, n_seeds)
+        question_idx[b] = rng.integers(0, n_questions, n_questions)
+    # mean over the resampled grid = mean over resampled seeds of (row means over the resampled questions)
+    row_means = np.stack([diff[:, question_idx[b]].mean(axis=1) for b in range(resamples)])  # [B, S]
+    means = np.take_along_axis(row_means, seed_idx, axis=1).mean(axis=1)
     tail = (1.0 - level) / 2
     low, high = np.quantile(means, [tail, 1.0 - tail])
-    return PairedDifference(float(diff.mean()), float(low), float(high), n_seeds, n_questions)
+    return BootstrapDifference(float(diff.mean()), float(low), float(high), n_seeds, n_questions)
 
 
 def pearson_r(xs, ys) -> float:
