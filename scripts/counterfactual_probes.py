@@ -21,6 +21,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from mtprl.probe_report import multiplicity_markdown, multiplicity_readout  # noqa: E402
+
 NAMES = {"own": "the run's update (shared clip, AdamW)", "no_clip": "AdamW, no clip",
          "separate_clip": "AdamW, separate clip", "separate_state": "separate Adam moments, shared clip",
          "sgd": "SGD, shared clip (step at 0 matched)", "sgd_no_clip": "SGD, no clip (step at 0 matched)"}
@@ -127,6 +129,7 @@ def main():
     args = parser.parse_args()
     files = probe_files(args.paths)
     text = markdown(files)
+    text += "\n" + multiplicity_markdown(multiplicity_readout([json.load(open(f)) for f in files])) + "\n"
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write(text + "\n")

@@ -18,7 +18,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
-from mtprl.probe_report import measured_readout  # noqa: E402
+from mtprl.probe_report import measured_readout, multiplicity_markdown, multiplicity_readout  # noqa: E402
 
 DEFAULT = ["reports/sweep/probes", "reports/smollm2-probe"]
 
@@ -64,6 +64,11 @@ def main(argv=None) -> int:
                      f"{_g(p.get('exact_lambda'))} | {_share(r['exact_share'])} | {_g(p['lambda_hat_star'])}, "
                      f"{_g(p['fit']['r2'])} |")
     text = "\n".join(lines)
+    probes = []
+    for path in probe_files(args.paths):
+        with open(path) as f:
+            probes.append(json.load(f))
+    text += "\n\n" + multiplicity_markdown(multiplicity_readout(probes))
     if ratios:
         q = np.percentile(ratios, [25, 75])
         text += (f"\n\nSweep probes of the joint terms: best grid lambda / OCC's lambda median {statistics.median(ratios):.2f}"

@@ -15,7 +15,7 @@ from scipy import stats as scipy_stats
 
 from mtprl.aa_calibration import (METHODS, false_positive_rate, power_table, random_splits, runs_needed,
                                   variance_components, welch_power)
-from mtprl.stats import compare_arms, compare_to_reference, question_seed_bootstrap
+from mtprl.stats import compare_arms, compare_summaries, compare_to_reference, question_seed_bootstrap
 
 QUESTIONS, K = 200, 8
 
@@ -161,3 +161,71 @@ def test_variance_components_recover_the_known_run_noise():
     assert parts["training_run_sd"] == pytest.approx(0.03, rel=0.12)
     assert parts["evaluation_sd"] == pytest.approx(math.sqrt(np.mean(runs * (1 - runs)) / (K - 1) / QUESTIONS),
                                                    rel=0.05)
+
+
+def test_compare_summaries_equals_compare_arms():
+    """The interval from (mean, sd, runs) alone (what the older report.json files kept) is compare_arms'."""
+    rng = np.random.default_rng(2)
+    a, b = rng.random((3, 20)), rng.random((4, 20))
+    full = compare_arms(a, b)
+    ma, mb = a.mean(axis=1), b.mean(axis=1)
+    short = compare_summaries((ma.mean(), ma.std(ddof=1), 3), (mb.mean(), mb.std(ddof=1), 4))
+    assert (short.mean, short.low, short.high, short.df) == pytest.approx((full.mean, full.low, full.high, full.df))
+    assert math.isinf(compare_summaries((0.3, 0.0, 1), (0.2, 0.01, 3)).low)
+
+
+def _script(name):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_calibration_script_on_synthetic_runs(tmp_path):
+    """scripts/calibrate_verdicts.py reads per_question.json and writes the rates, the power table and a figure;
+    on runs with run-level noise the published method stays near 5% and the question-only bootstrap does not."""
+    import json
+
+    rng = np.random.default_rng(4)
+    runs = synthetic_runs(rng, 12, 0.03)
+    kept = {"runs": [{"label": "detach", "seed": s, "k": K, "correct_per_question": (row * K).round().astype(int).tolist()}
+                     for s, row in enumerate(runs)]}
+    (tmp_path / "per_question.json").write_text(json.dumps(kept))
+    _script("calibrate_verdicts").main([str(tmp_path), "--splits", "40"])
+    result = json.loads((tmp_path / "calibration.json").read_text())
+    rates = result["false_positive_rates"]
+    assert rates["question_bootstrap"]["3"]["rate"] > 0.3
+    assert rates["welch_run_means"]["3"]["rate"] < rates["question_bootstrap"]["3"]["rate"]
+    assert result["run_means"] == pytest.approx(runs.mean(axis=1).tolist())
+    assert (tmp_path / "calibration.png").stat().st_size > 10_000
+    assert "| 3 |" in (tmp_path / "calibration.md").read_text()
+
+
+def test_holm_and_bh_against_hand_computation():
+    from mtprl.stats import bh_reject, holm_reject, multiplicity
+
+    p = [0.01, 0.04, 0.03, 0.005, 0.2]
+    # Holm: sorted 0.005 <= 0.05/5, 0.01 <= 0.05/4, 0.03 > 0.05/3 -> stop
+    assert holm_reject(p) == [True, False, False, True, False]
+    # BH: sorted p_(i) <= i/5 * 0.05: 0.005<=.01, 0.01<=.02, 0.03<=.03, 0.04<=.04 -> largest i = 4
+    assert bh_reject(p) == [True, True, True, True, False]
+    m = multiplicity(p)
+    assert (m["tests"], m["uncorrected"], m["holm_count"], m["bh_count"]) == (5, 4, 2, 4)
+
+
+def test_relative_gain_pvalues_are_the_paired_t_over_prompts():
+    from mtprl.gain import relative_gain_pvalues
+
+    rng = np.random.default_rng(0)
+    per = rng.normal(0, 1, (3, 40))
+    per[2] = per[1] + 0.0  # lambda 1 and 2 share lambda 0.5's values shifted: see below
+    lambdas = [0.0, 0.5, 1.0]
+    per[2] = per[0] + 0.3
+    ps = relative_gain_pvalues(per, lambdas)
+    assert ps[0] == pytest.approx(scipy_stats.ttest_rel(per[1], per[0]).pvalue)
+    assert ps[1] == 0.0  # a constant nonzero difference on every prompt
+    assert relative_gain_pvalues(np.zeros((2, 5)), [0.0, 1.0]) == [1.0]

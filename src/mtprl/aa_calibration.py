@@ -115,12 +115,21 @@ def welch_power(effect: float, sd: float, n: int, level: float = LEVEL, draws: i
     return float(np.mean(low > 0))
 
 
-def runs_needed(effect: float, sd: float, power: float = 0.8, level: float = LEVEL, limit: int = 200) -> int | None:
-    """The fewest runs per arm with `welch_power` >= `power` (None past `limit`)."""
-    for n in range(2, limit + 1):
-        if welch_power(effect, sd, n, level) >= power:
-            return n
-    return None
+def runs_needed(effect: float, sd: float, power: float = 0.8, level: float = LEVEL, limit: int = 256) -> int | None:
+    """The fewest runs per arm with `welch_power` >= `power` (None past `limit`): doubling, then bisection (the
+    power grows with n)."""
+    def enough(n):
+        return welch_power(effect, sd, n, level) >= power
+
+    low, high = 1, 2  # enough(low) is false (one run has no interval)
+    while not enough(high):
+        if high >= limit:
+            return None
+        low, high = high, min(2 * high, limit)
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (low, mid) if enough(mid) else (mid, high)
+    return high
 
 
 def sd_upper(sd: float, runs: int, level: float = LEVEL) -> float:

@@ -222,3 +222,24 @@ def importance_ess(new_logps, old_logps) -> tuple[float, float]:
     log_w = _as_float64(new_logps) - _as_float64(old_logps)
     w = np.exp(log_w - log_w.max())  # scale-free: both numbers are ratios
     return float(w.sum() ** 2 / (w * w).sum()), float(w.max() / w.sum())
+
+
+def relative_gain_pvalues(per_prompt, lambdas) -> list[float]:
+    """Two-sided p-values of dJ(lambda) - dJ(0) = 0 for every grid lambda but 0, from the paired per-prompt gains
+    `[lambda, prompt]` (one-sample t over prompts, `scipy.stats.ttest_1samp`): the family a probe's intervals
+    form, for `stats.multiplicity`. Differences without spread give p = 1 (all 0) or 0 (all one nonzero value)."""
+    from scipy import stats as scipy_stats
+
+    per = np.asarray(per_prompt, dtype=np.float64)
+    lams = [float(x) for x in lambdas]
+    zero = lams.index(0.0)
+    out = []
+    for i, lam in enumerate(lams):
+        if i == zero:
+            continue
+        diff = per[i] - per[zero]
+        if len(diff) < 2 or np.all(diff == diff[0]):
+            out.append(1.0 if diff[0] == 0 else 0.0)
+        else:
+            out.append(float(scipy_stats.ttest_1samp(diff, 0.0).pvalue))
+    return out

@@ -18,8 +18,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from .gain import best_point_probability, share_of_best  # noqa: E402
-from .stats import quantile  # noqa: E402
+from .gain import best_point_probability, relative_gain_pvalues, share_of_best  # noqa: E402
+from .stats import multiplicity, quantile  # noqa: E402
 
 
 def read_probes(run_dir: str) -> list[dict]:
@@ -153,6 +153,45 @@ def plot_measured_figure3(groups: dict, out_dir: str) -> list[str]:
     return [path]
 
 
+def readouts_of(probe: dict) -> dict:
+    """name -> readout of every update a probe file measured: the run's own, then its counterfactuals."""
+    return {"own": probe, **probe.get("counterfactuals", {})}
+
+
+def multiplicity_readout(probes) -> dict:
+    """Every dJ(lambda) - dJ(0) interval the given probe files print (each update's, counterfactuals included),
+    as one family: how many, how many exclude 0 uncorrected, and which survive Holm (family-wise) and
+    Benjamini-Hochberg (false discovery), at 5% (`stats.multiplicity`, p-values from
+    `gain.relative_gain_pvalues`)."""
+    names, pvalues = [], []
+    for probe in probes:
+        for update, readout in readouts_of(probe).items():
+            lams = [float(x) for x in readout["lambdas"]]
+            ps = relative_gain_pvalues(readout["per_prompt"], lams)
+            names += [(probe.get("step"), probe.get("term"), update, lam) for lam in lams if lam != 0.0]
+            pvalues += ps
+    result = multiplicity(pvalues)
+    result["survivors_holm"] = [n for n, keep in zip(names, result["holm"]) if keep]
+    result["survivors_bh"] = [n for n, keep in zip(names, result["bh"]) if keep]
+    return result
+
+
+def multiplicity_markdown(result: dict) -> str:
+    """One paragraph: the family's size and what survives each correction."""
+    def listed(items):
+        shown = ", ".join(f"step {s} {t} {u} lambda={lam:g}" for s, t, u, lam in items[:12])
+        return shown + (f", ... ({len(items) - 12} more)" if len(items) > 12 else "")
+
+    text = (f"Multiplicity: these probes print {result['tests']} intervals of dJ(lambda) - dJ(0) (every grid lambda "
+            f"of every update); {result['uncorrected']} exclude 0 uncorrected (one-sample t over prompts at 5%; "
+            f"about {0.05 * result['tests']:.0f} would by chance alone if nothing differed), {result['holm_count']} "
+            f"survive Holm's family-wise correction and {result['bh_count']} a Benjamini-Hochberg false-discovery "
+            "correction at 5%.")
+    if result["survivors_holm"]:
+        text += f" Surviving Holm: {listed(result['survivors_holm'])}."
+    return text
+
+
 def probe_section(groups: dict, out_dir: str) -> tuple[list[str], list[str], list[dict]]:
     """(markdown lines, figures, rows) of the probe section; empty when no run has probes."""
     rows = probe_rows(groups)
@@ -170,4 +209,6 @@ def probe_section(groups: dict, out_dir: str) -> tuple[list[str], list[str], lis
              "the points near 0 lead, and on one shared sample set the estimate is smooth in lambda whatever the "
              "truth, so its R^2 is no evidence of a parabola.", "",
              summary_markdown(rows), "", probe_markdown(rows), ""]
+    probes = [p for runs in groups.values() for run in runs for p in _own(read_probes(run.path))]
+    lines += [multiplicity_markdown(multiplicity_readout(probes)), ""]
     return lines, figures, rows

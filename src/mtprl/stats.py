@@ -18,6 +18,7 @@ seeds and questions resampled) is shown there beside it, and it calls noise a di
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 from dataclasses import dataclass
@@ -117,33 +118,88 @@ def compare_arms(arm, baseline, *, level: float = LEVEL) -> ArmComparison:
 
 def compare_to_reference(arm, reference, k: int, *, level: float = LEVEL) -> ArmComparison:
     """arm - a fixed model evaluated once (the starting model every run begins from): `arm` `[runs, questions]`,
-    `reference` `[questions]` (its average over k samples per question). The reference has no run-to-run spread,
-    only its evaluation's sampling noise: the variance of its mean, sum_q p_q (1 - p_q) / (k - 1) / Q^2 (unbiased
-    per question), is added to the arm's s^2 / n, with Welch-Satterthwaite degrees of freedom (the reference's
-    term has Q (k - 1))."""
+    `reference` `[questions]` (its average over k samples per question). `compare_summary_to_reference` on the
+    arm's run means, with the question-level part filled in."""
     arm = _runs_by_items(arm, "arm")
     ref = np.asarray(reference, dtype=np.float64).reshape(-1)
     if ref.shape[0] != arm.shape[1]:
         raise ValueError(f"compare_to_reference: {ref.shape[0]} reference questions, {arm.shape[1]} per run")
     means = arm.mean(axis=1)
-    n, q = len(means), len(ref)
-    diff = float(means.mean() - ref.mean())
-    ref_var = float(np.sum(ref * (1 - ref)) / max(k - 1, 1) / q ** 2)
+    sd = float(means.std(ddof=1)) if len(means) > 1 else float("nan")
+    result = compare_summary_to_reference((float(means.mean()), sd, len(means)), ref, k, level=level)
     per_question = arm.mean(axis=0) - ref
-    question_se = float(per_question.std(ddof=1) / math.sqrt(q)) if q > 1 else float("nan")
+    question_se = float(per_question.std(ddof=1) / math.sqrt(len(ref))) if len(ref) > 1 else float("nan")
+    return dataclasses.replace(result, question_se=question_se)
+
+
+def compare_summary_to_reference(arm: tuple[float, float, int], reference, k: int, *,
+                                 level: float = LEVEL) -> ArmComparison:
+    """arm (mean, sd, runs of its run means) - a fixed model's one evaluation `reference` `[questions]` (average
+    over k samples each). The reference has no run-to-run spread, only its evaluation's sampling noise: the variance
+    of its mean, sum_q p_q (1 - p_q) / (k - 1) / Q^2 (unbiased per question), is added to the arm's s^2 / n, with
+    Welch-Satterthwaite degrees of freedom (the reference's term has Q (k - 1))."""
+    mean, sd, n = arm
+    ref = np.asarray(reference, dtype=np.float64).reshape(-1)
+    q = len(ref)
+    diff = float(mean - ref.mean())
     if n < 2:
-        return ArmComparison(diff, -math.inf, math.inf, (n, 1), q, math.inf, float("nan"), question_se,
+        return ArmComparison(diff, -math.inf, math.inf, (n, 1), q, math.inf, float("nan"), float("nan"),
                              (float("nan"), 0.0), level)
-    arm_var = float(means.var(ddof=1)) / n
+    ref_var = float(np.sum(ref * (1 - ref)) / max(k - 1, 1) / q ** 2)
+    arm_var = sd ** 2 / n
     se = math.sqrt(arm_var + ref_var)
     if se == 0:
-        return ArmComparison(diff, diff, diff, (n, 1), q, 0.0, float("nan"), question_se,
-                             (0.0, 0.0), level)
-    ref_df = q * max(k - 1, 1)
-    df = (arm_var + ref_var) ** 2 / (arm_var ** 2 / (n - 1) + ref_var ** 2 / ref_df)
-    t = float(scipy_stats.t.ppf(0.5 + level / 2, df))
-    return ArmComparison(diff, diff - t * se, diff + t * se, (n, 1), q, se, float(df), question_se,
-                         (float(means.std(ddof=1)), 0.0), level)
+        return ArmComparison(diff, diff, diff, (n, 1), q, 0.0, float("nan"), float("nan"), (sd, 0.0), level)
+    df = (arm_var + ref_var) ** 2 / (arm_var ** 2 / (n - 1) + ref_var ** 2 / (q * max(k - 1, 1)))
+    half = float(scipy_stats.t.ppf(0.5 + level / 2, df)) * se
+    return ArmComparison(diff, diff - half, diff + half, (n, 1), q, se, float(df), float("nan"), (sd, 0.0), level)
+
+
+def compare_summaries(arm: tuple[float, float, int], baseline: tuple[float, float, int], *,
+                      level: float = LEVEL) -> ArmComparison:
+    """`compare_arms` from each arm's (mean, standard deviation, runs) of its run means: the same Welch interval,
+    written out (the reports committed before per_question.json kept only these); `question_se` is unknown (nan)."""
+    (ma, sa, na), (mb, sb, nb) = arm, baseline
+    diff = ma - mb
+    if na < 2 or nb < 2:
+        return ArmComparison(diff, -math.inf, math.inf, (na, nb), 0, math.inf, float("nan"), float("nan"),
+                             (sa if na > 1 else float("nan"), sb if nb > 1 else float("nan")), level)
+    va, vb = sa ** 2 / na, sb ** 2 / nb
+    se = math.sqrt(va + vb)
+    if se == 0:
+        return ArmComparison(diff, diff, diff, (na, nb), 0, 0.0, float("nan"), float("nan"), (sa, sb), level)
+    df = (va + vb) ** 2 / (va ** 2 / (na - 1) + vb ** 2 / (nb - 1))
+    half = float(scipy_stats.t.ppf(0.5 + level / 2, df)) * se
+    return ArmComparison(diff, diff - half, diff + half, (na, nb), 0, se, df, float("nan"), (sa, sb), level)
+
+
+def holm_reject(pvalues, alpha: float = 1 - LEVEL) -> list[bool]:
+    """Holm's step-down procedure: which hypotheses are rejected with the family-wise error held at `alpha`."""
+    p = np.asarray(pvalues, dtype=np.float64)
+    reject = np.zeros(len(p), dtype=bool)
+    for rank, i in enumerate(np.argsort(p, kind="stable")):
+        if p[i] > alpha / (len(p) - rank):
+            break
+        reject[i] = True
+    return reject.tolist()
+
+
+def bh_reject(pvalues, alpha: float = 1 - LEVEL) -> list[bool]:
+    """Benjamini-Hochberg: which hypotheses are rejected with the false-discovery rate held at `alpha`
+    (`scipy.stats.false_discovery_control`)."""
+    p = np.asarray(pvalues, dtype=np.float64)
+    if len(p) == 0:
+        return []
+    return (scipy_stats.false_discovery_control(p, method="bh") <= alpha).tolist()
+
+
+def multiplicity(pvalues, alpha: float = 1 - LEVEL) -> dict:
+    """How many of a family of tests read as differences uncorrected, after Holm (family-wise) and after
+    Benjamini-Hochberg (false discovery): a readout that prints many intervals says this beside them."""
+    p = list(pvalues)
+    return {"tests": len(p), "uncorrected": int(sum(x <= alpha for x in p)),
+            "holm": holm_reject(p, alpha), "bh": bh_reject(p, alpha),
+            "holm_count": int(sum(holm_reject(p, alpha))), "bh_count": int(sum(bh_reject(p, alpha)))}
 
 
 class BootstrapDifference(NamedTuple):
