@@ -212,7 +212,7 @@ def test_one_seed_says_so_and_no_difference_says_what_it_would_need():
     two = compare_arms(arm, base)
     sd = np.sqrt((np.var(arm, ddof=1) + np.var(base, ddof=1)) / 2)
     text = _interval(two, power_effects=(0.03,))
-    assert text.endswith(f"no detectable difference at 3 runs; 3 would need {runs_needed(0.03, sd)}"), text
+    assert text.endswith(f"no detectable difference at 3 runs; 3 points would need {runs_needed(0.03, sd)} per arm"), text
 
 
 def test_a_comparison_whose_every_arm_scores_zero_warns(tmp_path):

@@ -193,12 +193,12 @@ def _interval(diff, scale=100.0, digits=1, power_effects=()) -> str:
     if diff is None:
         return "–"
     f = f"{{:+.{digits}f}}".format
-    runs = min(diff.runs)
-    if runs < 2:  # the run-to-run variation, the larger part of the noise, is not measured
+    runs = min(diff.runs) if diff.runs[1] > 1 else diff.runs[0]  # a reference model has one evaluation
+    if math.isinf(diff.low):  # the run-to-run variation, the larger part of the noise, is not measured
         return f"{f(scale * diff.mean)} (1 run, no interval)"
     text = f"{f(scale * diff.mean)} [{f(scale * diff.low)}, {f(scale * diff.high)}] {diff.verdict}"
     if diff.verdict == "no detectable difference" and power_effects:
-        text += f" at {runs} runs" + "".join(f"; {scale * e:g} would need {_runs_needed(e, diff)}"
+        text += f" at {runs} runs" + "".join(f"; {scale * e:g} points would need {_runs_needed(e, diff)} per arm"
                                              for e in power_effects)
     return text
 
