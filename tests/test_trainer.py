@@ -620,3 +620,40 @@ def test_a_lora_trunk_trains_its_adapter_and_the_heads_in_full(tmp_path, variant
         assert rows[0]["mtp/lambda/1"] == 0.0
     else:  # the exact lambda's v2 is the MTP gradient over the parameters that train: the adapter's and the heads'
         assert rows[0]["mtp/v2_exact/1"] > 0
+
+
+@pytest.mark.parametrize("regime", ["none", "detach", "ce", "policy", "occ", "distill", "frozen"])
+def test_evaluate_before_training_works_under_every_regime(tmp_path, regime):
+    """`trainer.evaluate()` on a fresh trainer: transformers sets current_gradient_accumulation_steps inside its
+    training loop only, and the MTP loss used to read it (AttributeError under every MTP regime)."""
+    from mtprl.trainer import MTPGRPOConfig, MTPGRPOTrainer
+
+    model, tok = _small_model()
+    kw = dict(COMMON, output_dir=str(tmp_path / regime), mtp_num_heads=2, mtp_regime=regime,
+              per_device_eval_batch_size=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = MTPGRPOTrainer(model=model, reward_funcs=[digit_reward], args=MTPGRPOConfig(**kw),
+                                 train_dataset=_dataset(), eval_dataset=_dataset().select(range(8)),
+                                 processing_class=tok)
+        metrics = trainer.evaluate()
+    assert "eval_loss" in metrics and math.isfinite(metrics["eval_loss"])
+    if regime not in ("none", "frozen"):  # the MTP term was computed in eval mode too
+        assert any(k.startswith("eval_mtp/") for k in metrics), sorted(metrics)
+
+
+def test_eval_on_start_then_training(tmp_path):
+    """`eval_on_start: true` with OCC: evaluates before the first step, then trains."""
+    from mtprl.trainer import MTPGRPOConfig, MTPGRPOTrainer
+
+    model, tok = _small_model()
+    kw = dict(COMMON, output_dir=str(tmp_path / "run"), mtp_num_heads=2, mtp_regime="occ", max_steps=1,
+              eval_strategy="steps", eval_steps=1, eval_on_start=True, per_device_eval_batch_size=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = MTPGRPOTrainer(model=model, reward_funcs=[digit_reward], args=MTPGRPOConfig(**kw),
+                                 train_dataset=_dataset(), eval_dataset=_dataset().select(range(8)),
+                                 processing_class=tok)
+        trainer.train()
+    evals = [row for row in trainer.state.log_history if "eval_loss" in row]
+    assert [row["step"] for row in evals] == [0, 1]

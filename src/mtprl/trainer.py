@@ -327,9 +327,12 @@ class MTPGRPOTrainer(UpdateMixin, GeometryMixin, ConsistentLogOnResume, MTPCheck
     def _step_settings(self) -> StepSettings:
         term = self.term
         apart = self.mtp_gradient_apart
+        training = self.model.training and torch.is_grad_enabled()
+        # transformers sets current_gradient_accumulation_steps inside its training loop only: evaluating before the
+        # first step (eval_on_start, trainer.evaluate()) has none, and TRL itself uses 1 outside training
         return StepSettings(term.regime, term.coef, self.head_loss, self.args.mtp_head_coef,
-                            self.current_gradient_accumulation_steps,
-                            training=self.model.training and torch.is_grad_enabled(),
+                            self.current_gradient_accumulation_steps if training else 1,
+                            training=training,
                             fidelity=self._fidelity_step(), keep_apart=apart is not None,
                             unit_gradient=apart is not None and apart.with_unit,
                             first_update=self.args.occ_first_update if self._rollout_position() == 0 else None)
