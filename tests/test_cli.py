@@ -536,3 +536,14 @@ def test_sft_mtp_only_resumes_from_its_last_checkpoint_without_resampling(tmp_pa
     assert state["global_step"] == 4 and os.path.isfile(sft / "mtp_heads.safetensors")
     steps = [json.loads(line)["step"] for line in open(sft / "metrics.jsonl") if '"loss"' in line]
     assert steps == sorted(set(steps))  # each step logged once across the resume
+
+
+def test_a_missing_path_in_hub_id_form_says_the_path_does_not_exist(tmp_path, monkeypatch):
+    """'runs/x' on a fresh clone (no runs/ directory) reads as a hub id 'org/name'; offline, the error says that
+    the path does not exist here as well as that the hub could not be reached."""
+    from mtprl.models import load_base_model
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(OSError, match="the path 'runs/does-not-exist-here' does not exist here"):
+        load_base_model("runs/does-not-exist-here")

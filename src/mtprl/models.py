@@ -127,8 +127,11 @@ def load_base_model(name_or_path: str, *, dtype: str = "auto", attn_implementati
                      else load_tokenizer(name_or_path, trust_remote_code=trust_remote_code))
     except (OSError, ValueError, ImportError) as e:
         where = f"{name_or_path}/{gguf_file}" if gguf_file else name_or_path
-        raise OSError(f"{e}\nmtprl: could not load model {where!r} (a hub id needs network access or the hub "
-                      "cache; a local path must be a model directory)") from e
+        if not os.path.exists(os.path.expanduser(name_or_path)):  # 'org/name' form, but meant as a path?
+            raise OSError(f"{e}\nmtprl: could not load model {where!r}: the path {name_or_path!r} does not exist "
+                          f"here (in {os.getcwd()}), and as a hub id it could not be fetched (no network access "
+                          "or hub cache)") from e
+        raise OSError(f"{e}\nmtprl: could not load model {where!r} (a local path must be a model directory)") from e
     if gguf_file:  # transformers' GGUF reader has already de-quantized to float weights
         _drop_quantization(model)
     if tokenizer.pad_token is None:
