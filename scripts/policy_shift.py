@@ -1,7 +1,7 @@
 """How far RL moved the policy in each run of a comparison: the held-out KL(p_end || p_start) (`mtprl.policy_shift`)
 on the comparison's own held-out questions, beside the accuracy gain its report measured. Writes
-<report_dir>/policy_shift.json and prints a markdown table (mean over seeds; the KL's interval is +- 2 standard
-errors of the seed mean, from the completions' spread).
+<report_dir>/policy_shift.json and prints a markdown table (mean over seeds; the KL's 95% interval is Student's t
+over the runs, the training run as the unit, `mtprl.stats.mean_interval`).
 
     python scripts/policy_shift.py reports/frozen-heads [--k 4] [--questions 100]
 """
@@ -15,6 +15,7 @@ from mtprl.data import TaskArguments, task_splits
 from mtprl.jsonl import atomic_write_json
 from mtprl.models import load_model
 from mtprl.policy_shift import held_out_kl
+from mtprl.stats import mean_interval
 
 
 def run_shift(run: Path, k: int, questions: int, cache: dict) -> dict:
@@ -46,16 +47,16 @@ def main():
     report = json.loads((args.report_dir / "report.json").read_text()) if (args.report_dir / "report.json").is_file() \
         else {"rows": []}
     gain = {r["label"]: r.get("vs_start") for r in report["rows"]}
-    table = ["| arm | seeds | held-out KL(end || start), nats per completion | per token | avg@k - start (points) |",
+    table = ["| arm | seeds | held-out KL(end || start), nats per completion [95% over runs] | per token | "
+             "avg@k - start (points) |",
              "|---|---|---|---|---|"]
     for label in dict.fromkeys(r["label"] for r in rows):
         mine = [r for r in rows if r["label"] == label]
-        kl = statistics.mean(r["kl_per_completion"] for r in mine)
-        se = statistics.mean(r["kl_per_completion_se"] ** 2 for r in mine) ** 0.5 / len(mine) ** 0.5
+        kl, low, high = mean_interval([r["kl_per_completion"] for r in mine])
         per_token = statistics.mean(r["kl_per_token"] for r in mine)
         g = gain.get(label)
         g_text = f"{100 * g['mean']:+.1f} [{100 * g['low']:+.1f}, {100 * g['high']:+.1f}]" if g else "–"
-        table.append(f"| {label} | {len(mine)} | {kl:.4f} ± {2 * se:.4f} | {per_token:.5f} | {g_text} |")
+        table.append(f"| {label} | {len(mine)} | {kl:.4f} [{low:.4f}, {high:.4f}] | {per_token:.5f} | {g_text} |")
     atomic_write_json(str(args.report_dir / "policy_shift.json"), {"k": args.k, "questions": args.questions,
                                                                     "runs": rows})
     print("\n".join(table))

@@ -229,3 +229,13 @@ def test_relative_gain_pvalues_are_the_paired_t_over_prompts():
     assert ps[0] == pytest.approx(scipy_stats.ttest_rel(per[1], per[0]).pvalue)
     assert ps[1] == 0.0  # a constant nonzero difference on every prompt
     assert relative_gain_pvalues(np.zeros((2, 5)), [0.0, 1.0]) == [1.0]
+
+
+def test_mean_interval_is_students_t_over_runs():
+    from mtprl.stats import mean_interval
+
+    values = [1.4, 1.9, 1.6]
+    m, low, high = mean_interval(values)
+    half = scipy_stats.t.ppf(0.975, 2) * np.std(values, ddof=1) / math.sqrt(3)
+    assert (m, low, high) == pytest.approx((1.6333333, 1.6333333 - half, 1.6333333 + half))
+    assert math.isinf(mean_interval([1.0])[1])

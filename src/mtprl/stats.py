@@ -155,6 +155,20 @@ def compare_summary_to_reference(arm: tuple[float, float, int], reference, k: in
     return ArmComparison(diff, diff - half, diff + half, (n, 1), q, se, float(df), float("nan"), (sd, 0.0), level)
 
 
+def mean_interval(run_values, level: float = LEVEL) -> tuple[float, float, float]:
+    """(mean, low, high) of a quantity measured once per training run: Student's t over the runs (the run the
+    unit); an infinite interval for one run."""
+    values = np.asarray(run_values, dtype=np.float64)
+    mean = float(values.mean())
+    if len(values) < 2:
+        return mean, -math.inf, math.inf
+    sd = float(values.std(ddof=1))
+    if sd == 0:
+        return mean, mean, mean
+    low, high = scipy_stats.t.interval(level, len(values) - 1, loc=mean, scale=sd / math.sqrt(len(values)))
+    return mean, float(low), float(high)
+
+
 def compare_summaries(arm: tuple[float, float, int], baseline: tuple[float, float, int], *,
                       level: float = LEVEL) -> ArmComparison:
     """`compare_arms` from each arm's (mean, standard deviation, runs) of its run means: the same Welch interval,
