@@ -20,7 +20,7 @@ import re
 from pathlib import Path
 
 from mtprl.jsonl import atomic_write_json, atomic_write_text
-from mtprl.report import VERDICT_NOTE, markdown_table, noise_table
+from mtprl.report import VERDICT_METHOD, VERDICT_NOTE, markdown_table, noise_table
 from mtprl.stats import (compare_arms, compare_summaries, compare_summary_to_reference, compare_to_reference)
 
 
@@ -89,7 +89,7 @@ def rewrite(report_dir: Path, report: dict, rows: list[dict], baseline: str, res
     multi = len(rows) > 1
     note = VERDICT_NOTE
     if source != "per_question.json":
-        note += (" This report was made before per-question results were kept: its intervals were recomputed on "
+        note = VERDICT_METHOD + (" This report was made before per-question results were kept: its intervals were recomputed on "
                  "2026-12-07 from report.json's per-arm mean and standard deviation of the runs' accuracies "
                  "(`python scripts/verdicts.py --rewrite`), the same Welch interval; the question-level part is "
                  "not known for it.")
@@ -102,6 +102,11 @@ def rewrite(report_dir: Path, report: dict, rows: list[dict], baseline: str, res
                             flags=re.S)
     if count != 1:
         raise ValueError(f"{report_dir / 'report.md'}: no accuracy section to rewrite")
+    stale = ("(Made before 2026-12-07: this table's intervals against the baseline are the old bootstrap over seeds "
+             "and rollouts, too narrow at 2-3 seeds; report.json keeps no per-run values to redo them.)")
+    if source != "per_question.json" and "## Rollouts drafted by the heads\n\n" in new_md and stale not in new_md:
+        new_md = new_md.replace("## Rollouts drafted by the heads\n\n", "## Rollouts drafted by the heads\n\n" + stale
+                                + "\n\n", 1)
     atomic_write_text(str(report_dir / "report.md"), new_md)
     for row in report["rows"]:
         vs_base, vs_start = results[row["label"]]

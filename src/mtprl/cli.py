@@ -430,7 +430,7 @@ class CompareArguments:
         "help": "Comma-separated regimes (used when --arms is empty), each trained once per seed from the same "
                 "starting model."})
     baseline: str = field(default="", metadata={
-        "help": "Label of the arm the others are compared with (paired 95%% intervals); default: the first detach "
+        "help": "Label of the arm the others are compared with (95%% intervals, the training run as the unit); default: the first detach "
                 "arm, else the first arm."})
     seeds: str = field(default="0", metadata={"help": "Comma-separated seeds, e.g. 0,1,2."})
     report_dir: str = field(default="reports/compare", metadata={

@@ -246,13 +246,14 @@ def markdown_table(rows, baseline=None, start=None) -> str:
     return "\n".join(lines)
 
 
-VERDICT_NOTE = (
+VERDICT_METHOD = (
     "Intervals: 95%, the training run as the unit (`mtprl.stats.compare_arms`: Welch's t on each run's mean over the "
     "held-out questions and their samples; against the starting model, its one evaluation's sampling noise added); "
     "\"better\" / \"worse\" only when the interval excludes 0, otherwise \"no detectable difference\", with the runs "
     "per arm that a 3-point difference would need at 80% power at the spread these runs show. Calibrated on A/A "
-    "runs: reports/calibration. Every run's per-question results: per_question.json (`python scripts/verdicts.py "
-    "REPORT_DIR` recomputes every interval).")
+    "runs: reports/calibration.")
+VERDICT_NOTE = (VERDICT_METHOD + " Every run's per-question results: per_question.json (`python scripts/verdicts.py "
+                "REPORT_DIR` recomputes every interval).")
 
 
 def noise_table(rows, baseline) -> str:
