@@ -20,7 +20,7 @@ import re
 from pathlib import Path
 
 from mtprl.jsonl import atomic_write_json, atomic_write_text
-from mtprl.report import VERDICT_METHOD, VERDICT_NOTE, markdown_table, noise_table
+from mtprl.report import VERDICT_METHOD, VERDICT_NOTE, few_runs_note, markdown_table, noise_table
 from mtprl.stats import (compare_arms, compare_summaries, compare_summary_to_reference, compare_to_reference)
 
 
@@ -95,6 +95,7 @@ def rewrite(report_dir: Path, report: dict, rows: list[dict], baseline: str, res
                  "not known for it.")
     section = ("## Accuracy on held-out questions (mean ± std over seeds)\n\n"
                + markdown_table(table_rows, baseline=baseline if multi else None, start=start) + "\n\n" + note + "\n\n"
+               + (few_runs_note(rows) + "\n\n" if few_runs_note(rows) else "")
                + (noise_table(table_rows, baseline if multi else None) + "\n\n" if source == "per_question.json"
                   else ""))
     md = (report_dir / "report.md").read_text()

@@ -254,6 +254,15 @@ VERDICT_METHOD = (
     "runs: reports/calibration.")
 VERDICT_NOTE = (VERDICT_METHOD + " Every run's per-question results: per_question.json (`python scripts/verdicts.py "
                 "REPORT_DIR` recomputes every interval).")
+FEW_RUNS_NOTE = (
+    "**Few runs.** With 2 runs in an arm its interval rests on 1-2 degrees of freedom and on a spread measured from "
+    "two numbers: these runs support no verdict between arms unless a difference is very large. The runs a given "
+    "difference needs, from 16 runs of one configuration: reports/calibration/calibration.md.")
+
+
+def few_runs_note(rows) -> str:
+    """FEW_RUNS_NOTE when any arm of the table has fewer than 3 runs, else ''."""
+    return FEW_RUNS_NOTE if any(1 < len(r["seeds"]) < 3 for r in rows) else ""
 
 
 def noise_table(rows, baseline) -> str:
@@ -707,7 +716,7 @@ def build_report(run_dirs, out_dir, title="mtprl comparison", command=None, base
         lines += [f"**Warning:** {zero}.", ""]
     lines += ["## Accuracy on held-out questions (mean ± std over seeds)", "",
               markdown_table(rows, baseline=baseline if len(groups) > 1 else None, start=start_eval), "",
-              VERDICT_NOTE, "", noise_table(rows, baseline if len(groups) > 1 else None), ""]
+              VERDICT_NOTE, "", few_runs_note(rows), "", noise_table(rows, baseline if len(groups) > 1 else None), ""]
     lines += ["## Step time", "", step_time_table(rows, baseline), ""]
     if rollouts:
         lines += ["## Rollouts drafted by the heads", "",
