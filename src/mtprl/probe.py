@@ -459,7 +459,10 @@ def load_probe_trainer(run_dir: str, checkpoint: str):
 
 
 def probe_run(run_dir: str, which: str = "all", options: ProbeOptions | None = None) -> list[str]:
-    """Probe every checkpoint `which` names; writes `<run_dir>/probes/probe-step<N>[-<term>].json`."""
+    """Probe every checkpoint `which` names; writes `<run_dir>/probes/probe-step<N>[-<term>].json` and says how many
+    intervals each state printed and which survive a multiplicity correction."""
+    from .probe_report import multiplicity_markdown, multiplicity_readout
+
     options = options or ProbeOptions()
     written = []
     for checkpoint, step in run_checkpoints(run_dir, which):
@@ -475,5 +478,6 @@ def probe_run(run_dir: str, which: str = "all", options: ProbeOptions | None = N
         phase(f"probe: {path} (best measured lambda {result['grid_best_lambda']:+.4g}, P(best) "
               f"{result['best_lambda_probability'][best]:.2f}{', at the grid edge' if result['best_at_edge'] else ''}"
               f"; OCC's lambda {result['occ_lambda']:+.4g}, {result['seconds']:.0f} s)")
+        phase(f"probe: {multiplicity_markdown(multiplicity_readout([result]))}")
         written.append(path)
     return written
