@@ -65,7 +65,7 @@ def test_train_help_shows_mtprls_fields_first_under_their_own_heading():
 
 # What `test_docs_name_only_code_that_exists` does not resolve: names from other libraries and instances (by their first
 # part), files (by their ending), and names of data rather than code (a dataset column, a checkpoint tensor's).
-NOT_MTPRL = {"trl", "transformers", "torch", "accelerate", "datasets", "GRPOTrainer", "GRPOConfig",
+NOT_MTPRL = {"trl", "transformers", "torch", "accelerate", "datasets", "scipy", "GRPOTrainer", "GRPOConfig",
              "AutoModelForCausalLM", "MtpModel", "DistributedType", "model", "ref_model", "reward_model", "shared_head"}
 FILE_ENDINGS = {"py", "yaml", "json", "jsonl", "md", "png", "toml", "bin", "safetensors"}
 INSTANCE_NAMES = {"trainer.train"}  # a trainer's `train` (MTPGRPOTrainer.train), not the module mtprl.trainer
