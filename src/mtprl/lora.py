@@ -83,22 +83,3 @@ def adapter_base(path: str) -> str:
                          "base model (a LoRA run needs a base checkpoint on disk or a hub id, not the fresh `tiny` "
                          "preset)")
     return base
-
-
-def load_adapted(path: str, **load_kwargs):
-    """(merged model with the run's trained heads, tokenizer) from a LoRA run directory: the base model the adapter
-    names, the adapter merged into it (`merge_and_unload`), the heads from `path`."""
-    from peft import PeftModel
-
-    from .checkpoints import has_mtp_checkpoint, load_mtp_heads, load_tokenizer
-    from .models import load_base_model, looks_local
-
-    base_path = adapter_base(path)
-    if looks_local(base_path) and not os.path.exists(os.path.expanduser(base_path)):
-        raise FileNotFoundError(f"{os.path.join(path, ADAPTER_CONFIG)}: its base model {base_path!r} does not exist "
-                                "(a relative path resolves from the directory the command runs in)")
-    base, _ = load_base_model(base_path, **load_kwargs)
-    merged = PeftModel.from_pretrained(base, path).merge_and_unload()
-    if has_mtp_checkpoint(path):
-        load_mtp_heads(merged, path)
-    return merged, load_tokenizer(path)

@@ -17,7 +17,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from .checkpoints import attach_or_load_heads, load_tokenizer
-from .lora import is_adapter_dir, load_adapted
+from .lora import ADAPTER_CONFIG, adapter_base, is_adapter_dir
 
 PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
 CHARACTERS = [c for c in string.printable if c not in "\t\r\x0b\x0c"]  # printable ASCII + space + newline
@@ -137,6 +137,25 @@ def load_base_model(name_or_path: str, *, dtype: str = "auto", attn_implementati
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def load_adapted(path: str, **load_kwargs):
+    """(merged model with the run's trained heads, tokenizer) from a LoRA run directory: the base model the adapter
+    names, the adapter merged into it (`merge_and_unload`), the heads from `path`. Here, not in lora.py, so that
+    lora.py (configuration and adapter files) does not import the loaders that import it."""
+    from peft import PeftModel
+
+    from .checkpoints import has_mtp_checkpoint, load_mtp_heads, load_tokenizer
+
+    base_path = adapter_base(path)
+    if looks_local(base_path) and not os.path.exists(os.path.expanduser(base_path)):
+        raise FileNotFoundError(f"{os.path.join(path, ADAPTER_CONFIG)}: its base model {base_path!r} does not exist "
+                                "(a relative path resolves from the directory the command runs in)")
+    base, _ = load_base_model(base_path, **load_kwargs)
+    merged = PeftModel.from_pretrained(base, path).merge_and_unload()
+    if has_mtp_checkpoint(path):
+        load_mtp_heads(merged, path)
+    return merged, load_tokenizer(path)
 
 
 def load_model(name_or_path: str, num_heads: int | None = None, init: str = "copy_last_layer", seed: int = 0,
