@@ -146,3 +146,12 @@ def test_docs_name_only_code_that_exists():
                      if not _resolves(name, classes))
     assert not missing, "the docs name code that does not exist:\n  " + "\n  ".join(missing)
     assert not _resolves("occ.lambda_from_stats_typo", classes) and not _resolves("nomodule.x", classes)
+
+
+def test_the_package_map_names_every_module():
+    """docs/layout.md is the one package map: every module under src/mtprl has its row there."""
+    modules = sorted(name for name in os.listdir(os.path.join(ROOT, "src", "mtprl"))
+                     if name.endswith(".py") and name != "__init__.py")
+    text = open(os.path.join(ROOT, "docs", "layout.md")).read()
+    missing = [m for m in modules if f"`src/mtprl/{m}`" not in text]
+    assert not missing, f"docs/layout.md has no row for {missing}"

@@ -12,36 +12,7 @@ Commands (each a `cmd_*` function below):
   report   the report (`mtprl.report`) from existing run directories, no training
   probe    the per-step gain dJ(lambda) at a run's checkpoints (`mtprl.probe`)
 
-The package, module by module (docs/layout.md has the same table with more words):
-  mtp           the MTP heads (transformers' MtpLayer per depth) and `attach_mtp_heads`
-  logprobs      `forward_logprobs`: main + MTP log-probs (entropy, expected acceptance) from one trunk forward
-  checkpoints   checkpoint files, `save_pretrained` / `load_pretrained`, `attach_or_load_heads`, trainer mixin
-  models        the `tiny` preset (character tokenizer, Qwen2) and `load_model` for any HF causal LM
-  objectives    `policy_loss` (TRL's clipped surrogate), `mtp_ce_loss`, head-only losses: pure functions
-  occ           the OCC formula (Eq. 13): proxies, lambda; every estimator of c and v2 (exact, last_layers, hidden, ema)
-  regimes       the regime vocabulary and table: one pure loss function per regime, where its coefficient comes from
-  calibration   `LambdaCalibrator`: lambda for each micro-batch from the regime's lambda source
-  config        `MTPGRPOConfig`, `MTPSFTConfig`, the shared head / draft fields, validation helpers
-  mtp_step      the MTP step as a value: plain data in, `StepResult` (loss, metrics, acceptance, after_backward) out
-  trainer       `MTPGRPOTrainer` (TRL overrides: one forward, TRL's loss plus `mtp_step`)
-  update        `update_on`: one rollout's updates as a public call, the state around it
-  update_geometry  the clip and Adam's moments: step metrics, `mtp_grad_clip` / `mtp_optimizer_state: separate`
-  trl_compat    where TRL's machinery meets the heads (TRL's class from the MRO, the reference's heads)
-  trl_surface   every private TRL / transformers name mtprl relies on, checked against the installed packages
-  sft_trainer   `MTPSFTTrainer` (the warm start)
-  sft_data      what sft trains on: reference completions, the model's own samples (`--mtp_only`)
-  callbacks     progress lines, metrics.jsonl, the periodic evaluation
-  runs          the run-state rule (fresh / resume / evaluate / finished) shared by train and compare
-  data          `TaskArguments` (every command's model / data / evaluation fields) and loading from them
-  tasks         tasks (reasoning-gym, jsonl), answer extraction, rewards that never crash a run
-  evaluation    avg@k / pass@k
-  arms          `regime@field=value` arms of a comparison
-  stats         paired bootstrap intervals, correlations and summaries
-  gain          the per-step gain dJ(lambda) measured: importance sampling, direct, best-point probability, fit
-  probe         the gain probe: a run's state, its own update per lambda, probe.json
-  probe_report  the report's measured Figure 3 and the table read from the measured points
-  report        the comparison report (table with intervals, figures) from run directories
-  jsonl         reading and appending JSON Lines files
+The package map, module by module, is in one place: docs/layout.md.
 """
 
 from __future__ import annotations
