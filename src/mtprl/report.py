@@ -716,7 +716,9 @@ def build_report(run_dirs, out_dir, title="mtprl comparison", command=None, base
         lines += [f"**Warning:** {zero}.", ""]
     lines += ["## Accuracy on held-out questions (mean ± std over seeds)", "",
               markdown_table(rows, baseline=baseline if len(groups) > 1 else None, start=start_eval), "",
-              VERDICT_NOTE, "", few_runs_note(rows), "", noise_table(rows, baseline if len(groups) > 1 else None), ""]
+              VERDICT_NOTE, ""]
+    for part in (few_runs_note(rows), noise_table(rows, baseline if len(groups) > 1 else None)):
+        lines += [part, ""] if part else []
     lines += ["## Step time", "", step_time_table(rows, baseline), ""]
     if rollouts:
         lines += ["## Rollouts drafted by the heads", "",
