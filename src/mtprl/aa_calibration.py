@@ -24,6 +24,7 @@ from scipy import stats as scipy_stats
 from .stats import LEVEL, compare_arms, question_seed_bootstrap
 
 SPLIT_SEED = 0
+RUNS_LIMIT = 256  # runs_needed answers None past this many runs per arm
 
 
 def random_splits(n_runs: int, n: int, count: int, seed: int = SPLIT_SEED) -> list[tuple[list[int], list[int]]]:
@@ -115,7 +116,8 @@ def welch_power(effect: float, sd: float, n: int, level: float = LEVEL, draws: i
     return float(np.mean(low > 0))
 
 
-def runs_needed(effect: float, sd: float, power: float = 0.8, level: float = LEVEL, limit: int = 256) -> int | None:
+def runs_needed(effect: float, sd: float, power: float = 0.8, level: float = LEVEL,
+                limit: int = RUNS_LIMIT) -> int | None:
     """The fewest runs per arm with `welch_power` >= `power` (None past `limit`): doubling, then bisection (the
     power grows with n)."""
     def enough(n):

@@ -204,13 +204,13 @@ def _interval(diff, scale=100.0, digits=1, power_effects=()) -> str:
 
 
 def _runs_needed(effect, diff) -> str:
-    from .aa_calibration import runs_needed
+    from .aa_calibration import RUNS_LIMIT, runs_needed
 
     sds = [sd for sd in diff.run_sd if sd > 0 and not math.isnan(sd)]
     if not sds:
         return "?"
     need = runs_needed(effect, math.sqrt(statistics.fmean(sd ** 2 for sd in sds)))
-    return f">{200}" if need is None else str(need)
+    return f">{RUNS_LIMIT}" if need is None else str(need)
 
 
 def markdown_table(rows, baseline=None, start=None) -> str:

@@ -11,9 +11,11 @@ its own component (`question_se`: the standard error that resampling questions a
 interval that treats the question as the unit measures). The arms' runs are not paired: two runs of two arms with
 one seed share only their start, not their random numbers, so a pairing would add nothing but a wrong df.
 
-Calibration (reports/calibration, `mtprl.aa_calibration`): on A/A splits of 16 runs of one configuration the share
-of "better"/"worse" stays at or below 5% at 2, 3 and 5 runs per arm; the old interval (`question_seed_bootstrap`,
-seeds and questions resampled) is shown there beside it, and it calls noise a difference far more often.
+Calibration (reports/calibration, `mtprl.aa_calibration`): on 1000 A/A splits of 16 runs of one configuration the
+share of "better"/"worse" stays at or below 5% at 2, 3 and 5 runs per arm. The old interval
+(`question_seed_bootstrap`, seeds and questions resampled) held its level on those runs too, but not where a run
+shifts an arm as a whole (`scripts/synthetic_aa.py`: 18% of A/A experiments called a difference at 2 seeds), nor
+on arms whose runs spread more than that configuration's; the run-as-unit interval does not depend on either.
 """
 
 from __future__ import annotations
@@ -81,6 +83,12 @@ def _runs_by_items(values, name: str) -> np.ndarray:
     return values
 
 
+def _question_se(per_question: np.ndarray) -> float:
+    """Standard error of the mean over questions of a per-question difference: what resampling questions alone
+    would give."""
+    return float(per_question.std(ddof=1) / math.sqrt(len(per_question))) if len(per_question) > 1 else float("nan")
+
+
 def welch_interval(arm_means, base_means, level: float = LEVEL) -> tuple[float, float, float, float]:
     """(difference, low, high, df) of Welch's t interval on two samples of run means (`scipy.stats.ttest_ind`,
     `equal_var=False`); an infinite interval where an arm has fewer than 2 runs; a point interval where both arms'
@@ -110,10 +118,9 @@ def compare_arms(arm, baseline, *, level: float = LEVEL) -> ArmComparison:
     sd = tuple(float(m.std(ddof=1)) if len(m) > 1 else float("nan") for m in (arm_means, base_means))
     se = math.sqrt(sd[0] ** 2 / len(arm_means) + sd[1] ** 2 / len(base_means)) if min(map(len, (arm_means,
                                                                                                   base_means))) > 1 else math.inf
-    per_question = arm.mean(axis=0) - baseline.mean(axis=0)
-    q = len(per_question)
-    question_se = float(per_question.std(ddof=1) / math.sqrt(q)) if q > 1 else float("nan")
-    return ArmComparison(diff, low, high, (arm.shape[0], baseline.shape[0]), q, se, df, question_se, sd, level)
+    question_se = _question_se(arm.mean(axis=0) - baseline.mean(axis=0))
+    return ArmComparison(diff, low, high, (arm.shape[0], baseline.shape[0]), arm.shape[1], se, df, question_se, sd,
+                         level)
 
 
 def compare_to_reference(arm, reference, k: int, *, level: float = LEVEL) -> ArmComparison:
@@ -127,9 +134,7 @@ def compare_to_reference(arm, reference, k: int, *, level: float = LEVEL) -> Arm
     means = arm.mean(axis=1)
     sd = float(means.std(ddof=1)) if len(means) > 1 else float("nan")
     result = compare_summary_to_reference((float(means.mean()), sd, len(means)), ref, k, level=level)
-    per_question = arm.mean(axis=0) - ref
-    question_se = float(per_question.std(ddof=1) / math.sqrt(len(ref))) if len(ref) > 1 else float("nan")
-    return dataclasses.replace(result, question_se=question_se)
+    return dataclasses.replace(result, question_se=_question_se(arm.mean(axis=0) - ref))
 
 
 def compare_summary_to_reference(arm: tuple[float, float, int], reference, k: int, *,
@@ -236,8 +241,8 @@ def question_seed_bootstrap(arm, baseline, *, resamples: int = BOOTSTRAP_RESAMPL
                             level: float = LEVEL) -> BootstrapDifference:
     """The interval mtprl used before `compare_arms` (kept only so that the A/A calibration can show its false-positive
     rate beside the new method's): D[s, q] = arm - baseline for seed s (paired by position) and question q, seeds
-    and questions resampled with replacement, the percentile interval of the grid mean. With 2-3 seeds it is far
-    too narrow (reports/calibration); never use it for a verdict.
+    and questions resampled with replacement, the percentile interval of the grid mean. Too narrow where a run
+    shifts an arm as a whole (scripts/synthetic_aa.py); never use it for a verdict.
     Protocol (the old reports' numbers): numpy `default_rng(seed)`; per resample `integers(0, S, S)` then
     `integers(0, Q, Q)`."""
     arm, baseline = np.asarray(arm, dtype=np.float64), np.asarray(baseline, dtype=np.float64)
