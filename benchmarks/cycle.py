@@ -31,8 +31,8 @@ from collections import defaultdict
 import torch
 from transformers import DynamicCache
 
-from mtprl import speculative
-from mtprl.mtp import decoder_of, get_mtp_heads
+from mtprl.generation import speculative
+from mtprl.model.mtp import decoder_of, get_mtp_heads
 
 import rollout as rollout_bench  # its setups, prompts, calibrated vocabulary (benchmarks/ is on sys.path)
 from common import add_model_arguments, progress, run_setups

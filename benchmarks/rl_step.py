@@ -42,7 +42,7 @@ import warnings
 import torch
 from transformers import PrinterCallback, TrainerCallback
 
-from mtprl.trainer import MTPGRPOConfig, MTPGRPOTrainer
+from mtprl.training.trainer import MTPGRPOConfig, MTPGRPOTrainer
 
 import rollout as rollout_bench  # the drafter setup (benchmarks/ is on sys.path)
 from common import add_model_arguments, progress, run_setups
@@ -61,8 +61,8 @@ class StepClock(TrainerCallback):
 
 
 def _smollm2(args):
-    from mtprl.models import load_model
-    from mtprl.tasks import TaskReward, load_math_splits
+    from mtprl.model.loading import load_model
+    from mtprl.data.tasks import TaskReward, load_math_splits
 
     if not (os.path.isdir(args.smollm2_model) and os.path.isfile(args.math_file)):
         return None

@@ -36,16 +36,16 @@ import warnings
 import torch
 
 import mtprl
-from mtprl.draft_vocab import DraftVocabulary, generated_mask
-from mtprl.rollout import AdaptiveDraft, _bucket, sample_with_heads
-from mtprl.speculative import expected_accept_length, speculative_generate
+from mtprl.generation.draft_vocab import DraftVocabulary, generated_mask
+from mtprl.generation.rollout import AdaptiveDraft, _bucket, sample_with_heads
+from mtprl.generation.speculative import expected_accept_length, speculative_generate
 
 from common import progress, run_setups
 
 
 def _tiny(args):
-    from mtprl.models import load_model
-    from mtprl.tasks import load_task_splits, prompt_text
+    from mtprl.model.loading import load_model
+    from mtprl.data.tasks import load_task_splits, prompt_text
 
     if args.tiny_model != "tiny" and not os.path.isdir(args.tiny_model):
         return None
@@ -57,8 +57,8 @@ def _tiny(args):
 
 
 def _smollm2(args):
-    from mtprl.models import load_model
-    from mtprl.tasks import load_math_splits, prompt_text
+    from mtprl.model.loading import load_model
+    from mtprl.data.tasks import load_math_splits, prompt_text
 
     if not (os.path.isdir(args.smollm2_model) and os.path.isfile(args.math_file)):
         return None
@@ -152,7 +152,7 @@ def _predicted_accept_length(model, out, prompt_len, eos, top_p, draft_vocab):
     """Tokens per verify predicted from the heads' expected acceptance (`mtp/accept/k` under the sampler's law and
     draft vocabulary) over the completion tokens the sampler wrote: (1 + a_1 + a_1 a_2 + ... from the mean
     acceptances, the sampler's walk over the per-position acceptances: `speculative.expected_accept_length`)."""
-    from mtprl.speculative import logits_warpers
+    from mtprl.generation.speculative import logits_warpers
 
     seqs = out.sequences
     gen = generated_mask(seqs, prompt_len, eos)

@@ -31,10 +31,10 @@ from datasets import Dataset
 import mtprl
 from transformers import PrinterCallback
 
-from mtprl.models import load_model
-from mtprl.regimes import OCC_VARIANTS, REGIMES
-from mtprl.tasks import TaskReward, load_task_splits
-from mtprl.trainer import MTPGRPOConfig, MTPGRPOTrainer
+from mtprl.model.loading import load_model
+from mtprl.core.regimes import OCC_VARIANTS, REGIMES
+from mtprl.data.tasks import TaskReward, load_task_splits
+from mtprl.training.trainer import MTPGRPOConfig, MTPGRPOTrainer
 
 # Every regime (occ = its paper variant), then occ's other variants as "occ-<variant>".
 # The two remedies of docs/guide-geometry.md on CE (its term reaches the trunk: the separate clip keeps the MTP
@@ -126,7 +126,7 @@ def main():
     torch.manual_seed(0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.model == "tiny" and (args.hidden or args.layers):
-        from mtprl.models import TINY_CONFIG, char_tokenizer, tiny_model
+        from mtprl.model.loading import TINY_CONFIG, char_tokenizer, tiny_model
 
         tok = char_tokenizer()
         sizes = {"hidden_size": args.hidden or TINY_CONFIG["hidden_size"],

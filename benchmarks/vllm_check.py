@@ -35,9 +35,9 @@ def main():
 
     import torch
 
-    from mtprl.models import load_model
-    from mtprl.tasks import TaskReward, load_task_splits
-    from mtprl.trainer import MTPGRPOConfig, MTPGRPOTrainer
+    from mtprl.model.loading import load_model
+    from mtprl.data.tasks import TaskReward, load_task_splits
+    from mtprl.training.trainer import MTPGRPOConfig, MTPGRPOTrainer
 
     model, tok = load_model(args.model, num_heads=1, dtype="bfloat16")
     train, _ = load_task_splits("reasoning_gym:chain_sum", 512, 8, 0, min_terms=2, max_terms=3, min_digits=1,

@@ -3,7 +3,7 @@
 
 Reads <report_dir>/per_question.json, then: the seed-to-seed spread of the run means and its two parts (the training
 run's own, the evaluation's sampling); the false-positive rate of the published verdict (Welch's t on run means,
-`mtprl.stats.compare_arms`) on random A/A splits into two groups of n = 2, 3, 5, beside the old interval's
+`mtprl.core.stats.compare_arms`) on random A/A splits into two groups of n = 2, 3, 5, beside the old interval's
 (seeds and questions resampled) and a question-only bootstrap's on the same splits; the power table (runs per arm
 to detect 2, 3 and 5 points at 80% power). Writes calibration.json, calibration.md and calibration.png there.
 
@@ -20,8 +20,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from mtprl.aa_calibration import METHODS, false_positive_rate, power_table, variance_components  # noqa: E402
-from mtprl.jsonl import atomic_write_json, atomic_write_text  # noqa: E402
+from mtprl.analysis.aa_calibration import METHODS, false_positive_rate, power_table, variance_components  # noqa: E402
+from mtprl.io.jsonl import atomic_write_json, atomic_write_text  # noqa: E402
 
 SIZES = (2, 3, 5)
 METHOD_LABELS = {"welch_run_means": "Welch's t on run means (compare_arms, published)",

@@ -21,7 +21,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from mtprl.probe_report import multiplicity_markdown, multiplicity_readout  # noqa: E402
+from mtprl.analysis.probe_report import multiplicity_markdown, multiplicity_readout  # noqa: E402
 
 NAMES = {"own": "the run's update (shared clip, AdamW)", "no_clip": "AdamW, no clip",
          "separate_clip": "AdamW, separate clip", "separate_state": "separate Adam moments, shared clip",

@@ -1,7 +1,7 @@
-"""How far RL moved the policy in each run of a comparison: the held-out KL(p_end || p_start) (`mtprl.policy_shift`)
+"""How far RL moved the policy in each run of a comparison: the held-out KL(p_end || p_start) (`mtprl.analysis.policy_shift`)
 on the comparison's own held-out questions, beside the accuracy gain its report measured. Writes
 <report_dir>/policy_shift.json and prints a markdown table (mean over seeds; the KL's 95% interval is Student's t
-over the runs, the training run as the unit, `mtprl.stats.mean_interval`).
+over the runs, the training run as the unit, `mtprl.core.stats.mean_interval`).
 
     python scripts/policy_shift.py reports/frozen-heads [--k 4] [--questions 100]
 """
@@ -11,11 +11,11 @@ import json
 import statistics
 from pathlib import Path
 
-from mtprl.data import TaskArguments, task_splits
-from mtprl.jsonl import atomic_write_json
-from mtprl.models import load_model
-from mtprl.policy_shift import held_out_kl
-from mtprl.stats import mean_interval
+from mtprl.data.task_setup import TaskArguments, task_splits
+from mtprl.io.jsonl import atomic_write_json
+from mtprl.model.loading import load_model
+from mtprl.analysis.policy_shift import held_out_kl
+from mtprl.core.stats import mean_interval
 
 
 def run_shift(run: Path, k: int, questions: int, cache: dict) -> dict:

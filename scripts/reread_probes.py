@@ -18,7 +18,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
-from mtprl.probe_report import measured_readout, multiplicity_markdown, multiplicity_readout  # noqa: E402
+from mtprl.analysis.probe_report import measured_readout, multiplicity_markdown, multiplicity_readout  # noqa: E402
 
 DEFAULT = ["reports/sweep/probes", "reports/smollm2-probe"]
 

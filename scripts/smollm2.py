@@ -29,7 +29,7 @@ def main():
     if os.path.isfile(os.path.join(args.output_dir, "model.safetensors")):
         print(f"{args.output_dir} already holds the model; nothing to do")
         return
-    from mtprl.models import load_base_model
+    from mtprl.model.loading import load_base_model
 
     path = gguf_path()
     print(f"converting {path} -> {args.output_dir}", flush=True)

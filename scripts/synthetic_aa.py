@@ -13,8 +13,8 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 from test_verdicts import aa_rate  # noqa: E402
 
-from mtprl.aa_calibration import METHODS  # noqa: E402
-from mtprl.stats import question_seed_bootstrap  # noqa: E402
+from mtprl.analysis.aa_calibration import METHODS  # noqa: E402
+from mtprl.core.stats import question_seed_bootstrap  # noqa: E402
 
 
 def main() -> None:

@@ -1,5 +1,5 @@
 """Recompute every interval of a comparison report from its committed files, the training run as the unit
-(`mtprl.stats.compare_arms`), and print them.
+(`mtprl.core.stats.compare_arms`), and print them.
 
 A report written since per-question results were kept has `per_question.json` (every run's correct samples per
 held-out question): the intervals come from it. An older report kept only each arm's mean and standard deviation of
@@ -19,9 +19,9 @@ import math
 import re
 from pathlib import Path
 
-from mtprl.jsonl import atomic_write_json, atomic_write_text
-from mtprl.report import VERDICT_METHOD, VERDICT_NOTE, few_runs_note, markdown_table, noise_table
-from mtprl.stats import (compare_arms, compare_summaries, compare_summary_to_reference, compare_to_reference)
+from mtprl.io.jsonl import atomic_write_json, atomic_write_text
+from mtprl.analysis.report import VERDICT_METHOD, VERDICT_NOTE, few_runs_note, markdown_table, noise_table
+from mtprl.core.stats import (compare_arms, compare_summaries, compare_summary_to_reference, compare_to_reference)
 
 
 def _start(report_dir: Path):

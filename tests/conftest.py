@@ -75,7 +75,7 @@ def _dataset():
 
 
 def _small_model(seed=0):
-    from mtprl.models import char_tokenizer, tiny_model
+    from mtprl.model.loading import char_tokenizer, tiny_model
 
     tok = char_tokenizer()
     model = tiny_model(tok, seed=seed, hidden_size=32, intermediate_size=64, num_hidden_layers=2)
@@ -88,7 +88,7 @@ COMMON = dict(per_device_train_batch_size=8, num_generations=4, max_completion_l
 
 
 def _mtp_trainer(tmp_path, name="run", model=None, **overrides):
-    from mtprl.trainer import MTPGRPOConfig, MTPGRPOTrainer
+    from mtprl.training.trainer import MTPGRPOConfig, MTPGRPOTrainer
 
     model, tok = model if model is not None else _small_model()
     kw = dict(COMMON, output_dir=str(tmp_path / name), mtp_num_heads=2)
@@ -135,7 +135,7 @@ def _loss_and_grads(trainer, inputs):
     trainer.model.zero_grad(set_to_none=True)
     loss = trainer.compute_loss(trainer.model, inputs)
     loss.backward()
-    from mtprl.trainer import MTPGRPOTrainer
+    from mtprl.training.trainer import MTPGRPOTrainer
 
     if isinstance(trainer, MTPGRPOTrainer):
         trainer.finish_backward()  # what training_step does after the backward (occ exact adds lambda * g_MTP)

@@ -5,9 +5,9 @@ from dataclasses import fields
 import numpy as np
 import pytest
 
-from mtprl.arms import parse_arms
-from mtprl.stats import question_seed_bootstrap, verdict
-from mtprl.trainer import MTPGRPOConfig
+from mtprl.analysis.arms import parse_arms
+from mtprl.core.stats import question_seed_bootstrap, verdict
+from mtprl.training.trainer import MTPGRPOConfig
 
 FIELDS = {f.name for f in fields(MTPGRPOConfig)}
 

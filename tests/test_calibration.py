@@ -10,11 +10,11 @@ from conftest import tiny_causal_lm
 
 import mtprl
 from mtprl import exact_occ_coefficient, occ_coefficient
-from mtprl.calibration import CalibrationSettings, LambdaCalibrator, RLGradients
-from mtprl.objectives import masked_mean, policy_loss
-from mtprl.occ import OCCStats, ema_statistics, hidden_state_statistics, lambda_from_stats
-from mtprl.mtp_step import StepSettings, mtp_step
-from mtprl.regimes import MTP_TERMS, LossScaling, head_data
+from mtprl.core.calibration import CalibrationSettings, LambdaCalibrator, RLGradients
+from mtprl.core.objectives import masked_mean, policy_loss
+from mtprl.core.occ import OCCStats, ema_statistics, hidden_state_statistics, lambda_from_stats
+from mtprl.training.mtp_step import StepSettings, mtp_step
+from mtprl.core.regimes import MTP_TERMS, LossScaling, head_data
 
 
 def _batch(seed=0, batch=4, length=5, heads=2):
@@ -160,7 +160,7 @@ def test_adam_geometry_and_cross_fitted_c_against_autograd_and_the_optimizers_st
     """c_P = <g_RL, P g_MTP>, v2_P = <g_MTP, P g_MTP> with P from AdamW's bias-corrected exp_avg_sq (after one step
     on a gradient g: v_hat = g^2, so P = 1 / (|g| + eps)), and the cross-fitted c against the previous micro-batch's
     g_MTP, each against flattened autograd gradients."""
-    from mtprl.calibration import adam_preconditioner
+    from mtprl.core.calibration import adam_preconditioner
 
     model, out, rl, mtp_loss, main_params, head_params = _model_losses()
     g_rl = torch.autograd.grad(rl, main_params, retain_graph=True, allow_unused=True)

@@ -209,7 +209,7 @@ def test_make_train_flow(tmp_path):
 def test_any_hf_causal_lm_directory_gets_fresh_heads(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from mtprl.models import char_tokenizer, load_model
+    from mtprl.model.loading import char_tokenizer, load_model
 
     tok = char_tokenizer()
     llama = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
@@ -229,7 +229,7 @@ def test_any_hf_causal_lm_directory_gets_fresh_heads(tmp_path):
 
 
 def _bootstrap_by_hand(arm, base, resamples=4000, seed=0):
-    """mtprl.stats' documented protocol, vectorised differently: draw all seed and question indices first."""
+    """mtprl.core.stats' documented protocol, vectorised differently: draw all seed and question indices first."""
     import numpy as np
 
     diff = np.asarray(arm) - np.asarray(base)
@@ -260,7 +260,7 @@ def test_compare_runs_each_arm_and_seed_once_and_reports(tmp_path, capsys):
             for name in ("detach-s0", "detach-s1", f"{occ}-s0", f"{occ}-s1")}
     runs["occ-s0"], runs["occ-s1"] = runs.pop(f"{occ}-s0"), runs.pop(f"{occ}-s1")
     text = open(os.path.join(report_dir, "report.md")).read()
-    from mtprl.report import mean_std
+    from mtprl.analysis.report import mean_std
 
     evals = {}
     for regime, label in (("detach", "Detach"), ("occ", "occ@occ_lambda_plus=0.5")):
@@ -312,7 +312,7 @@ def test_compare_runs_each_arm_and_seed_once_and_reports(tmp_path, capsys):
 
 def test_run_state_on_crafted_run_directories(tmp_path):
     """finished / evaluate / resume / fresh, decided from the files a run leaves behind."""
-    from mtprl.runs import run_state
+    from mtprl.training.runs import run_state
 
     run = tmp_path / "run"
     assert run_state(str(run), max_steps=4).kind == "fresh"
@@ -388,9 +388,9 @@ def test_paper_configs_parse_and_run_one_step_per_arm(tmp_path, table):
 def test_sft_answer_suffix_fraction_writes_that_share_of_completions_in_the_rejected_format():
     from datasets import Dataset
 
-    from mtprl.sft_data import sft_completions
-    from mtprl.tasks import TaskReward
-    from mtprl.config import MTPSFTConfig
+    from mtprl.data.sft_data import sft_completions
+    from mtprl.data.tasks import TaskReward
+    from mtprl.training.config import MTPSFTConfig
 
     rows = Dataset.from_list([{"prompt": f"{i}+1=", "answer": str(i + 1), "x": 0} for i in range(400)])
     out = sft_completions(rows, 0.5, seed=0)
@@ -412,10 +412,10 @@ def test_compare_evaluates_the_start_again_when_the_starting_model_changed(tmp_p
     starting model is the same, evaluated again when it was rewritten (e.g. a new warm start)."""
     import mtprl
     from mtprl.cli import _evaluate_start
-    from mtprl.data import TaskArguments
-    from mtprl.runs import start_fingerprint
-    from mtprl.models import load_model
-    from mtprl.trainer import MTPGRPOConfig
+    from mtprl.data.task_setup import TaskArguments
+    from mtprl.training.runs import start_fingerprint
+    from mtprl.model.loading import load_model
+    from mtprl.training.trainer import MTPGRPOConfig
 
     model, tok = load_model("tiny")
     start = str(tmp_path / "start-model")
@@ -438,8 +438,8 @@ def test_compare_evaluates_the_start_again_when_the_starting_model_changed(tmp_p
 
 def test_compare_refuses_to_keep_a_run_made_from_another_starting_model(tmp_path):
     import mtprl
-    from mtprl.runs import check_same_start, start_fingerprint
-    from mtprl.models import load_model
+    from mtprl.training.runs import check_same_start, start_fingerprint
+    from mtprl.model.loading import load_model
 
     model, tok = load_model("tiny")
     start = str(tmp_path / "start-model")
@@ -478,7 +478,7 @@ def test_eval_and_mtp_only_sampling_take_the_draft_options(tmp_path):
 def test_a_mistyped_local_path_fails_at_once_and_hub_ids_are_not_refused(tmp_path, monkeypatch):
     import time
 
-    from mtprl.models import check_local_path, looks_local
+    from mtprl.model.loading import check_local_path, looks_local
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs").mkdir()
@@ -541,7 +541,7 @@ def test_sft_mtp_only_resumes_from_its_last_checkpoint_without_resampling(tmp_pa
 def test_a_missing_path_in_hub_id_form_says_the_path_does_not_exist(tmp_path, monkeypatch):
     """'runs/x' on a fresh clone (no runs/ directory) reads as a hub id 'org/name'; offline, the error says that
     the path does not exist here as well as that the hub could not be reached."""
-    from mtprl.models import load_base_model
+    from mtprl.model.loading import load_base_model
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -5,9 +5,9 @@ import os
 
 import pytest
 
-from mtprl.runs import latest_checkpoint, resume_point, truncate_metrics
-from mtprl.jsonl import append_jsonl, atomic_write_json, read_jsonl
-from mtprl.report import Run
+from mtprl.training.runs import latest_checkpoint, resume_point, truncate_metrics
+from mtprl.io.jsonl import append_jsonl, atomic_write_json, read_jsonl
+from mtprl.analysis.report import Run
 
 
 def _log(path, rows, torn=None):
@@ -87,7 +87,7 @@ def test_atomic_write_replaces_whole_files_only(tmp_path):
 def test_train_loss_in_the_log_is_the_whole_runs_mean(tmp_path):
     """The Trainer's train_loss averages the steps of its own process; after a resume that is not the run's. The
     log's is the step-weighted mean of the logged losses, the same for a resumed and an uninterrupted run."""
-    from mtprl.callbacks import whole_run_mean_loss
+    from mtprl.io.callbacks import whole_run_mean_loss
 
     path = tmp_path / "metrics.jsonl"
     _log(path, [{"step": 2, "loss": 1.0}, {"step": 3, "eval/avg@2": 0.5}, {"step": 4, "loss": 0.5},

@@ -7,8 +7,8 @@ import pytest
 import torch
 from datasets import Dataset
 
-from mtprl.models import char_tokenizer, load_base_model, load_model, tiny_model
-from mtprl.tasks import (DEFAULT_INSTRUCTION, TaskReward, build_prompt, clean_answer, detect_math_format,
+from mtprl.model.loading import char_tokenizer, load_base_model, load_model, tiny_model
+from mtprl.data.tasks import (DEFAULT_INSTRUCTION, TaskReward, build_prompt, clean_answer, detect_math_format,
                          load_math_splits, prompt_text, resolve_prompt_format)
 
 QUESTIONS = [f"What is {a} plus {b}?" for a in range(3, 9) for b in range(2, 5)]  # 18 distinct questions

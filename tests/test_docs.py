@@ -6,10 +6,10 @@ import os
 import re
 
 from mtprl import cli
-from mtprl.config import MTPGRPOConfig
-from mtprl.data import TaskArguments
-from mtprl.native import LAYOUT_BY_NAME
-from mtprl.regimes import OCC_VARIANTS, REGIMES
+from mtprl.training.config import MTPGRPOConfig
+from mtprl.data.task_setup import TaskArguments
+from mtprl.model.native import LAYOUT_BY_NAME
+from mtprl.core.regimes import OCC_VARIANTS, REGIMES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -32,7 +32,7 @@ def test_committed_configuration_reference_is_current_and_a_stale_one_is_caught(
         assert f"| `{name}` |" in committed
     # a stale file (a help text edited in the code but not regenerated) is reported, naming the table
     stale = committed.replace("lambda_plus of Eq. 13", "lambda_plus of Eq. 12", 1)
-    assert stale != committed and ref.stale_tables(stale) == ["mtprl.config.MTPGRPOConfig"]
+    assert stale != committed and ref.stale_tables(stale) == ["mtprl.training.config.MTPGRPOConfig"]
     assert ref.render(stale) == committed
 
 
@@ -68,7 +68,7 @@ def test_train_help_shows_mtprls_fields_first_under_their_own_heading():
 NOT_MTPRL = {"trl", "transformers", "torch", "accelerate", "datasets", "scipy", "GRPOTrainer", "GRPOConfig",
              "AutoModelForCausalLM", "MtpModel", "DistributedType", "model", "ref_model", "reward_model", "shared_head"}
 FILE_ENDINGS = {"py", "yaml", "json", "jsonl", "md", "png", "toml", "bin", "safetensors"}
-INSTANCE_NAMES = {"trainer.train"}  # a trainer's `train` (MTPGRPOTrainer.train), not the module mtprl.trainer
+INSTANCE_NAMES = {"trainer.train"}  # a trainer's `train` (MTPGRPOTrainer.train), not the module mtprl.training.trainer
 
 
 def _doc_code_names():
@@ -95,15 +95,28 @@ def _mtprl_classes():
     import mtprl
 
     classes = {}
-    for info in pkgutil.iter_modules(mtprl.__path__):
+    for info in pkgutil.walk_packages(mtprl.__path__, "mtprl."):
         try:
-            module = importlib.import_module(f"mtprl.{info.name}")
+            module = importlib.import_module(info.name)
         except ImportError:
             continue
         for name, value in vars(module).items():
             if inspect.isclass(value) and not name.startswith("_") and value.__module__ == module.__name__:
                 classes.setdefault(name, value)
     return classes
+
+
+def _module_named(name: str):
+    """The mtprl module `mtprl.<subpackage>.<name>`, or None."""
+    import importlib
+    import pkgutil
+
+    import mtprl
+
+    for info in pkgutil.iter_modules(mtprl.__path__):
+        if info.ispkg and importlib.util.find_spec(f"mtprl.{info.name}.{name}") is not None:
+            return importlib.import_module(f"mtprl.{info.name}.{name}")
+    return None
 
 
 def _resolves(name: str, classes: dict) -> bool:
@@ -116,6 +129,8 @@ def _resolves(name: str, classes: dict) -> bool:
         obj, rest = mtprl, rest
     elif importlib.util.find_spec(f"mtprl.{first}") is not None:
         obj = importlib.import_module(f"mtprl.{first}")
+    elif _module_named(first):  # a module by its own name (`mtp_step.mtp_step`), in whichever subpackage holds it
+        obj = _module_named(first)
     elif not first.startswith("_") and hasattr(mtprl, first):
         obj = getattr(mtprl, first)
     elif first in classes:
@@ -150,7 +165,8 @@ def test_docs_name_only_code_that_exists():
 
 def test_the_package_map_names_every_module():
     """docs/layout.md is the one package map: every module under src/mtprl has its row there."""
-    modules = sorted(name for name in os.listdir(os.path.join(ROOT, "src", "mtprl"))
+    src = os.path.join(ROOT, "src", "mtprl")
+    modules = sorted(os.path.relpath(os.path.join(d, name), src) for d, _, names in os.walk(src) for name in names
                      if name.endswith(".py") and name != "__init__.py")
     text = open(os.path.join(ROOT, "docs", "layout.md")).read()
     missing = [m for m in modules if f"`src/mtprl/{m}`" not in text]

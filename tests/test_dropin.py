@@ -8,8 +8,8 @@ import warnings
 import pytest
 from conftest import COMMON, _dataset, _small_model, digit_reward
 
-from mtprl.tasks import safe_reward
-from mtprl.trainer import MTPGRPOConfig, MTPGRPOTrainer
+from mtprl.data.tasks import safe_reward
+from mtprl.training.trainer import MTPGRPOConfig, MTPGRPOTrainer
 
 
 async def async_digit_reward(completions, **kwargs):
@@ -197,7 +197,7 @@ def test_every_loss_type_trains_with_occ_when_trl_grpotrainer_is_rebound(tmp_pat
     import trl
     from conftest import _mtp_trainer
 
-    from mtprl.trl_compat import trl_grpo_class
+    from mtprl.training.trl_compat import trl_grpo_class
 
     class Rebound(MTPGRPOTrainer):
         pass

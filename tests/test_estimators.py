@@ -5,10 +5,10 @@ import pytest
 import torch
 
 import mtprl
-from mtprl.logprobs import forward_logprobs
-from mtprl.models import char_tokenizer, tiny_model
-from mtprl.mtp import decoder_of, last_layer_params
-from mtprl.occ import OCCStats, ema_statistics, hidden_state_statistics, parameter_statistics
+from mtprl.model.logprobs import forward_logprobs
+from mtprl.model.loading import char_tokenizer, tiny_model
+from mtprl.model.mtp import decoder_of, last_layer_params
+from mtprl.core.occ import OCCStats, ema_statistics, hidden_state_statistics, parameter_statistics
 
 
 def _model(layers=3):

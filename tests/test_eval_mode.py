@@ -4,7 +4,7 @@ also when the block raises."""
 import pytest
 import torch
 
-from mtprl.eval_mode import evaluating
+from mtprl.model.eval_mode import evaluating
 
 
 class Boom(Exception):

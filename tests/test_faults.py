@@ -1,5 +1,5 @@
 """Kill it anywhere, resume, same result. A tiny-preset `mtprl train` and a two-arm `mtprl compare` are killed with
-SIGKILL at named points (`MTPRL_KILL_AT`, mtprl.faults: in training, in a checkpoint save, in a periodic evaluation,
+SIGKILL at named points (`MTPRL_KILL_AT`, mtprl.io.faults: in training, in a checkpoint save, in a periodic evaluation,
 in the final evaluation, in a log write) and at seeded random times, then resumed by re-running the same command;
 each is compared with an uninterrupted run: identical final parameters (heads included), identical eval.json,
 metrics.jsonl with the same rows for the same steps (timing fields aside) and no step twice, the same report table.

@@ -1,6 +1,6 @@
 """The frozen-head baseline (`mtp_regime: frozen`), heads from another warm-up (`mtp_heads_from`), the warm-up's
 own objective (`sft --mtp_only_loss`), completions long enough to draft (`answer_format: working`) and the held-out
-KL that says how far RL moved the policy (`mtprl.policy_shift`)."""
+KL that says how far RL moved the policy (`mtprl.analysis.policy_shift`)."""
 
 import json
 import os
@@ -13,10 +13,10 @@ from safetensors.torch import load_file
 
 import mtprl
 from conftest import _mtp_trainer, _small_model
-from mtprl.config import MTPGRPOConfig
-from mtprl.policy_shift import completion_kl, held_out_kl, next_token_kl
-from mtprl.sft_data import sft_completions, working
-from mtprl.tasks import extract_answer
+from mtprl.training.config import MTPGRPOConfig
+from mtprl.analysis.policy_shift import completion_kl, held_out_kl, next_token_kl
+from mtprl.data.sft_data import sft_completions, working
+from mtprl.data.tasks import extract_answer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -74,7 +74,7 @@ def test_frozen_and_none_name_the_fields_that_contradict_them(tmp_path):
 
 def test_a_run_takes_its_heads_from_another_warm_up_and_a_frozen_run_saves_them_unchanged(tmp_path, capsys):
     from mtprl.cli import main
-    from mtprl.models import char_tokenizer, tiny_model
+    from mtprl.model.loading import char_tokenizer, tiny_model
 
     tok = char_tokenizer()
     for name, seed, num_heads in (("base", 0, 2), ("other", 1, 2), ("one", 2, 1)):
@@ -126,7 +126,7 @@ def test_working_refuses_what_it_cannot_write_and_names_the_row():
 
 
 def test_working_completions_of_chain_sums_are_long_enough_to_draft():
-    from mtprl.tasks import load_task_splits
+    from mtprl.data.tasks import load_task_splits
 
     train, _ = load_task_splits("reasoning_gym:chain_sum", 200, 0, 0,
                                 min_terms=3, max_terms=4, min_digits=1, max_digits=1)
@@ -215,7 +215,7 @@ def test_held_out_kl_is_unbiased_for_the_sequence_kl_and_sampling_from_the_start
         seqs = start.generate(input_ids=ids.repeat(3000, 1), attention_mask=torch.ones_like(ids).repeat(3000, 1),
                               do_sample=True, top_k=0, max_new_tokens=2, pad_token_id=tok.pad_token_id,
                               eos_token_id=tok.eos_token_id)
-    from mtprl.evaluation import completion_mask
+    from mtprl.data.evaluation import completion_mask
     mask = completion_mask(seqs, torch.ones_like(ids).repeat(3000, 1), tok.eos_token_id)
     broken = completion_kl(end, start, seqs, mask, seqs.shape[1] - ids.shape[1]).double()
     se = broken.std() / len(broken) ** 0.5

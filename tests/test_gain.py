@@ -13,9 +13,9 @@ import torch
 from conftest import tiny_causal_lm
 
 from mtprl import importance_gain
-from mtprl.gain import fit_gain_curve, gain_curve_with_interval, per_prompt_gains
-from mtprl.mtp import attach_mtp_heads
-from mtprl.probe import HeldOut, sequence_logps
+from mtprl.core.gain import fit_gain_curve, gain_curve_with_interval, per_prompt_gains
+from mtprl.model.mtp import attach_mtp_heads
+from mtprl.analysis.probe import HeldOut, sequence_logps
 
 V, PROMPT_LEN, COMP_LEN, PROMPTS = 4, 3, 3, 20
 
@@ -147,7 +147,7 @@ def _consistently_better(prompts=40, seed=0):
 
 
 def test_best_point_probability_is_exact_where_the_order_holds_on_every_prompt_and_independent_resampling_fails():
-    from mtprl.gain import best_point_probability
+    from mtprl.core.gain import best_point_probability
 
     per_prompt = _consistently_better()
     assert best_point_probability(per_prompt) == [0.0, 0.0, 1.0]
@@ -166,7 +166,7 @@ def test_best_point_probability_is_exact_where_the_order_holds_on_every_prompt_a
 
 
 def test_share_of_best_is_exact_on_a_known_curve_and_the_unrelative_variant_is_not():
-    from mtprl.gain import share_of_best
+    from mtprl.core.gain import share_of_best
 
     rng = np.random.default_rng(1)
     zero = rng.normal(0.3, 1.0, 50)  # the lambda = 0 update's own gain, noisy per prompt
@@ -181,7 +181,7 @@ def test_share_of_best_is_exact_on_a_known_curve_and_the_unrelative_variant_is_n
 
 
 def test_importance_ess_against_the_hand_formula():
-    from mtprl.gain import importance_ess
+    from mtprl.core.gain import importance_ess
 
     old = torch.zeros(4, dtype=torch.float64)
     assert importance_ess(old, old) == (pytest.approx(4.0), pytest.approx(0.25))  # theta' = theta: all samples

@@ -11,8 +11,8 @@ import torch
 from conftest import _crafted_inputs, _mtp_trainer, _small_model, _with_old_logprobs
 
 import mtprl
-from mtprl.objectives import masked_mean, policy_loss
-from mtprl.update_geometry import MOMENTS_FILE, MTPMoments, clip_factor
+from mtprl.core.objectives import masked_mean, policy_loss
+from mtprl.training.update_geometry import MOMENTS_FILE, MTPMoments, clip_factor
 
 MAX_NORM = 0.05  # small enough that the clip binds for both gradients on the tiny model
 

@@ -1,6 +1,6 @@
 """LoRA through the command line as TRL's users run it (`--use_peft --lora_r --lora_target_modules`): the trunk
 adapted, the heads outside PEFT and trained in full, the adapter and heads saved, resumed, evaluated and exported
-as a merged model with its heads (`mtprl.lora`)."""
+as a merged model with its heads (`mtprl.model.lora`)."""
 
 import json
 import os
@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from mtprl.cli import main
-from mtprl.models import load_model
+from mtprl.model.loading import load_model
 
 pytest.importorskip("peft")
 
@@ -26,7 +26,7 @@ LORA = ["--use_peft", "true", "--lora_r", "4", "--lora_alpha", "8", "--lora_drop
 
 def _base(tmp_path):
     """A small base checkpoint on disk (a LoRA adapter names its base model) with no heads of its own."""
-    from mtprl.models import char_tokenizer, tiny_model
+    from mtprl.model.loading import char_tokenizer, tiny_model
 
     tok = char_tokenizer()
     model = tiny_model(tok, seed=0, hidden_size=32, intermediate_size=64, num_hidden_layers=2)

@@ -9,7 +9,7 @@ from conftest import VOCAB, tiny_causal_lm
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 import mtprl
-from mtprl.checkpoints import MTP_CONFIG_NAME, MTP_WEIGHTS_NAME
+from mtprl.model.checkpoints import MTP_CONFIG_NAME, MTP_WEIGHTS_NAME
 
 PROMPT, KEEP = 7, 6  # full length T = 13
 
@@ -161,7 +161,7 @@ def _hand_top_p(p, top_p):
 
 def test_acceptance_under_the_samplers_truncation_against_hand_top_p():
     """accept_truncation applies the sampler's top-p to target and draft alike: sum_v min(topp(p), topp(q))."""
-    from mtprl.speculative import logits_warpers
+    from mtprl.generation.speculative import logits_warpers
 
     model = _model(heads=2)
     ids, mask = _batch()
@@ -315,7 +315,7 @@ def test_distill_kl_against_full_distributions_and_its_gradient_reaches_heads_on
 
 
 def test_main_logprobs_equal_forward_logprobs_main():
-    from mtprl.logprobs import main_logprobs
+    from mtprl.model.logprobs import main_logprobs
 
     model = _model(heads=2)
     ids, mask = _batch()
@@ -328,7 +328,7 @@ def test_main_logprobs_equal_forward_logprobs_main():
 def test_head_divergence_value_and_gradient_against_autograd(kind, monkeypatch):
     """The tiled head divergence (KL, or TV = 1 - sum_v min(p, q)) equals the formula on full softmaxes, and its
     hand-written gradient equals autograd's, with a logit scale and a softcap, over several row tiles."""
-    from mtprl import logprobs
+    from mtprl.model import logprobs
 
     monkeypatch.setattr(logprobs, "_ACCEPT_ROWS", 4)  # 3 tiles for 10 rows
     g = torch.Generator().manual_seed(0)
@@ -356,7 +356,7 @@ def test_head_divergence_value_and_gradient_against_autograd(kind, monkeypatch):
 def test_tv_head_loss_raises_acceptance_and_leaves_the_main_model():
     """compute_divergence="tv" is 1 - mtp/accept/k exactly (same tokens, no truncation); SGD on it through detached
     heads raises the expected acceptance and changes MTP-only parameters only."""
-    from mtprl.objectives import HEAD_LOSS_DIVERGENCE, head_only_loss
+    from mtprl.core.objectives import HEAD_LOSS_DIVERGENCE, head_only_loss
 
     model = _model(heads=2)
     ids, mask = _batch()

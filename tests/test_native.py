@@ -18,9 +18,9 @@ from transformers import (DeepseekV3Config, DeepseekV3ForCausalLM, Glm4MoeConfig
                           Qwen2ForCausalLM, Qwen3NextConfig, Qwen3NextForCausalLM)
 
 import mtprl
-from mtprl.models import char_tokenizer, load_model
-from mtprl.native import export_native
-from mtprl.trainer import MTPGRPOConfig, MTPGRPOTrainer
+from mtprl.model.loading import char_tokenizer, load_model
+from mtprl.model.native import export_native
+from mtprl.training.trainer import MTPGRPOConfig, MTPGRPOTrainer
 
 TOK = char_tokenizer()
 V, H, L, DEPTHS = len(TOK), 32, 2, 2
@@ -62,7 +62,7 @@ def _qwen3_next():
         mtp_num_hidden_layers=1, router_aux_loss_coef=0.0)
 
 
-# The family's checkpoint names for depth k's parts (independent of mtprl.native's table), and the order of the
+# The family's checkpoint names for depth k's parts (independent of mtprl.model.native's table), and the order of the
 # concatenation its MTP forward uses.
 FAMILIES = {
     "deepseek_v3": dict(make=_deepseek, prefix=lambda k: f"model.layers.{L + k}.", enorm="enorm", hnorm="hnorm",

@@ -156,7 +156,7 @@ def test_optimal_lambda_maximises_one_step_gain_on_a_quadratic(alignment):
 def test_bf16_inputs_give_a_float32_lambda_equal_to_the_float64_computation():
     """bf16 training: log-prob changes and gradients arrive in bf16; lambda and its sums are float32 and equal the
     float64 computation on the same bf16 values to 1e-3 (relative)."""
-    from mtprl.occ import gradient_statistics
+    from mtprl.core.occ import gradient_statistics
 
     g = torch.Generator().manual_seed(0)
     d_rl = (1e-2 * torch.randn(16, 512, generator=g)).bfloat16()
@@ -179,7 +179,7 @@ def test_bf16_inputs_give_a_float32_lambda_equal_to_the_float64_computation():
 
 
 def test_a_bf16_model_gets_bf16_heads_and_a_float32_lambda():
-    from mtprl.models import char_tokenizer, tiny_model
+    from mtprl.model.loading import char_tokenizer, tiny_model
 
     tok = char_tokenizer()
     model = tiny_model(tok, seed=0, hidden_size=32, intermediate_size=64, num_hidden_layers=2).to(torch.bfloat16)

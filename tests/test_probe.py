@@ -7,8 +7,8 @@ import torch
 from conftest import PROMPTS, _mtp_trainer, _small_model
 from datasets import Dataset
 
-from mtprl.gain import per_prompt_gains
-from mtprl.probe import after_update, sample_held_out, sequence_logps
+from mtprl.core.gain import per_prompt_gains
+from mtprl.analysis.probe import after_update, sample_held_out, sequence_logps
 
 
 class DigitScore:
@@ -138,7 +138,7 @@ def _sgd_by_hand(trainer, batches, lam, lr, max_grad_norm):
 def test_the_probes_sgd_counterfactuals_are_sgd_with_and_without_the_clip(tmp_path):
     """`sgd` keeps the run's clip, `sgd_no_clip` drops it: the update the probe measures under each
     (`using_update_settings`) lands on the hand computation, and the clip visibly binds in one and not the other."""
-    from mtprl.probe import COUNTERFACTUALS
+    from mtprl.analysis.probe import COUNTERFACTUALS
 
     trainer, _, batches = _setup(tmp_path, max_grad_norm=0.05)
     params = [p for p in trainer.model.parameters() if p.requires_grad]

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import mtprl
-from mtprl.models import load_base_model, load_model
+from mtprl.model.loading import load_base_model, load_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOLLM2 = os.path.join(ROOT, "runs", "smollm2-135m-instruct")
@@ -35,7 +35,7 @@ def test_gguf_file_loads_as_trainable_float_weights():
 def test_one_occ_step_on_the_real_model_with_chat_prompts(tmp_path):
     from datasets import Dataset
 
-    from mtprl.tasks import TaskReward, build_prompt
+    from mtprl.data.tasks import TaskReward, build_prompt
 
     model, tok = load_model(SMOLLM2, num_heads=1)
     questions = ["What is 3 + 4?", "What is 10 - 7?"]

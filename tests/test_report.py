@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from mtprl.report import (build_report, fidelity_table, load_runs, mean_std, pearson_r, quantile, spearman_r,
+from mtprl.analysis.report import (build_report, fidelity_table, load_runs, mean_std, pearson_r, quantile, spearman_r,
                           table_rows)
 
 
@@ -175,7 +175,7 @@ def test_report_command_takes_baseline_and_start(tmp_path):
 
 def test_rollout_table_and_figure_from_drafted_runs(tmp_path):
     """Accept length and tokens/s early and late in training, per arm, against the runs' own rows."""
-    from mtprl.report import rollout_rows
+    from mtprl.analysis.report import rollout_rows
 
     dirs = [_fake_run(tmp_path, "detach", s, [0.1] * 8, 0.3, 0.6) for s in (0, 1)]
     dirs.append(_fake_run(tmp_path, "occ", 0, [0.1] * 8, 0.3, 0.6))
@@ -201,9 +201,9 @@ def test_rollout_table_and_figure_from_drafted_runs(tmp_path):
 
 
 def test_one_seed_says_so_and_no_difference_says_what_it_would_need():
-    from mtprl.aa_calibration import runs_needed
-    from mtprl.report import _fmt, _interval
-    from mtprl.stats import compare_arms
+    from mtprl.analysis.aa_calibration import runs_needed
+    from mtprl.analysis.report import _fmt, _interval
+    from mtprl.core.stats import compare_arms
 
     assert _fmt((0.25, 0.0), seeds=1) == "25.0 (1 seed)" and _fmt((0.25, 0.01), seeds=2) == "25.0 ± 1.0"
     one = compare_arms([[1.0, 0.0, 1.0]], [[0.0, 0.0, 1.0], [1.0, 0.0, 1.0]])
@@ -240,7 +240,7 @@ def _probe_file(run, step, a, b, occ_lambda, lambdas=(-1.0, 0.0, 0.5, 1.0, 2.0))
 
 
 def test_probe_section_reports_lambda_hat_star_against_occs_lambda(tmp_path):
-    from mtprl.probe_report import probe_rows
+    from mtprl.analysis.probe_report import probe_rows
 
     run = _fake_run(tmp_path, "occ", 0, [0.5] * 6, 0.5, 0.8)
     _probe_file(run, 20, 0.02, -0.01, 0.5)  # peak at 1.0: OCC at half of it
@@ -265,8 +265,8 @@ def test_probe_section_reports_lambda_hat_star_against_occs_lambda(tmp_path):
 def test_late_acceptance_interval_takes_each_runs_last_quarter_as_the_unit(tmp_path):
     """The last-quarter draft-1 acceptance of an arm against detach: each run's mean over its last quarter of
     rollouts, then Welch's t on those run means (stats.compare_arms on the hand-built values); in the table."""
-    from mtprl.report import late_acceptance_difference, rollout_rows
-    from mtprl.stats import compare_arms
+    from mtprl.analysis.report import late_acceptance_difference, rollout_rows
+    from mtprl.core.stats import compare_arms
 
     dirs = [_fake_run(tmp_path, regime, s, [0.1] * 8, 0.3, 0.6) for regime in ("detach", "occ") for s in (0, 1)]
     rate = {("detach", 0): [0.5] * 8, ("detach", 1): [0.6] * 8,
@@ -288,7 +288,7 @@ def test_late_acceptance_interval_takes_each_runs_last_quarter_as_the_unit(tmp_p
     rows = {r["label"]: r for r in rollout_rows(runs, "detach")}
     assert "accept1_vs_baseline" not in rows["detach"] and rows["occ"]["accept1_vs_baseline"].mean == diff.mean
     text = open(build_report(dirs, str(tmp_path / "report"))).read()
-    from mtprl.report import _interval
+    from mtprl.analysis.report import _interval
 
     assert "depth 1, last quarter, vs Detach (points, 95%)" in text and "(baseline)" in text
     assert f"| {_interval(diff)} |" in text
@@ -301,7 +301,7 @@ def test_late_acceptance_interval_takes_each_runs_last_quarter_as_the_unit(tmp_p
 def test_step_time_table_gives_the_update_alone_and_the_whole_step_with_its_rollouts(tmp_path):
     """Logged every step, the median of TRL's step_time is the update alone (3 of every 4 steps do not generate); its
     mean includes the rollout steps: both per arm against hand computations, with ratios to the baseline."""
-    from mtprl.report import step_time_table
+    from mtprl.analysis.report import step_time_table
 
     times = {"detach": [1.0, 1.0, 1.0, 5.0] * 2, "occ": [1.2, 1.2, 1.2, 9.2] * 2}
     dirs = []

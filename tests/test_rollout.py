@@ -10,10 +10,10 @@ from conftest import trained_drafter
 from datasets import Dataset
 from conftest import COMMON, PROMPTS, _mtp_trainer, _small_model
 
-from mtprl.evaluation import evaluate
-from mtprl.rollout import AdaptiveDraft, FixedDraft, make_draft_policy
-from mtprl.speculative import SpeculativeOutput, speculative_generate
-from mtprl.trainer import MTPGRPOConfig
+from mtprl.data.evaluation import evaluate
+from mtprl.generation.rollout import AdaptiveDraft, FixedDraft, make_draft_policy
+from mtprl.generation.speculative import SpeculativeOutput, speculative_generate
+from mtprl.training.trainer import MTPGRPOConfig
 
 
 def test_trl_generation_samples_through_the_live_heads(tmp_path):
@@ -151,7 +151,7 @@ def test_evaluation_with_drafting_keeps_the_law_and_reports_rollout_metrics():
 
 
 def test_draft_vocabulary_is_the_most_frequent_recent_tokens_by_hand():
-    from mtprl.draft_vocab import DraftVocabulary, generated_mask
+    from mtprl.generation.draft_vocab import DraftVocabulary, generated_mask
 
     vocab = DraftVocabulary(2, 6, decay=0.5)
     assert vocab.ids() is None  # nothing observed: the full vocabulary
@@ -173,7 +173,7 @@ def test_draft_vocabulary_is_the_most_frequent_recent_tokens_by_hand():
 def test_trimmed_policy_drafts_from_the_last_rollouts_most_frequent_tokens():
     """sample_with_heads: the first rollout drafts from all tokens; the second from the N tokens the first one
     wrote most often (recounted here by hand from its sequences)."""
-    from mtprl.rollout import sample_with_heads
+    from mtprl.generation.rollout import sample_with_heads
 
     model = trained_drafter(num_heads=2)
     policy = make_draft_policy("fixed", 2, vocab_size=12, model=model)

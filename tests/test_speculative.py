@@ -10,8 +10,8 @@ from conftest import noisy_cycle_batch, tiny_causal_lm, trained_drafter
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
 import mtprl
-from mtprl import speculative
-from mtprl.speculative import speculative_generate
+from mtprl.generation import speculative
+from mtprl.generation.speculative import speculative_generate
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +178,7 @@ def test_realised_acceptance_at_top_p_matches_the_expected_acceptance_under_the_
     """At top-p 0.5 the sampler's depth-1 acceptance is sum_v min(p, q) of the *truncated* distributions (what
     `mtp/accept/1` reports with the sampler's truncation); the untruncated number, which eval.json used to
     report, is off by more than the sampling noise."""
-    from mtprl.speculative import logits_warpers
+    from mtprl.generation.speculative import logits_warpers
 
     model = _imperfect(drafter2, sigma=0.3)
     ids, mask = _prompts(seed=5, batch=16, pads=(0,) * 16)
@@ -320,7 +320,7 @@ def test_expected_accept_length_walk_against_a_monte_carlo_of_the_sampler_walk()
     probability accept[m, j+m] until the first rejection, commit n+1 tokens): clustered easy tokens make the mean
     formula 1 + a1 + a1 a2 overshoot, the walk does not; a walk that forgets the jump (advances one token per
     accepted run) is caught."""
-    from mtprl.speculative import expected_accept_length
+    from mtprl.generation.speculative import expected_accept_length
 
     g = torch.Generator().manual_seed(0)
     n_tok, depth = 60, 2

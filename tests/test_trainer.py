@@ -14,7 +14,7 @@ from trl import GRPOConfig, GRPOTrainer
 import mtprl
 from conftest import (COMMON, PROMPTS, _crafted_inputs, _dataset, _loss_and_grads, _mtp_trainer, _small_model,
                       _with_old_logprobs, digit_reward)
-from mtprl.trainer import MTPGRPOConfig, MTPGRPOTrainer
+from mtprl.training.trainer import MTPGRPOConfig, MTPGRPOTrainer
 
 @pytest.mark.parametrize("loss_type,level", [("grpo", "token"), ("dapo", "token"), ("dr_grpo", "token"),
                                              ("grpo", "sequence"), ("dapo", "sequence"), ("dr_grpo", "sequence")])
@@ -408,9 +408,9 @@ def test_occ_gradient_estimators_set_lambda_from_their_pure_function(tmp_path, v
     _loss_and_grads(trainer, inputs)
     rl, head, out = _independent_losses(reference, inputs)
     if variant == "hidden":
-        stats = mtprl.occ.hidden_state_statistics(rl, head, out.hidden)
+        stats = mtprl.core.occ.hidden_state_statistics(rl, head, out.hidden)
     else:
-        stats = mtprl.occ.parameter_statistics(rl, head, mtprl.mtp.last_layer_params(reference, 1))
+        stats = mtprl.core.occ.parameter_statistics(rl, head, mtprl.model.mtp.last_layer_params(reference, 1))
     expected = 0.5 * stats.c_hat / (stats.v2_hat + 1e-8)
     assert trainer._metrics["train"]["mtp/lambda/1"][-1] == pytest.approx(expected.item(), rel=1e-5)
 
@@ -485,7 +485,7 @@ def test_occ_last_layers_split_backward_is_autograds_gradient(tmp_path, checkpoi
     expected = rl
     for k in range(2):
         head = mtprl.policy_loss(out.mtp[:, k], inputs["old_mtp_logps"][:, k], inputs["advantages"], m, **kw)
-        stats = mtprl.occ.parameter_statistics(rl, head, mtprl.mtp.last_layer_params(reference, 1))
+        stats = mtprl.core.occ.parameter_statistics(rl, head, mtprl.model.mtp.last_layer_params(reference, 1))
         lam = 0.7 * stats.c_hat / (stats.v2_hat + 1e-8)
         assert trainer._metrics["train"][f"mtp/lambda/{k + 1}"][-1] == pytest.approx(lam.item(), rel=1e-5)
         assert abs(lam.item()) > 1e-4
@@ -500,13 +500,13 @@ def test_occ_last_layers_split_backward_is_autograds_gradient(tmp_path, checkpoi
 
 
 def test_a_scorer_that_fails_on_every_sample_stops_training_at_the_first_step(tmp_path):
-    from mtprl.tasks import RewardFailure
+    from mtprl.data.tasks import RewardFailure
 
     def needs_ground_truth(prompts, completions, **kwargs):
         return [float(c == kwargs["ground_truth"]) for c in completions]
 
     trainer = _mtp_trainer(tmp_path, mtp_regime="ce", max_steps=3)
-    trainer.reward_funcs = [mtprl.tasks.safe_reward(needs_ground_truth)]
+    trainer.reward_funcs = [mtprl.data.tasks.safe_reward(needs_ground_truth)]
     with pytest.raises(RewardFailure, match="every one of the 8 samples"):
         trainer.train()
     assert trainer.state.global_step == 0
@@ -551,7 +551,7 @@ def test_use_liger_kernel_is_refused_where_trl_would_skip_the_mtp_term(tmp_path)
     """A TRL with a fused Liger GRPO loss (compute_liger_loss, returned instead of _compute_loss) would train plain
     GRPO: refused at construction, naming the field. TRL 1.16 has no such path (use_liger_kernel only swaps layer
     kernels at train()), so there the trainer builds and its loss is still _compute_loss."""
-    from mtprl.trainer import MTPGRPOTrainer
+    from mtprl.training.trainer import MTPGRPOTrainer
 
     class FusedLigerTRL(MTPGRPOTrainer):
         def compute_liger_loss(self, model, inputs):  # the shape of TRL's fused path
@@ -569,8 +569,8 @@ def test_use_liger_kernel_is_refused_where_trl_would_skip_the_mtp_term(tmp_path)
 
 
 def test_fsdp_refuses_the_settings_that_read_sharded_gradients_and_names_them():
-    from mtprl.regimes import regime_for
-    from mtprl.trainer import sharded_gradient_refusal
+    from mtprl.core.regimes import regime_for
+    from mtprl.training.trainer import sharded_gradient_refusal
 
     def args(**kw):
         return MTPGRPOConfig(output_dir="/tmp/unused", use_cpu=True, report_to=[], **kw)
@@ -626,7 +626,7 @@ def test_a_lora_trunk_trains_its_adapter_and_the_heads_in_full(tmp_path, variant
 def test_evaluate_before_training_works_under_every_regime(tmp_path, regime):
     """`trainer.evaluate()` on a fresh trainer: transformers sets current_gradient_accumulation_steps inside its
     training loop only, and the MTP loss used to read it (AttributeError under every MTP regime)."""
-    from mtprl.trainer import MTPGRPOConfig, MTPGRPOTrainer
+    from mtprl.training.trainer import MTPGRPOConfig, MTPGRPOTrainer
 
     model, tok = _small_model()
     kw = dict(COMMON, output_dir=str(tmp_path / regime), mtp_num_heads=2, mtp_regime=regime,
@@ -644,7 +644,7 @@ def test_evaluate_before_training_works_under_every_regime(tmp_path, regime):
 
 def test_eval_on_start_then_training(tmp_path):
     """`eval_on_start: true` with OCC: evaluates before the first step, then trains."""
-    from mtprl.trainer import MTPGRPOConfig, MTPGRPOTrainer
+    from mtprl.training.trainer import MTPGRPOConfig, MTPGRPOTrainer
 
     model, tok = _small_model()
     kw = dict(COMMON, output_dir=str(tmp_path / "run"), mtp_num_heads=2, mtp_regime="occ", max_steps=1,

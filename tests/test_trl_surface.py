@@ -76,8 +76,9 @@ def test_entries_are_well_formed_and_name_mtprl_code_that_exists():
         assert use.instance in ("", "init", "later"), use.name
         assert use.where and use.why and "|" not in use.why, use.name
         for where in use.where:
-            module, *attrs = where.split(".")
-            obj = importlib.import_module(f"mtprl.{module}")
+            parts = where.split(".")  # subpackage.module.attribute..., or cli.attribute...
+            cut = 1 if parts[0] == "cli" else 2
+            obj, attrs = importlib.import_module("mtprl." + ".".join(parts[:cut])), parts[cut:]
             for attr in attrs:
                 assert hasattr(obj, attr), f"{use.name}: where {where!r} does not exist in mtprl"
                 obj = getattr(obj, attr)
@@ -106,7 +107,7 @@ def test_instance_attributes_exist_on_a_real_trainer(tmp_path):
     assert not absent, "not on the built object:\n  " + "\n  ".join(absent)
     assert checked >= 20
     # and mtprl's own copy of TRL's multimodal loss inputs is TRL's list (the ones the heads refuse)
-    from mtprl.trainer import _MULTIMODAL_KEYS
+    from mtprl.training.trainer import _MULTIMODAL_KEYS
     from trl import GRPOTrainer
 
     params = list(inspect.signature(GRPOTrainer._get_per_token_logps_and_entropies).parameters)

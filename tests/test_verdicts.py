@@ -1,4 +1,4 @@
-"""The verdict method (`mtprl.stats.compare_arms`) where the answer is known.
+"""The verdict method (`mtprl.core.stats.compare_arms`) where the answer is known.
 
 Synthetic experiments with a known run-level and question-level variance: each training run draws a run effect
 u ~ N(0, sigma_run) that shifts every question's success probability, and each question is answered k times
@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
-from mtprl.aa_calibration import (METHODS, false_positive_rate, power_table, random_splits, runs_needed,
+from mtprl.analysis.aa_calibration import (METHODS, false_positive_rate, power_table, random_splits, runs_needed,
                                   variance_components, welch_power)
-from mtprl.stats import compare_arms, compare_summaries, compare_to_reference, question_seed_bootstrap
+from mtprl.core.stats import compare_arms, compare_summaries, compare_to_reference, question_seed_bootstrap
 
 QUESTIONS, K = 200, 8
 
@@ -206,7 +206,7 @@ def test_calibration_script_on_synthetic_runs(tmp_path):
 
 
 def test_holm_and_bh_against_hand_computation():
-    from mtprl.stats import bh_reject, holm_reject, multiplicity
+    from mtprl.core.stats import bh_reject, holm_reject, multiplicity
 
     p = [0.01, 0.04, 0.03, 0.005, 0.2]
     # Holm: sorted 0.005 <= 0.05/5, 0.01 <= 0.05/4, 0.03 > 0.05/3 -> stop
@@ -218,7 +218,7 @@ def test_holm_and_bh_against_hand_computation():
 
 
 def test_relative_gain_pvalues_are_the_paired_t_over_prompts():
-    from mtprl.gain import relative_gain_pvalues
+    from mtprl.core.gain import relative_gain_pvalues
 
     rng = np.random.default_rng(0)
     per = rng.normal(0, 1, (3, 40))
@@ -232,7 +232,7 @@ def test_relative_gain_pvalues_are_the_paired_t_over_prompts():
 
 
 def test_mean_interval_is_students_t_over_runs():
-    from mtprl.stats import mean_interval
+    from mtprl.core.stats import mean_interval
 
     values = [1.4, 1.9, 1.6]
     m, low, high = mean_interval(values)

@@ -1,16 +1,16 @@
 """The `mtprl` command line. YAML configs parsed with TRL's TrlParser; any field can be overridden on the
 command line (`mtprl train --config configs/tiny.yaml --mtp_regime ce --max_steps 10`). This module parses and
 dispatches: the commands' argument dataclasses, the parser, and each command as a short sequence of calls; the
-model and the data come from `mtprl.data`, sft's training text from `mtprl.sft_data`.
+model and the data come from `mtprl.data.task_setup`, sft's training text from `mtprl.data.sft_data`.
 
 Commands (each a `cmd_*` function below):
   sft      `MTPSFTTrainer`: warm start, main CE + MTP CE on every head (MTP pretraining), then evaluate
   train    `MTPGRPOTrainer` (GRPO/DAPO/GSPO via TRL) with the heads under `--mtp_regime`; `run_training`
-  eval     avg@k / pass@k with the paper's sampling (`mtprl.evaluation`)
-  compare  every arm (a regime plus overrides, `mtprl.arms`) x seed from one starting model, resumable
+  eval     avg@k / pass@k with the paper's sampling (`mtprl.data.evaluation`)
+  compare  every arm (a regime plus overrides, `mtprl.analysis.arms`) x seed from one starting model, resumable
            (`runs.prepare_run`), periodic evaluation with `eval_steps`, then the report
-  report   the report (`mtprl.report`) from existing run directories, no training
-  probe    the per-step gain dJ(lambda) at a run's checkpoints (`mtprl.probe`)
+  report   the report (`mtprl.analysis.report`) from existing run directories, no training
+  probe    the per-step gain dJ(lambda) at a run's checkpoints (`mtprl.analysis.probe`)
 
 The package map, module by module, is in one place: docs/layout.md.
 """
@@ -28,24 +28,24 @@ from typing import ClassVar
 
 from trl import TrlParser
 
-from .callbacks import PeriodicEvalCallback, phase
-from .checkpoints import load_mtp_weights
-from .config import DraftFields, check_draft_options
-from .data import RUN_TASK_FIELDS, TaskArguments, load_for_task, task_benchmarks, task_splits
-from .faults import kill_point
-from .jsonl import atomic_write_json
-from .lora import LoraArguments, peft_config_of
-from .mtp import get_mtp_heads
-from .probe import ProbeOptions
-from .runs import prepare_run, record_trained_steps, resume_point, start_fingerprint
-from .sft_data import self_distillation_data, sft_completions
+from .io.callbacks import PeriodicEvalCallback, phase
+from .model.checkpoints import load_mtp_weights
+from .training.config import DraftFields, check_draft_options
+from .data.task_setup import RUN_TASK_FIELDS, TaskArguments, load_for_task, task_benchmarks, task_splits
+from .io.faults import kill_point
+from .io.jsonl import atomic_write_json
+from .model.lora import LoraArguments, peft_config_of
+from .model.mtp import get_mtp_heads
+from .analysis.probe import ProbeOptions
+from .training.runs import prepare_run, record_trained_steps, resume_point, start_fingerprint
+from .data.sft_data import self_distillation_data, sft_completions
 
 
 def usage() -> str:
     """`mtprl --help`: the commands, with the regimes, lambda sources and export layouts read from the code's own
     tables (`regimes.REGIMES`, `regimes.OCC_VARIANTS`, `native.LAYOUT_BY_NAME`), so the help cannot go stale."""
-    from .native import LAYOUT_BY_NAME
-    from .regimes import OCC_VARIANTS, REGIMES
+    from .model.native import LAYOUT_BY_NAME
+    from .core.regimes import OCC_VARIANTS, REGIMES
 
     return f"""usage: mtprl <command> [--config FILE.yaml] [--field value ...]
 
@@ -148,7 +148,7 @@ class EvalArguments(DraftFields):
 def draft_policy(fields: DraftFields, model=None):
     """The rollout policy of `mtp_draft_tokens` / `mtp_draft_policy` / `mtp_draft_vocab_size` (None: plain
     generate)."""
-    from .rollout import make_draft_policy
+    from .generation.rollout import make_draft_policy
 
     heads = getattr(model, "mtp_heads", None)
     drafts = fields.mtp_draft_tokens
@@ -160,7 +160,7 @@ def draft_policy(fields: DraftFields, model=None):
 def _evaluate(model, tokenizer, eval_ds, task_args, path, label, draft=None):
     """Held-out avg@k / pass@k, plus every `eval_datasets` benchmark and their average (Table 1's columns).
     `draft`: the heads draft the samples (`draft_policy`)."""
-    from .evaluation import evaluate, write_eval
+    from .data.evaluation import evaluate, write_eval
 
     k = task_args.eval_k
     keys = (f"avg@{k}", f"pass@{k}")
@@ -186,9 +186,9 @@ def _evaluate(model, tokenizer, eval_ds, task_args, path, label, draft=None):
 
 
 def cmd_sft(argv) -> dict | None:
-    from .checkpoints import is_complete_checkpoint
-    from .config import MTPSFTConfig
-    from .sft_trainer import MTPSFTTrainer
+    from .model.checkpoints import is_complete_checkpoint
+    from .training.config import MTPSFTConfig
+    from .training.sft_trainer import MTPSFTTrainer
 
     task_args, cfg = Parser((TaskArguments, MTPSFTConfig), "sft").parse_args_and_config(argv)
     if is_complete_checkpoint(cfg.output_dir) and not task_args.overwrite:
@@ -234,10 +234,10 @@ def cmd_sft(argv) -> dict | None:
 
 def run_training(task_args: TaskArguments, cfg, label: str | None = None, peft_config=None) -> dict | None:
     """One RL run: load the model (with heads), train under `cfg.mtp_regime` (the trunk adapted by LoRA under
-    `peft_config`, `mtprl.lora`), save, evaluate. With `eval_steps` the held-out set (and every `eval_datasets`
+    `peft_config`, `mtprl.model.lora`), save, evaluate. With `eval_steps` the held-out set (and every `eval_datasets`
     benchmark) is also evaluated every N steps."""
-    from .tasks import TaskReward
-    from .trainer import MTPGRPOTrainer
+    from .data.tasks import TaskReward
+    from .training.trainer import MTPGRPOTrainer
 
     model, tokenizer = load_for_task(task_args, cfg.mtp_num_heads, cfg.mtp_init, seed=cfg.seed,
                                      trust_remote_code=cfg.trust_remote_code)
@@ -289,7 +289,7 @@ def _eval_every(cfg) -> int:
 
 def _periodic_eval(model, tokenizer, eval_ds, task_args, draft=None) -> dict:
     """Held-out avg@k / pass@k and every benchmark's, flattened to metric keys `eval/...`."""
-    from .evaluation import evaluate
+    from .data.evaluation import evaluate
 
     k = task_args.eval_k
     row = {}
@@ -305,7 +305,7 @@ def cmd_train(argv) -> dict | None:
     there is no complete checkpoint, resumes from the last complete one, evaluates a trained model whose final
     evaluation was cut, and does nothing for a finished run (`runs.prepare_run`, the rule `compare` applies to
     each of its runs)."""
-    from .config import MTPGRPOConfig
+    from .training.config import MTPGRPOConfig
 
     parser = Parser((TaskArguments, MTPGRPOConfig, LoraArguments), "train")
     task_args, cfg, lora_args = parser.parse_args_and_config(argv)
@@ -378,8 +378,8 @@ def cmd_eval(argv) -> dict:
 
 
 def _finish_run(run_dir, checkpoint, task_args):
-    from .checkpoints import save_pretrained
-    from .models import load_model
+    from .model.checkpoints import save_pretrained
+    from .model.loading import load_model
 
     if checkpoint:  # the last checkpoint is the final model
         model, tokenizer = load_model(checkpoint)
@@ -396,7 +396,7 @@ class CompareArguments:
     arms: str = field(default="", metadata={
         "help": "Comma-separated arms, each a regime plus overrides: detach,ce,policy@mtp_coef=0.5,"
                 "occ@occ_lambda_plus=2.0@occ_clip=true (or an `arms:` list with labels in the YAML, see "
-                "mtprl.arms). Empty: one arm per --regimes entry."})
+                "mtprl.analysis.arms). Empty: one arm per --regimes entry."})
     regimes: str = field(default="detach,ce,policy,occ", metadata={
         "help": "Comma-separated regimes (used when --arms is empty), each trained once per seed from the same "
                 "starting model."})
@@ -409,7 +409,7 @@ class CompareArguments:
                 "<report_dir>/start/eval.json, the report to <report_dir>/report.md."})
 
     def arm_list(self, allowed_fields=()):
-        from .arms import parse_arms
+        from .analysis.arms import parse_arms
 
         return parse_arms(self.arms if self.arms else self.regime_list(), allowed_fields)
 
@@ -422,7 +422,7 @@ class CompareArguments:
         return next((a for a in arms if a.regime == "detach"), arms[0])
 
     def regime_list(self) -> list[str]:
-        from .regimes import REGIMES
+        from .core.regimes import REGIMES
 
         regimes = [r.strip() for r in self.regimes.split(",") if r.strip()]
         for regime in regimes:
@@ -441,7 +441,7 @@ def _evaluate_start(task_args, cfg, report_dir) -> None:
     """The starting model, evaluated once: every arm and seed starts from it and is evaluated on the same
     questions with the same sampling seed, so one evaluation is step 0 of every accuracy curve. Evaluated again
     when the starting model changed since (its fingerprint is stored beside the result)."""
-    from .evaluation import write_eval
+    from .data.evaluation import write_eval
 
     path = os.path.join(report_dir, "start", "eval.json")
     fingerprint = start_fingerprint(task_args.model_name_or_path)
@@ -459,8 +459,8 @@ def _evaluate_start(task_args, cfg, report_dir) -> None:
 
 
 def cmd_compare(argv) -> str:
-    from .config import MTPGRPOConfig
-    from .report import build_report
+    from .training.config import MTPGRPOConfig
+    from .analysis.report import build_report
 
     parser = Parser((CompareArguments, TaskArguments, MTPGRPOConfig, LoraArguments), "compare")
     compare_args, task_args0, cfg0, lora_args = parser.parse_args_and_config(list(argv))
@@ -505,7 +505,7 @@ class ReportArguments:
 
 
 def cmd_report(argv) -> str:
-    from .report import build_report
+    from .analysis.report import build_report
 
     report_args, run_dirs = Parser((ReportArguments,), "report RUN_DIR...").parse_args_and_config(list(argv),
                                                                                   return_remaining_strings=True)
@@ -533,9 +533,9 @@ EXPORT_FORMATS = ("native", "mtprl")
 
 
 def cmd_export(argv) -> str:
-    from .checkpoints import save_pretrained
-    from .models import load_model
-    from .native import export_native
+    from .model.checkpoints import save_pretrained
+    from .model.loading import load_model
+    from .model.native import export_native
 
     (args,) = Parser((ExportArguments,), "export").parse_args_and_config(list(argv))
     if args.format not in EXPORT_FORMATS:
@@ -555,7 +555,7 @@ def cmd_export(argv) -> str:
 
 @dataclass
 class ProbeArguments(ProbeOptions):
-    """`mtprl probe`: the per-step gain dJ(lambda) at checkpoints of a run (`mtprl.probe`). What the probe measures
+    """`mtprl probe`: the per-step gain dJ(lambda) at checkpoints of a run (`mtprl.analysis.probe`). What the probe measures
     is `probe.ProbeOptions`' fields, declared there once (a field added there is a flag here at once); this class
     adds which run and which of its checkpoints, and the help text of the options (`FIELD_HELP`)."""
 
@@ -582,7 +582,7 @@ class ProbeArguments(ProbeOptions):
 
 
 def cmd_probe(argv) -> list[str]:
-    from .probe import TERM_OF_REGIME, probe_run
+    from .analysis.probe import TERM_OF_REGIME, probe_run
 
     (args,) = Parser((ProbeArguments,), "probe").parse_args_and_config(list(argv))
     if not args.run_dir or not os.path.isdir(args.run_dir):

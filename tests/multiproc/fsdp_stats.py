@@ -3,7 +3,7 @@
 Two gloo processes shard a tiny-preset model with MTP heads by calling torch's `fully_shard` directly (every
 decoder layer, every head, then the root: accelerate turns an FSDP config into DDP on the CPU, so this is the only
 way to get DTensor gradients here). Both ranks take the same micro-batch, backpropagate an RL (DAPO) loss and then
-the heads' CE loss, and read the global statistics off the sharded `.grad`s with `mtprl.shard_stats`:
+the heads' CE loss, and read the global statistics off the sharded `.grad`s with `mtprl.core.shard_stats`:
 c = <g_RL, g_MTP> and v2 = ||g_MTP||^2 over the main model, the clip norms ||g_RL||, ||g_MTP|| over main model and
 heads, and the Adam-weighted c_P with a fixed positive weight. Rank 0 also computes them on an unsharded copy of the
 same model from the same batch. Every rank writes `<output_dir>/stats_rank<R>.json` with the sharded values, the
@@ -24,11 +24,11 @@ import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
-from mtprl.logprobs import add_mtp_forward
-from mtprl.models import char_tokenizer, tiny_model
-from mtprl.mtp import attach_mtp_heads, get_mtp_heads
-from mtprl.objectives import mtp_ce_loss, policy_loss
-from mtprl.shard_stats import global_dot, global_norm, global_sq_norm
+from mtprl.model.logprobs import add_mtp_forward
+from mtprl.model.loading import char_tokenizer, tiny_model
+from mtprl.model.mtp import attach_mtp_heads, get_mtp_heads
+from mtprl.core.objectives import mtp_ce_loss, policy_loss
+from mtprl.core.shard_stats import global_dot, global_norm, global_sq_norm
 
 
 def micro_batch(tokenizer, seed=0):

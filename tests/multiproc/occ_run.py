@@ -18,9 +18,9 @@ import warnings
 import torch
 from transformers import TrainerCallback
 
-from mtprl.models import char_tokenizer, tiny_model
-from mtprl.tasks import load_task_splits
-from mtprl.trainer import MTPGRPOConfig, MTPGRPOTrainer
+from mtprl.model.loading import char_tokenizer, tiny_model
+from mtprl.data.tasks import load_task_splits
+from mtprl.training.trainer import MTPGRPOConfig, MTPGRPOTrainer
 
 
 def digit_reward(completions, **kwargs):
