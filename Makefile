@@ -3,7 +3,7 @@
 PY      := .venv/bin/python
 STAMP   := .venv/.mtprl-installed
 
-.PHONY: setup docs test test-multiproc test-faults test-slow test-real test-trl-grpo smollm2 train demo bench clean
+.PHONY: setup docs test test-bench test-multiproc test-faults test-slow test-real test-trl-grpo smollm2 train demo bench clean
 
 setup: $(STAMP)
 
@@ -40,7 +40,7 @@ bench: setup
 	$(PY) benchmarks/step_time.py
 
 test: setup
-	$(PY) -m pytest -q -m "not slow and not real and not multiproc and not faults"
+	$(PY) -m pytest -q -m "not slow and not real and not multiproc and not faults and not bench"
 
 # DDP on two gloo processes through `accelerate launch` (CPU): lambda agreement, identical ranks, resume.
 test-multiproc: setup
@@ -50,6 +50,10 @@ test-multiproc: setup
 # with uninterrupted runs (a few minutes).
 test-faults: setup
 	$(PY) -m pytest -q -m faults
+
+# Every script under benchmarks/ at its smallest size (the numbers are not checked, that each script runs is).
+test-bench: setup
+	$(PY) -m pytest -q -m bench
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow

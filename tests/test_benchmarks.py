@@ -21,6 +21,9 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
 TIMEOUT = 600  # a hang fails the test instead of the suite
 
+# `make test-bench` (CI's own step): every script run at its smallest size, about two and a half minutes.
+pytestmark = pytest.mark.bench
+
 
 def _env(**extra):
     # offline, CPU, one thread per process: the models are tiny and the suite shares a few cores
