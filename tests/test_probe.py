@@ -3,6 +3,7 @@ held-out objective for each lambda matches the first-order prediction from the g
 whichever term is probed; under detach the term never reaches the trunk (the curve is flat)."""
 
 import numpy as np
+import pytest
 import torch
 from conftest import PROMPTS, _mtp_trainer, _small_model
 from datasets import Dataset
@@ -20,12 +21,12 @@ class DigitScore:
         return sum(c.isdigit() for c in completion) / max(len(completion), 1)
 
 
-def _setup(tmp_path, **overrides):
+def _setup(tmp_path, regime="policy", **overrides):
     model, tok = _small_model()
     # nn.Embedding's padding_idx drops that row's gradient from autograd although the forward reads it (samples can
     # hold the pad token), so autograd would not be the true derivative the first-order prediction needs
     model.get_input_embeddings().padding_idx = None
-    trainer = _mtp_trainer(tmp_path, model=(model, tok), mtp_regime="policy", steps_per_generation=2,
+    trainer = _mtp_trainer(tmp_path, model=(model, tok), mtp_regime=regime, steps_per_generation=2,
                            **overrides)
     trainer.create_optimizer_and_scheduler(num_training_steps=10)
     # J on the training prompts with the training reward: its gradient then has a real component along the update
@@ -156,3 +157,45 @@ def test_the_probes_sgd_counterfactuals_are_sgd_with_and_without_the_clip(tmp_pa
     assert moved["sgd"] <= 2 * lr * 0.05 * (1 + 1e-4)  # two steps, each clipped to lr * 0.05
     assert moved["sgd_no_clip"] > 3 * moved["sgd"]
     assert trainer.args.max_grad_norm == 0.05 and trainer.args.optim != "sgd"  # the run's settings are back
+
+
+def _gradient(trainer, micro, lam, params):
+    trainer.model.zero_grad(set_to_none=True)
+    with trainer.using_term(trainer.term_for("policy", lam)):
+        trainer.compute_loss(trainer.model, micro).backward()
+    grads = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in params]
+    trainer.model.zero_grad(set_to_none=True)
+    return grads
+
+
+def test_a_detach_run_measuring_a_joint_term_under_the_separate_clip_clips_the_two_apart(tmp_path):
+    """The probe's "measure another term" under `mtp_grad_clip: separate` (issue 42): a Detach run updated with the
+    joint `policy` term. The step takes its split from the active term (one source): the policy's gradient g_RL
+    (autograd at coefficient 0) clipped to max_grad_norm, the term's g_MTP (at lam, minus g_RL) clipped to
+    mtp_max_grad_norm, summed; SGD then moves theta by -lr * that. Reading the split from the run's own regime
+    (detach: by parameter group) would clip the trunk's summed gradient as the policy's and miss this."""
+    trainer, _, batches = _setup(tmp_path, regime="detach", max_grad_norm=0.05, mtp_max_grad_norm=0.02)
+    batches = batches[:1]
+    params = [p for p in trainer.model.parameters() if p.requires_grad]
+    lr, lam = 1e-2, 3.0
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    g_rl = _gradient(trainer, batches[0], 0.0, params)
+    g_mtp = [t - r for t, r in zip(_gradient(trainer, batches[0], lam, params), g_rl)]
+    norm = {name: float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads)))
+            for name, grads in (("rl", g_rl), ("mtp", g_mtp))}
+    f_rl, f_mtp = min(1.0, 0.05 / (norm["rl"] + 1e-6)), min(1.0, 0.02 / (norm["mtp"] + 1e-6))
+    assert f_rl < 1 and f_mtp < 1  # both clips bind
+    trunk = {id(p) for p in trainer.calibrator.main_params}
+    assert any(float(g.abs().max()) > 0 for p, g in zip(params, g_mtp) if id(p) in trunk)  # the term reaches the trunk
+    start = [p.detach().clone() for p in params]
+    want = [s - lr * (f_rl * r + f_mtp * m) for s, r, m in zip(start, g_rl, g_mtp)]
+    with trainer.using_update_settings(sgd_lr=lr, mtp_grad_clip="separate"):
+        got, result = after_update(trainer, batches, lambda: [p.detach().clone() for p in params], regime="policy",
+                                   coef=lam)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+    assert result["clip_factor/rl"] == pytest.approx([f_rl], rel=1e-4)
+    assert result["clip_factor/mtp"] == pytest.approx([f_mtp], rel=1e-4)
+    # the run's own term and geometry are back (detach: heads apart by parameter group, nothing kept apart)
+    assert trainer.term.regime.mtp_grad == "detach" and trainer.mtp_gradient_apart is None

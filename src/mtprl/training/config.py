@@ -263,6 +263,13 @@ class MTPGRPOConfig(HeadFields, GRPOConfig):
         check_choice("mtp_optimizer_state", self.mtp_optimizer_state, OPTIMIZER_STATE_MODES)
         if self.mtp_max_grad_norm is not None:
             check_number("mtp_max_grad_norm", self.mtp_max_grad_norm, 0.0)
+        if (self.mtp_regime == "occ" and self.occ_variant == "last_layers"
+                and "separate" in (self.mtp_grad_clip, self.mtp_optimizer_state)):
+            raise ValueError("occ_variant=last_layers takes lambda and the loss from one backward of the graph cut "
+                             "below the last layers, while mtp_grad_clip / mtp_optimizer_state = separate need the "
+                             "MTP term's gradient apart over the whole trunk (a second backward): the two paths "
+                             "exclude each other; use occ_variant=hidden or exact with the separate clip / moments, "
+                             "or the shared ones with last_layers")
         if self.mtp_optimizer_state == "separate" and self.mtp_regime == "occ" and self.occ_variant == "reference":
             raise ValueError("mtp_optimizer_state=separate needs the MTP term at coefficient 1, but occ_variant="
                              "reference puts lambda inside the head's advantages; use occ_variant=paper (or any "

@@ -9,7 +9,8 @@ style: plain tensors and numbers in, a result out; nothing read from or written 
 
 and returns a `StepResult`: the loss, the metrics (name -> values), the heads' expected acceptance, and what must
 run after the backward (`after_backward`, occ exact only: lambda from TRL's gradient, then lambda * g_MTP added
-to .grad). Where a coefficient is only known later, the code path says so, not a marker in the data:
+to .grad). How a head's loss enters is one table, `COMBINE` (the coefficient's source -> a function); where a
+coefficient is only known later:
 - `exact`: the head's gradient is stashed now (one extra backward, `stash_exact_gradient`), its lambda follows
   after TRL's backward (`StepResult.after_backward`);
 - `last_layers` with the graph cut below the last layers: lambda and the loss come together from
@@ -101,23 +102,17 @@ def mtp_step(rl_loss: torch.Tensor, logprobs: LogProbs, inputs: Mapping, setting
         calibrator.update_ema(heads, stats)
     grads = RLGradients(rl_loss, logprobs.hidden) if training else None
     metrics: dict[str, list[float]] = {}
-    term = rl_loss.new_zeros(())  # the MTP part, summed apart and added to rl_loss once (the value TRL logs)
-    split, stashes, fidelity_losses, coefs = [], [], [], []
+    combined = Combined(rl_loss.new_zeros(()))  # the MTP part, summed apart and added to rl_loss once
+    fidelity_losses = []
     for h, s in zip(heads, stats):
-        loss, coef = _head_term(h, s, len(heads), regime, settings, scaling, calibrator, grads, cut, metrics)
+        head = HeadStep(h, s, len(heads), regime, settings, scaling, calibrator, grads, cut, metrics)
+        loss = COMBINE[combine_rule(regime)](head, combined)
         # fidelity measures c, v2 of the head's loss at coefficient 1 (the released code's lambda sits inside it)
         fidelity_losses.append(head_policy_loss(h, scaling) if regime.lambda_in_advantages else loss)
-        if coef == "after_backward":
-            stashes.append(calibrator.stash_exact_gradient(h.depth, loss))
-        elif coef == "split_backward":
-            split.append((h.depth, loss))
-        else:
-            term = term + (loss if regime.lambda_in_advantages else coef.to(loss.dtype) * loss)
-            _add(metrics, f"mtp/lambda/{h.depth}", coef)
-            coefs.append((loss, float(coef)))
         _add(metrics, f"mtp/c_hat/{h.depth}", s.c_hat.item())
         _add(metrics, f"mtp/v2_hat/{h.depth}", s.v2_hat.item())
         _add(metrics, f"mtp/loss/{h.depth}", loss.item())
+    term, coefs, stashes, split = combined.now, combined.coefs, combined.exact, combined.cut
     acceptance = _acceptance(logprobs, heads, calibrator, metrics)
     if training and settings.fidelity:
         if regime.mtp_grad == "detach":  # c and v2 over the main model: the head losses on the live trunk
@@ -168,26 +163,108 @@ def _zero_filled(grads, params) -> list[torch.Tensor]:
     return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
 
 
-def _head_term(h: HeadData, stats, num_heads: int, regime: Regime, settings: StepSettings, scaling: LossScaling,
-               calibrator: LambdaCalibrator, grads: RLGradients | None, cut: TrunkCut | None, metrics: dict):
-    """Head k's loss and its coefficient: a tensor, or where it comes from when it is not known yet
-    ("after_backward": occ exact; "split_backward": occ last_layers with the graph cut)."""
-    if regime.lambda_in_advantages:  # the released code: lambda known before the loss, inside it
-        lam = calibrator.advantage_lambda(regime, stats, h.depth, num_heads, metrics)
-        return regime.loss(with_scaled_advantages(h, lam), scaling), lam
-    loss = regime.loss(h, scaling)
-    if regime.coef == "fixed":
-        return loss, torch.tensor(float(settings.mtp_coef))
-    source = regime.lambda_source
-    if source in ("hat", "ema"):
-        return loss, calibrator.proxy_lambda(regime, stats, h.depth, metrics, settings.first_update)
-    if grads is None:  # not a training micro-batch: gradient sources need a backward, lambda is 0 there
-        return loss, torch.zeros((), device=loss.device)
-    if source == "exact":
-        return loss, "after_backward"
-    if source == "last_layers" and cut is not None:
-        return loss, "split_backward"
-    return loss, calibrator.lambda_from_gradients(source, grads, loss, h.depth, metrics)
+@dataclass
+class Combined:
+    """The MTP part of one micro-batch as its heads are added (`COMBINE`)."""
+
+    now: torch.Tensor  # sum_k coef_k * loss_k over the heads whose coefficient is known now
+    coefs: list = field(default_factory=list)  # (loss, coef) of those heads (the separate moments' unit gradient)
+    exact: list = field(default_factory=list)  # occ exact: each head's stashed gradient, combined after the backward
+    cut: list = field(default_factory=list)  # occ last_layers on the cut graph: (depth, loss), combined in one backward
+
+    def add(self, loss: torch.Tensor, coef: torch.Tensor, depth: int, metrics: dict) -> None:
+        self.now = self.now + coef.to(loss.dtype) * loss
+        self.coefs.append((loss, float(coef)))
+        _add(metrics, f"mtp/lambda/{depth}", coef)
+
+
+@dataclass(frozen=True)
+class HeadStep:
+    """What head k's combination rule may read: its data and proxies, the step's settings, the calibrator, TRL's
+    RL gradients (None outside a training micro-batch) and the graph cut (occ last_layers)."""
+
+    data: HeadData
+    stats: object  # OCCStats
+    num_heads: int
+    regime: Regime
+    settings: StepSettings
+    scaling: LossScaling
+    calibrator: LambdaCalibrator
+    grads: RLGradients | None
+    cut: TrunkCut | None
+    metrics: dict
+
+
+def combine_rule(regime: Regime) -> str:
+    """The `COMBINE` key of a regime: where its coefficient comes from."""
+    if regime.lambda_in_advantages:
+        return "advantages"
+    return "fixed" if regime.coef == "fixed" else regime.lambda_source
+
+
+def _fixed(head: HeadStep, into: Combined) -> torch.Tensor:
+    """mtp_coef times the head's loss."""
+    loss = head.regime.loss(head.data, head.scaling)
+    into.add(loss, torch.tensor(float(head.settings.mtp_coef)), head.data.depth, head.metrics)
+    return loss
+
+
+def _in_advantages(head: HeadStep, into: Combined) -> torch.Tensor:
+    """The released code: lambda known before the loss, inside the head's advantages (the loss carries it)."""
+    lam = head.calibrator.advantage_lambda(head.regime, head.stats, head.data.depth, head.num_heads, head.metrics)
+    loss = head.regime.loss(with_scaled_advantages(head.data, lam), head.scaling)
+    into.now = into.now + loss
+    into.coefs.append((loss, float(lam)))
+    _add(head.metrics, f"mtp/lambda/{head.data.depth}", lam)
+    return loss
+
+
+def _proxy(head: HeadStep, into: Combined) -> torch.Tensor:
+    """`hat` / `ema`: OCC's lambda from the log-prob proxies (no backward)."""
+    loss = head.regime.loss(head.data, head.scaling)
+    lam = head.calibrator.proxy_lambda(head.regime, head.stats, head.data.depth, head.metrics,
+                                       head.settings.first_update)
+    into.add(loss, lam, head.data.depth, head.metrics)
+    return loss
+
+
+def _from_gradients(head: HeadStep, into: Combined) -> torch.Tensor:
+    """`hidden` (and `last_layers` where the graph is whole: fidelity steps): lambda from both losses'
+    gradients at the source's inputs. Outside a training micro-batch there is no backward: lambda 0."""
+    loss = head.regime.loss(head.data, head.scaling)
+    if head.grads is None:
+        lam = torch.zeros((), device=loss.device)
+    else:
+        lam = head.calibrator.lambda_from_gradients(head.regime.lambda_source, head.grads, loss, head.data.depth,
+                                                    head.metrics)
+    into.add(loss, lam, head.data.depth, head.metrics)
+    return loss
+
+
+def _exact(head: HeadStep, into: Combined) -> torch.Tensor:
+    """`exact`: the head's gradient stashed now (one extra backward); lambda and lambda * g_MTP after TRL's
+    backward (`StepResult.after_backward`). Outside training: lambda 0."""
+    if head.grads is None:
+        return _from_gradients(head, into)
+    loss = head.regime.loss(head.data, head.scaling)
+    into.exact.append(head.calibrator.stash_exact_gradient(head.data.depth, loss))
+    return loss
+
+
+def _last_layers(head: HeadStep, into: Combined) -> torch.Tensor:
+    """`last_layers`: on the graph cut below the last layers (`split_backward.TrunkCut`) lambda and the loss come
+    from one backward (`split_backward_loss`); where the trainer ran the forward uncut (fidelity steps, which need
+    the whole trunk's gradient for the other sources) the same lambda by the gradient path."""
+    if head.grads is None or head.cut is None:
+        return _from_gradients(head, into)
+    loss = head.regime.loss(head.data, head.scaling)
+    into.cut.append((head.data.depth, loss))
+    return loss
+
+
+# Where a head's coefficient comes from -> how its loss enters the step (verl's one table of named functions).
+COMBINE = {"fixed": _fixed, "advantages": _in_advantages, "hat": _proxy, "ema": _proxy, "hidden": _from_gradients,
+           "exact": _exact, "last_layers": _last_layers}
 
 
 def _acceptance(logprobs: LogProbs, heads: list[HeadData], calibrator: LambdaCalibrator,

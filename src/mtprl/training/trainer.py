@@ -52,7 +52,7 @@ from ..core.split_backward import TrunkCut
 from ..data.tasks import safe_reward
 from .trl_compat import give_reference_the_heads, serving_logprobs, trl_head_loss
 from .update import ActiveTerm, UpdateMixin
-from .update_geometry import GeometryMixin
+from .optimizer_step import OptimizerStepMixin
 
 
 def _sequences(inputs):
@@ -106,7 +106,7 @@ def sharded_gradient_refusal(args, regime, *, fsdp: bool) -> str | None:
             "and the shared clip (or the separate clip with a detached regime), or DDP")
 
 
-class MTPGRPOTrainer(UpdateMixin, GeometryMixin, ConsistentLogOnResume, MTPCheckpointMixin, GRPOTrainer):
+class MTPGRPOTrainer(UpdateMixin, OptimizerStepMixin, ConsistentLogOnResume, MTPCheckpointMixin, GRPOTrainer):
     """GRPOTrainer whose model carries MTP heads trained under `args.mtp_regime` (see MTPGRPOConfig)."""
 
     def __init__(self, model, reward_funcs=None, args: MTPGRPOConfig | None = None, **kwargs):
@@ -133,9 +133,9 @@ class MTPGRPOTrainer(UpdateMixin, GeometryMixin, ConsistentLogOnResume, MTPCheck
             freeze_heads(attach_or_load_heads(unwrapped, args.mtp_num_heads, args.mtp_init,
                                               unwrapped.config._name_or_path))
         self.add_callback(MetricsJsonlCallback(args.output_dir))
-        self.regime = regime_for(args.mtp_regime, args.occ_variant)  # None: plain GRPO
-        # the MTP term the loss adds: the run's own; `update_on` runs an update with another
-        self.term = ActiveTerm(self.regime, args.mtp_coef, args.occ_fidelity_every)
+        # The one source of the active regime: the MTP term the loss adds and the optimizer step treats (regime None:
+        # plain GRPO). The run's own; `update_on` swaps it for another (`using_term`).
+        self.term = ActiveTerm(regime_for(args.mtp_regime, args.occ_variant), args.mtp_coef, args.occ_fidelity_every)
         self._rollout_forwards: RolloutForwards | None = None  # open while TRL's rollout runs
         self._after_backward: list = []  # the last MTP steps' `StepResult.after_backward`, run by finish_backward
         self._draft_policy = (make_draft_policy(args.mtp_draft_policy, args.mtp_draft_tokens,
@@ -146,7 +146,7 @@ class MTPGRPOTrainer(UpdateMixin, GeometryMixin, ConsistentLogOnResume, MTPCheck
         # mtp/accept/k under the rollouts' own law (temperature, top-k, top-p), the one the drafts are verified in
         self._accept_truncation = logits_warpers(1.0, args.top_k, args.top_p)
         self.head_loss = self._resolve_head_loss()  # mtp_head_loss with `auto` decided
-        self.calibrator: LambdaCalibrator | None = None if self.regime is None else self._attach_heads()
+        self.calibrator: LambdaCalibrator | None = None if self.term.regime is None else self._attach_heads()
         self._init_geometry()  # the instrumented optimizer step, the separate clip and moments (update_geometry)
         self._warn_about_settings()
 
@@ -157,7 +157,7 @@ class MTPGRPOTrainer(UpdateMixin, GeometryMixin, ConsistentLogOnResume, MTPCheck
         add_mtp_forward(unwrapped, self.temperature)
         give_reference_the_heads(unwrapped, None if self.ref_model is None
                                  else self.accelerator.unwrap_model(self.ref_model))
-        needs_last = self.regime.lambda_source == "last_layers" or args.occ_fidelity_every > 0
+        needs_last = self.term.regime.lambda_source == "last_layers" or args.occ_fidelity_every > 0
         return LambdaCalibrator(
             CalibrationSettings.from_config(args),
             main_params=[p for n, p in unwrapped.named_parameters()
@@ -179,7 +179,7 @@ class MTPGRPOTrainer(UpdateMixin, GeometryMixin, ConsistentLogOnResume, MTPCheck
 
     def _warn_about_settings(self) -> None:
         args = self.args
-        refusal = sharded_gradient_refusal(args, self.regime, fsdp=self.is_fsdp_enabled)
+        refusal = sharded_gradient_refusal(args, self.term.regime, fsdp=self.is_fsdp_enabled)
         if refusal:
             raise ValueError(refusal)
         if args.use_liger_kernel and hasattr(self, "compute_liger_loss") and self.args.mtp_num_heads:
@@ -192,7 +192,8 @@ class MTPGRPOTrainer(UpdateMixin, GeometryMixin, ConsistentLogOnResume, MTPCheck
         if self.is_deepspeed_enabled and "separate" in (args.mtp_grad_clip, args.mtp_optimizer_state):
             raise ValueError("mtp_grad_clip / mtp_optimizer_state = separate act between the backward and the "
                              "optimizer step, which DeepSpeed runs inside its backward; use DDP or FSDP, or shared")
-        if self.regime is not None and self.regime.lambda_source == "exact" and (
+        regime = self.term.regime
+        if regime is not None and regime.lambda_source == "exact" and (
                 args.fp16 or self.is_deepspeed_enabled):
             raise ValueError("occ_variant=exact adds lambda * g_MTP to the parameters' .grad after the backward; "
                              "that needs unscaled, unpartitioned gradients: not with fp16 loss scaling or DeepSpeed "
@@ -262,7 +263,7 @@ class MTPGRPOTrainer(UpdateMixin, GeometryMixin, ConsistentLogOnResume, MTPCheck
         rollout keeps the heads' old log-probs of the same forward (`RolloutForwards`)."""
         unwrapped = self.accelerator.unwrap_model(model)
         # plain GRPO, or the reference model (its copy of the heads never runs: main-head log-probs only)
-        if self.regime is None or unwrapped is not self.accelerator.unwrap_model(self.model):
+        if self.calibrator is None or unwrapped is not self.accelerator.unwrap_model(self.model):
             return super()._get_per_token_logps_and_entropies(
                 model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size,
                 compute_entropy=compute_entropy, compute_aux_loss=compute_aux_loss, **kwargs)
@@ -282,7 +283,7 @@ class MTPGRPOTrainer(UpdateMixin, GeometryMixin, ConsistentLogOnResume, MTPCheck
         finally:
             self._rollout_forwards = outer
         old_main = output.get("old_per_token_logps")
-        if self.regime is not None and old_main is not None:
+        if self.calibrator is not None and old_main is not None:
             rollout = forwards.whose_main_is(old_main)
             if rollout is None:
                 raise RuntimeError(
@@ -367,8 +368,10 @@ class MTPGRPOTrainer(UpdateMixin, GeometryMixin, ConsistentLogOnResume, MTPCheck
 
     def _trunk_cut(self):
         """occ last_layers on a training micro-batch: cut the graph at the input of the last `occ_last_layers`
-        layers for the loss forward (`split_backward.TrunkCut`). Not on fidelity steps: those need gradients
-        through the whole trunk for the other lambda sources."""
+        layers for the loss forward (`split_backward.TrunkCut`). Uncut, and lambda then by the gradient path
+        (`mtp_step.COMBINE["last_layers"]`), where the whole trunk's gradient is needed: fidelity steps (the other
+        lambda sources) and an MTP gradient kept apart (the probe's counterfactual settings only: a run refuses
+        last_layers with the separate clip or moments, `MTPGRPOConfig`)."""
         regime = self.term.regime
         if (regime is None or regime.lambda_source != "last_layers" or not self.model.training
                 or not torch.is_grad_enabled() or self._fidelity_step() or self.mtp_gradient_apart is not None):

@@ -2,9 +2,9 @@
 
 What transformers' training loop does with one rollout, and nothing else: TRL's `training_step` on each micro-batch
 (forward, TRL's loss plus the MTP term, backward, `finish_backward`), `num_iterations` times over the rollout, and
-every `gradient_accumulation_steps` micro-steps the run's clip and measured step (`_clip_grad_norm` /
-`_get_grad_norm`, `update_geometry.GeometryMixin`), the optimizer step, the MTP term's own moments where kept
-apart, the scheduler step, the gradients zeroed. The MTP term is the run's own,
+every `gradient_accumulation_steps` micro-steps the read-only norm hooks, the callbacks around `optimizer.step()`
+(which is `optimizer_step.optimizer_step`: clip, step, the MTP term's own moments, metrics), the scheduler step unless
+the step was skipped, the gradients zeroed: transformers' `_run_epoch`, mirrored call for call. The MTP term is the run's own,
 or the `MTP_TERMS` entry and fixed coefficient given (`ActiveTerm`, swapped for the call and restored on exit).
 
 Around it, the state one update changes (`update_state` / `restore_update_state`: parameters, optimizer and
@@ -82,12 +82,15 @@ class UpdateMixin:
 
     @contextmanager
     def using_term(self, term: ActiveTerm):
-        """The loss adds `term` while open (exception-safe)."""
-        saved, self.term = self.term, term
+        """The loss adds `term` while open, and the optimizer step treats the gradients as that term needs (its
+        MTP gradient kept apart or by parameter group: `_init_geometry` reads the one `self.term`); exception-safe."""
+        saved = (self.term, self.mtp_gradient_apart, self.mtp_moments)
         try:
+            self.term = term
+            self._init_geometry()
             yield
         finally:
-            self.term = saved
+            self.term, self.mtp_gradient_apart, self.mtp_moments = saved
 
     @contextmanager
     def _inputs_as_given(self):
@@ -113,14 +116,17 @@ class UpdateMixin:
                 for micro in micro_batches:
                     self.training_step(model, micro, None)
                     done += 1
-                    if done % args.gradient_accumulation_steps == 0:  # as transformers' `_run_epoch`
+                    if done % args.gradient_accumulation_steps == 0:  # transformers' `_run_epoch`, call for
+                        # call (tests/test_update.py runs both with a recording callback and compares)
                         norm = self._clip_grad_norm(model) if args.max_grad_norm > 0 else None
                         norm = self._get_grad_norm(model, grad_norm=norm)
                         self._metrics["train"]["grad_norm"].append(float(norm))
-                        self.optimizer.step()
-                        self._after_optimizer_step()  # the callback transformers' loop runs here
-                        self.lr_scheduler.step()
-                        model.zero_grad(set_to_none=True)
+                        self.control = self.callback_handler.on_pre_optimizer_step(args, self.state, self.control)
+                        self.optimizer.step()  # `optimizer_step.optimizer_step`: clip, step, moments, metrics
+                        self.control = self.callback_handler.on_optimizer_step(args, self.state, self.control)
+                        if not self.accelerator.optimizer_step_was_skipped:
+                            self.lr_scheduler.step()
+                        model.zero_grad()
                         self.state.global_step += 1
                         steps += 1
         metrics = {k: list(v) for k, v in self._metrics["train"].items()}
@@ -146,7 +152,7 @@ class UpdateMixin:
             self._init_geometry()
             if sgd_lr is not None:
                 params = [p for p in self.model.parameters() if p.requires_grad]
-                self.optimizer = torch.optim.SGD(params, lr=sgd_lr)
+                self.optimizer = self.wrap_optimizer(torch.optim.SGD(params, lr=sgd_lr))
                 self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda _: 1.0)
             yield
         finally:

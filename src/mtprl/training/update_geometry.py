@@ -14,7 +14,7 @@ Both need the two gradients apart until the optimizer step: where the heads see 
 distill) they are apart by parameter group (trunk: policy, heads: MTP term); elsewhere the MTP part's gradient is
 taken by `torch.autograd.grad` in the step (one extra backward) and kept in an `MTPGradient` instead of `.grad`.
 
-Per optimizer step the metrics are `grad_norm` (TRL's, the total before the clip), `grad_norm/rl`,
+The step itself, clip to metrics, is one function: `optimizer_step.optimizer_step`. Per optimizer step the metrics are `grad_norm` (TRL's, the total before the clip), `grad_norm/rl`,
 `grad_norm/mtp` (where the two are apart), `clip_factor` (`clip_factor/rl`, `clip_factor/mtp` under `separate`)
 and `update_norm` (||delta theta|| of the step, every trainable parameter).
 """
@@ -26,8 +26,6 @@ import os
 from dataclasses import dataclass, field
 
 import torch
-from transformers import TrainerCallback
-
 from ..core.shard_stats import global_norm  # shard-correct: the same norm on one process, DDP and FSDP2
 
 GRAD_CLIP_MODES = ("shared", "separate")
@@ -180,96 +178,3 @@ def _sum(a, b):
 
 # ---------------------------------------------------------------------------------------------- the trainer side
 MOMENTS_FILE = "mtp_moments.pt"
-
-
-class AfterOptimizerStep(TrainerCallback):
-    """transformers' callback hook right after `optimizer.step()`: the trainer's `_after_optimizer_step`."""
-
-    def __init__(self, trainer):
-        self.trainer = trainer
-
-    def on_optimizer_step(self, args, state, control, **kwargs):
-        self.trainer._after_optimizer_step()
-
-
-class GeometryMixin:
-    """For `MTPGRPOTrainer`: the instrumented optimizer step (`_clip_grad_norm` / `_get_grad_norm`, which
-    transformers calls right before `optimizer.step()`, and `_after_optimizer_step` right after), the separate clip
-    and the MTP term's own moments, saved and loaded with the optimizer."""
-
-    def _init_geometry(self) -> None:
-        args = self.args
-        self.mtp_gradient_apart: MTPGradient | None = None  # the MTP term's gradient kept off .grad
-        self.mtp_moments: MTPMoments | None = None
-        self._params_before: list | None = None  # for update_norm
-        joint = self.calibrator is not None and self.regime.mtp_grad == "joint"
-        if joint and "separate" in (args.mtp_grad_clip, args.mtp_optimizer_state):
-            self.mtp_gradient_apart = MTPGradient(self.calibrator.main_params + self.calibrator.head_params,
-                                                  with_unit=args.mtp_optimizer_state == "separate")
-        if joint and args.mtp_optimizer_state == "separate":
-            self.mtp_moments = MTPMoments(self.calibrator.main_params, (args.adam_beta1, args.adam_beta2),
-                                          args.adam_epsilon)
-        if not any(isinstance(c, AfterOptimizerStep) for c in self.callback_handler.callbacks):
-            self.add_callback(AfterOptimizerStep(self))
-
-    def _trainable_params(self) -> list:
-        return [p for p in self.model.parameters() if p.requires_grad]
-
-    def _clip_grad_norm(self, model):
-        return self._prepare_optimizer_step(model, self.args.max_grad_norm)
-
-    def _get_grad_norm(self, model, grad_norm=None):
-        if grad_norm is None:  # no clip (max_grad_norm 0): the step is still prepared and measured
-            grad_norm = self._prepare_optimizer_step(model, 0.0)
-        return super()._get_grad_norm(model, grad_norm)
-
-    def _prepare_optimizer_step(self, model, max_norm: float):
-        """The gradient the optimizer steps on (`.grad`), clipped as configured, and this step's metrics; returns
-        TRL's `grad_norm` (None where transformers measures it itself: no clip and nothing kept apart)."""
-        args = self.args
-        if args.mtp_log_update_norm:
-            self._params_before = [p.detach().clone() for p in self._trainable_params()]
-        apart = self.mtp_gradient_apart
-        apart = apart if apart is not None and not apart.empty else None
-        metrics, norm = {}, None
-        by_group = self.calibrator is not None and self.regime.mtp_grad == "detach"
-        if self.calibrator is not None and (apart is not None or (by_group and args.mtp_grad_clip == "separate")):
-            mtp_max = max_norm if args.mtp_max_grad_norm is None else args.mtp_max_grad_norm
-            norm, metrics = clip_apart(self.calibrator.main_params, self.calibrator.head_params, apart,
-                                       clip_mode=args.mtp_grad_clip, max_norm=max_norm, mtp_max_norm=mtp_max,
-                                       separate_state=self.mtp_moments is not None)
-        else:  # today's step: TRL's own clip of the summed gradient, measured read-only where it splits
-            if self.calibrator is not None:
-                metrics = split_norms(self.calibrator.main_params, self.calibrator.head_params, None, by_group)
-            if max_norm > 0:
-                norm = super()._clip_grad_norm(model)
-                metrics["clip_factor"] = clip_factor(float(norm), max_norm)
-        self._log_metrics("train", metrics)
-        return norm
-
-    def _after_optimizer_step(self) -> None:
-        """The MTP term's own Adam step (separate optimizer state) and update_norm; the kept-apart gradient cleared."""
-        apart = self.mtp_gradient_apart
-        if self.mtp_moments is not None and apart is not None and apart.unit:
-            self.mtp_moments.step(apart.unit, apart.mean_coef(), self.optimizer.param_groups[0]["lr"])
-        if apart is not None:
-            apart.clear()
-        if self._params_before is not None:
-            update = global_norm(p.detach() - b for p, b in zip(self._trainable_params(), self._params_before))
-            self._log_metrics("train", {"update_norm": float(update)})
-            self._params_before = None
-
-    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
-        super()._save_optimizer_and_scheduler(output_dir)
-        if self.mtp_moments is not None and self.args.should_save:
-            torch.save(self.mtp_moments.state_dict(), os.path.join(output_dir, MOMENTS_FILE))
-
-    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
-        super()._load_optimizer_and_scheduler(checkpoint)
-        if checkpoint is None or self.mtp_moments is None:
-            return
-        path = os.path.join(checkpoint, MOMENTS_FILE)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{checkpoint}: mtp_optimizer_state=separate but the checkpoint has no "
-                                    f"{MOMENTS_FILE} (it was written with mtp_optimizer_state=shared)")
-        self.mtp_moments.load_state_dict(torch.load(path, weights_only=False))
