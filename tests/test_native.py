@@ -168,17 +168,29 @@ def _family_block(model, family, tensors, k):
 
 
 def _family_logprobs(model, family, tensors, ids):
-    """log p_k(x_{t+k+1}) for every depth k by the family's formula: h^0 = the trunk after its final norm;
-    x = proj(cat[enorm(Emb(x_{t+k})), hnorm(h^{k-1}_t)]) (MiMo: [hidden, emb]); h^k = out_norm(Block(x)) at the
-    positions of the embedded tokens, under a causal mask; logits = lm_head(h^k)."""
+    """log p_k(x_{t+k+1}) for every depth k by the family's formula: h^0 = the trunk after its final norm (MiMo:
+    before it, vLLM's `MiMoModel.forward`);
+    x = proj(cat[enorm(Emb(x_{t+k})), hnorm(h^{k-1}_t)]) (MiMo: [hidden, emb], and Emb zero in the row of the
+    first position, `mimo_mtp.py`); h^k = out_norm(Block(x)) at the positions of the embedded tokens, under a causal
+    mask; logits = lm_head(h^k)."""
     spec, eps = FAMILIES[family], model.config.rms_norm_eps
     one_plus = spec.get("one_plus", False)
     with torch.no_grad():
-        h = model.model(input_ids=ids).last_hidden_state
+        if family == "mimo":  # the decoder with its final norm taken out: the state before it
+            norm, model.model.norm = model.model.norm, torch.nn.Identity()
+            try:
+                h = model.model(input_ids=ids).last_hidden_state
+            finally:
+                model.model.norm = norm
+        else:
+            h = model.model(input_ids=ids).last_hidden_state
         T, out = ids.shape[1], []
         for k in range(1, _depths(family) + 1):
             p = spec["prefix"](k - 1)
-            e = _rms(model.model.embed_tokens(ids[:, k:]), tensors[f"{p}{spec['enorm']}.weight"], eps, one_plus)
+            emb = model.model.embed_tokens(ids[:, k:])
+            if family == "mimo":
+                emb[:, 0] = 0.0
+            e = _rms(emb, tensors[f"{p}{spec['enorm']}.weight"], eps, one_plus)
             hh = _rms(h[:, : T - k], tensors[f"{p}{spec['hnorm']}.weight"], eps, one_plus)
             x = torch.cat([hh, e] if spec["hidden_first"] else [e, hh], dim=-1) @ tensors[f"{p}{spec['proj']}.weight"].T
             pos = torch.arange(k, T).unsqueeze(0)

@@ -41,7 +41,7 @@ from transformers.generation.logits_process import (LogitsProcessorList, Tempera
 from transformers.masking_utils import create_causal_mask
 
 from ..model.logprobs import logit_transform, transform_logits
-from ..model.mtp import decoder_of, get_mtp_heads
+from ..model.mtp import decoder_of, get_mtp_heads, recording_head_input
 
 
 @dataclass
@@ -319,10 +319,12 @@ def speculative_generate(model, input_ids: torch.Tensor, attention_mask: torch.T
     pad = (~attention_mask).sum(1)
     positions = (attention_mask.long().cumsum(1) - 1).clamp(min=0)
     trunk_cache = DynamicCache()
-    trunk_out = decoder(input_ids=input_ids, attention_mask=attention_mask.long(), position_ids=positions,
-                        past_key_values=trunk_cache, use_cache=True)
+    with recording_head_input(model) as head_input:
+        trunk_out = decoder(input_ids=input_ids, attention_mask=attention_mask.long(), position_ids=positions,
+                            past_key_values=trunk_cache, use_cache=True)
     h0 = trunk_out.last_hidden_state
     first = sample(processed_probs(_lm_logits(model, h0[:, -1]), warpers))
+    h0 = head_input.of(h0)  # from here h0 is what the heads read (MiMo: the state before the final norm)
     seq = torch.full((batch, width), pad_token_id, dtype=torch.long, device=device)
     seq[:, :prompt_len] = input_ids
     seq[:, prompt_len] = first
@@ -384,6 +386,8 @@ def speculative_generate(model, input_ids: torch.Tensor, attention_mask: torch.T
                 tok_idx = (t_idx + k).clamp(max=width - 1)
                 tokens = rows.seq.gather(1, tok_idx)
                 emb = embed(tokens)
+                if heads.mask_first_position:  # as the heads' forward: no token embedding at the first position
+                    emb = emb.masked_fill((t_idx == rows.pad.unsqueeze(1)).unsqueeze(-1), 0.0)
                 pos = (t_idx + k - rows.pad.unsqueeze(1)).clamp(min=0)
                 mask = create_causal_mask(config=heads.config, inputs_embeds=emb, attention_mask=mask2d,
                                           past_key_values=head_cache, position_ids=pos, layer_idx=k - 1)
@@ -410,9 +414,11 @@ def speculative_generate(model, input_ids: torch.Tensor, attention_mask: torch.T
         v_tokens = rows.seq.gather(1, v_idx)
         v_pos = v_idx - rows.pad.unsqueeze(1)
         v_mask = torch.cat([rows.trunk_valid, torch.ones(n_rows, D + 1, dtype=torch.bool, device=device)], dim=1)
-        h_v = decoder(input_ids=v_tokens, attention_mask=v_mask.long(), position_ids=v_pos,
-                      past_key_values=trunk_cache, use_cache=True).last_hidden_state
+        with recording_head_input(model) as head_input:
+            h_v = decoder(input_ids=v_tokens, attention_mask=v_mask.long(), position_ids=v_pos,
+                          past_key_values=trunk_cache, use_cache=True).last_hidden_state
         p = processed_probs(_lm_logits(model, h_v), warpers)
+        h_v = head_input.of(h_v)
         out.verify_forwards += 1
         out.row_cycles += n_rows
         n_acc, nxt, _ = accept_drafts(p, q, drafts, greedy=greedy, generator=generator)

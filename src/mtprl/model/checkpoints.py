@@ -22,7 +22,7 @@ import torch
 from ..io.faults import kill_point
 from ..io.jsonl import atomic_replace, atomic_write_json
 from .mtp import MTPHeads, attach_mtp_heads, get_mtp_heads
-from .native import LAYOUT_BY_NAME, LAYOUTS, find_native_layout, heads_config, load_native_heads
+from .native import LAYOUT_BY_NAME, LAYOUTS, find_native_layout, heads_config, load_native_heads, use_layout
 
 MTP_CONFIG_NAME = "mtp_config.json"
 MTP_WEIGHTS_NAME = "mtp_heads.safetensors"
@@ -118,7 +118,8 @@ def load_mtp_heads(model, path) -> MTPHeads:
         raise ValueError(f"{cfg_file}: unknown native MTP layout {native!r} (known: {', '.join(LAYOUT_BY_NAME)})")
     config = None if native is None else heads_config(model, LAYOUT_BY_NAME[native], n)
     heads = attach_mtp_heads(model, num_heads=n, init="random", config=config)
-    heads.init, heads.native = mtp_cfg.get("init", "copy_last_layer"), native
+    heads.init = mtp_cfg.get("init", "copy_last_layer")
+    use_layout(heads, None if native is None else LAYOUT_BY_NAME[native])
     load_mtp_weights(heads, path)
     return heads
 

@@ -16,7 +16,7 @@ import torch
 from transformers.utils import ModelOutput
 from trl.kernels import ChunkedLogProbFunction
 
-from .mtp import decoder_of, get_mtp_heads
+from .mtp import decoder_of, get_mtp_heads, main_states, recording_head_input
 
 MTP_GRAD_CHOICES = ("joint", "detach")
 # Vocabulary tile of the chunked LM head (TRL's default); tokens are tiled by the kernel itself.
@@ -224,7 +224,8 @@ def _with_head_context(h0, input_ids, attention_mask, keep, num_heads):
 
 def head_logprobs(model, h0, input_ids, attention_mask, logits_to_keep, temperature=1.0, mtp_grad="joint", *,
                   compute_divergence=None):
-    """The MTP heads on the trunk's output states `h0` [B, T, H]: (log-probs [B, K, L] of the last
+    """The MTP heads on the trunk states they read, `h0` [B, T, H] (the decoder's output, or for MiMo-layout heads
+    the state before its final norm: `mtp.recording_head_input`): (log-probs [B, K, L] of the last
     `logits_to_keep` tokens, each head's hidden states over those positions, the divergence `compute_divergence`
     (None, "kl": KL(p_main || q_k), "tv": 1 - sum_v min(p_main, q_k)) [B, K, L] or None, context [B, K, L]:
     head k has a real token at position j-k-1). Called by `forward_logprobs`, and by the trainer to re-run
@@ -232,7 +233,9 @@ def head_logprobs(model, h0, input_ids, attention_mask, logits_to_keep, temperat
     and positions without context are not masked here."""
     keep = _check_inputs(model, input_ids, attention_mask, logits_to_keep, mtp_grad)
     heads, decoder = get_mtp_heads(model), decoder_of(model)
-    main_hidden = h0[:, input_ids.shape[1] - keep - 1: input_ids.shape[1] - 1]
+    main_hidden = None
+    if compute_divergence is not None:  # the main head's states, from the heads' input (`mtp.main_states`)
+        main_hidden = main_states(model, h0[:, input_ids.shape[1] - keep - 1: input_ids.shape[1] - 1])
     h0, input_ids, attention_mask, context = _with_head_context(h0, input_ids, attention_mask, keep, heads.num_heads)
     seq_len = input_ids.shape[1]
     lm_head = model.get_output_embeddings()
@@ -310,16 +313,19 @@ def forward_logprobs(model, input_ids, attention_mask, logits_to_keep, temperatu
     `accept_truncation` (the sampler's top-k / top-p warpers, `mtprl.generation.speculative.logits_warpers(1.0, k, p)`; None:
     no truncation) and `accept_draft_vocab` (the token ids the heads draft from; None: all). compute_divergence: also
     every head's per-token divergence from the main head ("kl": KL(p_main || q_k); "tv": 1 - sum_v
-    min(p_main, q_k), `head_divergence`), whose gradient reaches the heads only. return_hidden: also the trunk's
-    output states (with their graph), which the `hidden` OCC estimator differentiates against. compute_aux_loss:
+    min(p_main, q_k), `head_divergence`), whose gradient reaches the heads only. return_hidden: also the trunk
+    states the heads read (with their graph: the decoder's output, or the state before its final norm for MiMo-layout
+    heads), which the `hidden` OCC estimator differentiates both losses against. compute_aux_loss:
     also the MoE router load-balancing loss of the trunk, as the model's own forward gives it (what TRL adds, times
     router_aux_loss_coef, to its loss).
     """
     keep = _check_inputs(model, input_ids, attention_mask, logits_to_keep, mtp_grad)
     decoder, seq_len = decoder_of(model), input_ids.shape[1]
     router = {"output_router_logits": True} if compute_aux_loss else {}
-    trunk = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **router)
+    with recording_head_input(model) as head_input:
+        trunk = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **router)
     h0 = trunk.last_hidden_state
+    hh = head_input.of(h0)  # what the heads read (the same tensor unless they read the state before the final norm)
     aux_loss = router_aux_loss(model, trunk.router_logits, attention_mask) if compute_aux_loss else None
     lm_head = model.get_output_embeddings()
     weight, bias = lm_head.weight, lm_head.bias
@@ -327,7 +333,7 @@ def forward_logprobs(model, input_ids, attention_mask, logits_to_keep, temperatu
     main_hidden = h0[:, seq_len - keep - 1: seq_len - 1]
     main, entropy = _token_logprobs(main_hidden, weight, bias, input_ids[:, -keep:], temperature, softcap, scale,
                                     entropy=compute_entropy)
-    mtp, head_hidden, divergence, context = head_logprobs(model, h0, input_ids, attention_mask, keep, temperature,
+    mtp, head_hidden, divergence, context = head_logprobs(model, hh, input_ids, attention_mask, keep, temperature,
                                                        mtp_grad, compute_divergence=compute_divergence)
     accept = None
     if compute_accept:
@@ -343,7 +349,7 @@ def forward_logprobs(model, input_ids, attention_mask, logits_to_keep, temperatu
     accept = None if accept is None else accept.masked_fill(head_pad, 0.0)
     divergence = None if divergence is None else divergence.masked_fill(head_pad, 0.0)
     return LogProbs(main=main, mtp=mtp, entropy=entropy, accept=accept, divergence=divergence,
-                    hidden=h0 if return_hidden else None, mtp_mask=~head_pad, aux_loss=aux_loss)
+                    hidden=hh if return_hidden else None, mtp_mask=~head_pad, aux_loss=aux_loss)
 
 
 def add_mtp_forward(model, temperature: float) -> None:

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import copy
 
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 from transformers.masking_utils import LAYER_PATTERN_TO_MASK_FUNCTION_MAPPING, create_causal_mask
@@ -36,6 +38,11 @@ class MTPHeads(nn.Module):
         self.config = config  # the base model's text config, re-indexed to K decoder layers
         self.init = init
         self.native: str | None = None  # the model family whose own MTP weights these are (mtprl.model.native)
+        # What depth 1 reads, as the family's own MTP layers do (`native.use_layout` sets both): the trunk's last
+        # state after its final norm (DeepSeek-V3, GLM-4.5, Qwen3-Next, mtprl's own) or before it (MiMo); and
+        # whether the token embedding of the sequence's first position is zeroed (vLLM's MiMo drafter does).
+        self.h0: str = "after_final_norm"
+        self.mask_first_position: bool = False
         self.layers = nn.ModuleList(
             [MtpLayer(config, decoder_layer_cls, norm_cls, layer_idx=k) for k in range(num_heads)]
         )
@@ -56,9 +63,12 @@ class MTPHeads(nn.Module):
             position_ids = torch.arange(seq_len, device=input_ids.device).unsqueeze(0).expand(batch, -1)
         layer_types = getattr(self.config, "layer_types", None)
         outputs, h = [], hidden_states
+        first = first_positions(attention_mask, input_ids) if self.mask_first_position else None
         for k, layer in enumerate(self.layers, start=1):
             h = h[:, : seq_len - k]
             inputs_embeds = embed_tokens(input_ids[:, k:])
+            if first is not None:  # the row whose hidden state is the sequence's first token: no token embedding
+                inputs_embeds = inputs_embeds.masked_fill(first[:, : seq_len - k].unsqueeze(-1), 0.0)
             # Like transformers' MtpModel, depth k runs at the positions of the tokens it embeds. A key is
             # valid only if both its hidden state and its embedded token are real (not padding).
             pos = position_ids[:, k:]
@@ -74,6 +84,55 @@ class MTPHeads(nn.Module):
                       position_ids=pos, past_key_values=None, use_cache=False)
             outputs.append(h)
         return outputs
+
+
+def first_positions(attention_mask, input_ids) -> torch.Tensor:
+    """[B, T] True at each row's first real token (left padding skipped; position 0 without a mask)."""
+    if attention_mask is None:
+        first = torch.zeros_like(input_ids, dtype=torch.bool)
+        first[:, 0] = True
+        return first
+    real = attention_mask.bool()
+    return real & (real.long().cumsum(1) == 1)
+
+
+class HeadInput:
+    """The trunk states the heads read, caught during one trunk forward (`recording_head_input`)."""
+
+    def __init__(self):
+        self.states: torch.Tensor | None = None  # the final norm's input, where the heads read it
+
+    def of(self, last_hidden_state: torch.Tensor) -> torch.Tensor:
+        """The heads' input for a forward whose output (after the final norm) is `last_hidden_state`."""
+        return last_hidden_state if self.states is None else self.states
+
+
+@contextmanager
+def recording_head_input(model):
+    """Open around a trunk forward: yields a `HeadInput` whose `of(last_hidden_state)` is what depth 1 reads.
+    For heads with `h0 == "before_final_norm"` (MiMo) the final norm's input is caught by a forward pre-hook
+    (removed on exit); otherwise it is the decoder's output itself."""
+    heads, box = getattr(model, "mtp_heads", None), HeadInput()
+    if heads is None or heads.h0 == "after_final_norm":
+        yield box
+        return
+    norm = getattr(decoder_of(model), "norm", None)
+    if norm is None:
+        raise ValueError(f"MTP heads read h0={heads.h0}, but {type(model).__name__}'s decoder has no final norm")
+    handle = norm.register_forward_pre_hook(lambda module, args: setattr(box, "states", args[0]))
+    try:
+        yield box
+    finally:
+        handle.remove()
+
+
+def main_states(model, head_input: torch.Tensor) -> torch.Tensor:
+    """The states the LM head reads, from the heads' input: the final norm applied where the heads read the state
+    before it, else the same tensor."""
+    heads = getattr(model, "mtp_heads", None)
+    if heads is not None and heads.h0 == "before_final_norm":
+        return decoder_of(model).norm(head_input)
+    return head_input
 
 
 def _check_num_heads(num_heads) -> None:

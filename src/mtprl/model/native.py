@@ -9,12 +9,14 @@ transformers' `MtpModel` (modeling_layers.py, conversion_mapping.py) and vLLM's 
 |---|---|---|---|---|---|
 | DeepSeek-V3 | model.layers.{L+k}.{enorm,hnorm,eh_proj,shared_head.norm,<block>} | [emb, hidden] | after final norm | shared_head.norm | transformers MtpModel |
 | GLM-4.5 | same as DeepSeek-V3 | [emb, hidden] | after final norm | shared_head.norm | transformers MtpModel |
-| MiMo | model.mtp_layers.{k}.{token_layernorm,hidden_layernorm,input_proj,final_layernorm,<block>} | [hidden, emb] | after final norm | final_layernorm | name map here |
+| MiMo | model.mtp_layers.{k}.{token_layernorm,hidden_layernorm,input_proj,final_layernorm,<block>} | [hidden, emb] | before final norm, no token embedding at position 0 | final_layernorm | name map here |
 | Qwen3-Next / Qwen3.5 | mtp.{pre_fc_norm_embedding,pre_fc_norm_hidden,fc,norm}, mtp.layers.0.<block> (one depth) | [emb, hidden] | after final norm | mtp.norm | name map here |
 
-(L = num_hidden_layers; k from 0; <block> = the decoder layer's own names.) For every family depth 1 reads the
-main model's last hidden state after its final norm (what `lm_head` sees: transformers' MTP drafting takes
-`hidden_states[-1]`, vLLM passes the target model's normed output), and depth k+1 reads depth k's normed output
+(L = num_hidden_layers; k from 0; <block> = the decoder layer's own names.) Depth 1 reads the main model's last
+hidden state after its final norm (what `lm_head` sees) for DeepSeek-V3, GLM-4.5 and Qwen3-Next; MiMo's reads it
+before the final norm (vLLM's `MiMoModel.forward` returns `hidden_states + residual` and `compute_logits` applies
+the norm; the drafter gets the former) and zeroes the token embedding at position 0 (`mimo_mtp.py`); heads in
+MiMo's layout do the same (`use_layout`, `mtp.recording_head_input`). Depth k+1 reads depth k's normed output
 (transformers' `MtpLayer` chaining; the checkpoints of these families ship one depth, where both agree).
 
 - `find_native_layout(model, path)`: which family's MTP weights a checkpoint directory carries (None: none).
@@ -52,7 +54,8 @@ class NativeLayout:
     read_by_transformers: bool  # transformers.modeling_layers.MtpModel loads it (its weight conversions)
     shared_copies: tuple[tuple[str, str], ...] = ()  # per-depth copies of shared weights the family ships
     max_depths: int | None = None  # the most depths the layout can hold
-    h0: str = "after_final_norm"  # which main-model state feeds depth 1 (the only one mtprl's heads take)
+    h0: str = "after_final_norm"  # which main-model state feeds depth 1: after the final norm or before it
+    mask_first_position: bool = False  # depth 1's token embedding zeroed at the sequence's first position
 
     def index(self, config, k: int) -> int:
         return (config.num_hidden_layers if self.first_index == "num_hidden_layers" else 0) + k
@@ -86,7 +89,8 @@ LAYOUTS = (
     NativeLayout("mimo", ("mimo", "qwen2"), "model.mtp_layers.{index}.", "0",
                  (("enorm", "token_layernorm."), ("hnorm", "hidden_layernorm."), ("eh_proj", "input_proj."),
                   ("post_norm", "final_layernorm."), ("mtp_block", "")),
-                 "num_nextn_predict_layers", hidden_first=True, read_by_transformers=False),
+                 "num_nextn_predict_layers", hidden_first=True, read_by_transformers=False,
+                 h0="before_final_norm", mask_first_position=True),
     # Qwen3-Next / Qwen3.5: one depth; fc and the three norms sit at `mtp.` and the block at `mtp.layers.0.`.
     # (vLLM re-applies that one depth for further draft tokens; `mtp_num_hidden_layers` counts its blocks.)
     NativeLayout("qwen3_next", ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text"), "mtp.", "0",
@@ -163,7 +167,8 @@ def load_native_heads(model, path, layout: NativeLayout | None = None) -> MTPHea
         raise ValueError(f"{path}: {layout.depth_field}={depths}, but the {layout.name} layout holds at most "
                          f"{layout.max_depths} MTP depth(s) (one depth of several blocks is not supported)")
     heads = attach_mtp_heads(model, depths, init="random", config=heads_config(model, layout, depths))
-    heads.init, heads.native = "native", layout.name
+    heads.init = "native"
+    use_layout(heads, layout)
     if layout.read_by_transformers:
         state = _read_with_transformers(model, layout, depths)
     else:
@@ -289,6 +294,16 @@ def _main_weight_map(out: str) -> dict[str, str]:
 
 
 def check_h0(layout: NativeLayout, model) -> None:
-    """mtprl's heads read the trunk's output after its final norm; a layout that needs another state is refused."""
-    if layout.h0 != "after_final_norm" or getattr(decoder_of(model), "norm", None) is None:
+    """mtprl's heads read the trunk's last state after its final norm or before it (`mtp.recording_head_input`);
+    either needs a decoder with a final norm, and a layout asking for another state is refused."""
+    if layout.h0 not in ("after_final_norm", "before_final_norm") or getattr(decoder_of(model), "norm", None) is None:
         raise ValueError(f"{layout.name}: depth 1 reads {layout.h0}, which mtprl's heads do not provide")
+
+
+def use_layout(heads: MTPHeads, layout: NativeLayout | None) -> MTPHeads:
+    """Heads that compute what the family's own MTP layers compute: which trunk state depth 1 reads and the
+    first-position mask (their concatenation order is in their config, `heads_config`). None: mtprl's own."""
+    heads.native = None if layout is None else layout.name
+    heads.h0 = "after_final_norm" if layout is None else layout.h0
+    heads.mask_first_position = layout is not None and layout.mask_first_position
+    return heads
