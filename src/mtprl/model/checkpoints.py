@@ -103,6 +103,7 @@ def load_mtp_weights(heads: MTPHeads, path) -> None:
     if missing or unexpected:
         raise ValueError(f"{weights_file} does not match {heads.num_heads} MTP head(s): "
                          f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+    heads.fresh = False
 
 
 def load_mtp_heads(model, path) -> MTPHeads:
@@ -129,19 +130,30 @@ DEPTH_FIELDS = tuple(dict.fromkeys(layout.depth_field for layout in LAYOUTS))
 
 
 def attach_or_load_heads(model, num_heads: int | None = None, init: str = "copy_last_layer",
-                         source: str | None = None) -> MTPHeads:
+                         source: str | None = None, layout: str | None = None) -> MTPHeads:
     """The heads `model` trains with, in this order:
-    1. heads it already carries (kept as they are);
+    1. heads it already carries (kept as they are; fresh ones rebuilt when `layout` asks for another layout);
     2. the heads stored in `source` when it is an mtprl checkpoint directory (its trained heads);
     3. the model family's own MTP layers when `source` is a checkpoint that ships them (`mtprl.model.native`);
-    4. fresh heads (`num_heads`, default 1, initialised by `init`).
-    `num_heads=None` accepts whatever count 1-3 give; a number that differs from it is an error."""
+    4. fresh heads (`num_heads`, default 1, initialised by `init`), in the native `layout` when given (MiMo's:
+       what vLLM's `mtp` drafter computes) or mtprl's own.
+    `num_heads=None` accepts whatever count 1-3 give; a number that differs from it is an error, and so are
+    trained heads in another layout than `layout`."""
     heads = getattr(model, "mtp_heads", None)
     origin = "the model"
+    if layout is not None and layout not in LAYOUT_BY_NAME:
+        raise ValueError(f"mtp_native_layout={layout!r}: not a native MTP layout (known: {', '.join(LAYOUT_BY_NAME)})")
+    if layout is not None and heads is not None and heads.native != layout:
+        if not heads.fresh:
+            raise ValueError(f"mtp_native_layout={layout}: the model's MTP heads are trained heads in the "
+                             f"{heads.native or 'mtprl'} layout; their weights do not compute the {layout} formula")
+        owner = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model  # PEFT
+        del owner.mtp_heads  # fresh heads of the other layout: rebuilt below in this one
+        heads = None
     if heads is None and has_mtp_checkpoint(source):
         heads, origin = load_mtp_heads(model, source), f"{source} ({MTP_CONFIG_NAME}, {MTP_WEIGHTS_NAME})"
-    if heads is None and (layout := find_native_layout(model, source)) is not None:
-        heads, origin = load_native_heads(model, source, layout), f"{source} ({layout.name} MTP layers)"
+    if heads is None and (shipped := find_native_layout(model, source)) is not None:
+        heads, origin = load_native_heads(model, source, shipped), f"{source} ({shipped.name} MTP layers)"
     if heads is None:
         claimed = {f: getattr(model.config.get_text_config(), f, None) for f in DEPTH_FIELDS}
         claimed = {f: n for f, n in claimed.items() if isinstance(n, int) and n > 0}
@@ -149,8 +161,12 @@ def attach_or_load_heads(model, num_heads: int | None = None, init: str = "copy_
             warnings.warn(f"{source or 'the model'}: its config declares MTP layers "
                           f"({', '.join(f'{f}={n}' for f, n in claimed.items())}) but ships no MTP tensors mtprl can "
                           f"read; attaching fresh heads instead (init={init})")
-        heads = attach_mtp_heads(model, num_heads or 1, init=init)
-        print(f"[mtprl] MTP heads: {heads.num_heads} fresh head(s) attached (init={init})", flush=True)
+        count = num_heads or 1
+        config = None if layout is None else heads_config(model, LAYOUT_BY_NAME[layout], count)
+        heads = use_layout(attach_mtp_heads(model, count, init=init, config=config),
+                           None if layout is None else LAYOUT_BY_NAME[layout])
+        print(f"[mtprl] MTP heads: {heads.num_heads} fresh head(s) attached (init={init}"
+              f"{'' if layout is None else f', {layout} layout'})", flush=True)
         return heads
     if num_heads is not None and heads.num_heads != num_heads:
         raise ValueError(f"mtp_num_heads={num_heads} but {origin} carries {heads.num_heads} MTP head(s)")

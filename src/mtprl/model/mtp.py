@@ -41,6 +41,7 @@ class MTPHeads(nn.Module):
         # What depth 1 reads, as the family's own MTP layers do (`native.use_layout` sets both): the trunk's last
         # state after its final norm (DeepSeek-V3, GLM-4.5, Qwen3-Next, mtprl's own) or before it (MiMo); and
         # whether the token embedding of the sequence's first position is zeroed (vLLM's MiMo drafter does).
+        self.fresh = True  # as initialised; False once trained weights are loaded into them
         self.h0: str = "after_final_norm"
         self.mask_first_position: bool = False
         self.layers = nn.ModuleList(

@@ -167,7 +167,7 @@ def load_native_heads(model, path, layout: NativeLayout | None = None) -> MTPHea
         raise ValueError(f"{path}: {layout.depth_field}={depths}, but the {layout.name} layout holds at most "
                          f"{layout.max_depths} MTP depth(s) (one depth of several blocks is not supported)")
     heads = attach_mtp_heads(model, depths, init="random", config=heads_config(model, layout, depths))
-    heads.init = "native"
+    heads.init, heads.fresh = "native", False
     use_layout(heads, layout)
     if layout.read_by_transformers:
         state = _read_with_transformers(model, layout, depths)

@@ -16,12 +16,13 @@ from dataclasses import MISSING, dataclass, field, fields
 
 from trl import GRPOConfig, SFTConfig
 
+from ..model.native import LAYOUT_BY_NAME
 from ..model.mtp import INIT_CHOICES
 from ..core.objectives import HEAD_LOSSES
 from ..core.regimes import OCC_VARIANTS, REGIMES
 from ..generation.rollout import DRAFT_POLICIES
 from ..data.sft_data import ANSWER_FORMATS
-from ..data.tasks import REWARD_FAILURE_MODES
+from ..data.scoring import REWARD_FAILURE_MODES
 from .trl_compat import TRL_LOSS_TYPES
 from .update_geometry import GRAD_CLIP_MODES, OPTIMIZER_STATE_MODES
 
@@ -119,6 +120,11 @@ class HeadFields(DraftFields):
                                                             "model has none)."})
     mtp_init: str = field(default="copy_last_layer", metadata={"help": "Initialisation of freshly attached heads: "
                                                                         "copy_last_layer | random."})
+    mtp_native_layout: str = field(default="", metadata={
+        "help": "Build fresh heads in a model family's native MTP layout (its concatenation order, the trunk state "
+                "depth 1 reads, its first-position mask): mimo (Qwen2 / Llama-style trunks; what vLLM's mtp drafter "
+                "computes, the default with use_vllm and mtp_draft_tokens). Empty: mtprl's own. Heads "
+                "loaded from a checkpoint keep theirs."})
     mtp_log_acceptance: bool = field(default=True, metadata={
         "help": "Log mtp/accept/k, the expected speculative acceptance sum_v min(p_main, p_head) on completion "
                 "tokens, with p and q under the rollouts' sampling law (temperature, top_k, top_p), so it predicts "
@@ -127,6 +133,7 @@ class HeadFields(DraftFields):
     def check_head_fields(self) -> None:
         check_int("mtp_num_heads", self.mtp_num_heads, 1)
         check_choice("mtp_init", self.mtp_init, INIT_CHOICES)
+        check_choice("mtp_native_layout", self.mtp_native_layout, ("", *LAYOUT_BY_NAME))
         check_draft_options(self.mtp_draft_tokens, self.mtp_draft_policy, self.mtp_num_heads,
                             self.mtp_draft_vocab_size)
 
@@ -246,9 +253,8 @@ class MTPGRPOConfig(HeadFields, GRPOConfig):
         if self.mtp_regime == "frozen" and self.mtp_head_loss not in ("none", "auto"):
             raise ValueError(f"mtp_head_loss={self.mtp_head_loss} trains the heads, which mtp_regime=frozen keeps "
                              "fixed; use mtp_head_loss=none (or auto) with frozen, or mtp_regime=detach to train them")
-        if self.mtp_draft_tokens and getattr(self, "use_vllm", False):
-            raise ValueError("mtp_draft_tokens > 0 with use_vllm=true is not supported: the heads draft through "
-                             "transformers generation; set use_vllm=false or mtp_draft_tokens=0")
+        if getattr(self, "use_vllm", False) and self.needs_mtp:
+            self._check_vllm()
         if self.mtp_draft_tokens and getattr(self, "use_transformers_paged", False):
             raise ValueError("mtp_draft_tokens > 0 with use_transformers_paged=true is not supported")
         check_choice("occ_variant", self.occ_variant, OCC_VARIANTS)
@@ -274,6 +280,19 @@ class MTPGRPOConfig(HeadFields, GRPOConfig):
             raise ValueError("mtp_optimizer_state=separate needs the MTP term at coefficient 1, but occ_variant="
                              "reference puts lambda inside the head's advantages; use occ_variant=paper (or any "
                              "other lambda source) or mtp_optimizer_state=shared")
+
+    def _check_vllm(self) -> None:
+        """use_vllm with MTP heads: TRL's colocate mode, the heads drafting inside vLLM (`generation.vllm_engine`)."""
+        if self.vllm_mode != "colocate":
+            raise ValueError(
+                f"vllm_mode={self.vllm_mode!r} with mtp_regime={self.mtp_regime}: TRL's server mode syncs weights to "
+                "`trl vllm-serve` over NCCL (CUDA only) and pushes every parameter name, the heads' included, and "
+                "syncs no drafter; mtprl runs vLLM in colocate mode (vllm_mode: colocate), where it syncs the "
+                "target and the drafter after every optimizer step")
+        if self.mtp_draft_tokens:
+            if self.mtp_draft_policy != "fixed" or self.mtp_draft_vocab_size:
+                raise ValueError("mtp_draft_tokens with use_vllm: vLLM drafts a fixed number of tokens from the "
+                                 "full vocabulary; set mtp_draft_policy: fixed and mtp_draft_vocab_size: 0")
 
     @property
     def needs_mtp(self) -> bool:

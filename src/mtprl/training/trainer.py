@@ -28,6 +28,8 @@ accumulation, for a given MTP term and coefficient: the gain probe's update.
 from __future__ import annotations
 
 import functools
+import os
+import time
 import warnings
 from contextlib import nullcontext
 
@@ -48,8 +50,9 @@ from ..core.regimes import LossScaling, regime_for
 from ..generation.rollout import draft_vocab_of, drafted_generate, make_draft_policy
 from .runs import ConsistentLogOnResume
 from ..generation.speculative import logits_warpers
+from ..generation.vllm_engine import DRAFT_LAYOUT, make_vllm_generation, spec_counters, spec_metrics
 from ..core.split_backward import TrunkCut
-from ..data.tasks import safe_reward
+from .rewards import safe_reward
 from .trl_compat import give_reference_the_heads, serving_logprobs, trl_head_loss
 from .update import ActiveTerm, UpdateMixin
 from .optimizer_step import OptimizerStepMixin
@@ -126,12 +129,21 @@ class MTPGRPOTrainer(UpdateMixin, OptimizerStepMixin, ConsistentLogOnResume, MTP
                             else f
                             for f in funcs]
         heads = heads_off_for_peft(model, kwargs.get("peft_config"))  # LoRA must neither match nor freeze them
-        super().__init__(model=model, reward_funcs=reward_funcs, args=args, **kwargs)
+        # use_vllm with heads: TRL would build its engine from model.name_or_path and sync every parameter name
+        # (the heads' too) with a call the CPU backend refuses; mtprl builds its own below (`vllm_engine`)
+        own_vllm = args.use_vllm and args.vllm_mode == "colocate"
+        args.use_vllm = args.use_vllm and not own_vllm
+        try:
+            super().__init__(model=model, reward_funcs=reward_funcs, args=args, **kwargs)
+        finally:
+            args.use_vllm = args.use_vllm or own_vllm
+            if getattr(self, "args", None) is not None:  # transformers keeps its own copy of the arguments
+                self.args.use_vllm = args.use_vllm
         heads_back_on(self.accelerator.unwrap_model(self.model), heads)
         if args.mtp_regime == "frozen":  # the heads draft, never train (frozen before TRL builds the optimizer)
             unwrapped = self.accelerator.unwrap_model(self.model)
             freeze_heads(attach_or_load_heads(unwrapped, args.mtp_num_heads, args.mtp_init,
-                                              unwrapped.config._name_or_path))
+                                              unwrapped.config._name_or_path, layout=self._head_layout()))
         self.add_callback(MetricsJsonlCallback(args.output_dir))
         # The one source of the active regime: the MTP term the loss adds and the optimizer step treats (regime None:
         # plain GRPO). The run's own; `update_on` swaps it for another (`using_term`).
@@ -140,7 +152,7 @@ class MTPGRPOTrainer(UpdateMixin, OptimizerStepMixin, ConsistentLogOnResume, MTP
         self._after_backward: list = []  # the last MTP steps' `StepResult.after_backward`, run by finish_backward
         self._draft_policy = (make_draft_policy(args.mtp_draft_policy, args.mtp_draft_tokens,
                                                 args.mtp_draft_vocab_size, self.accelerator.unwrap_model(self.model))
-                              if args.mtp_draft_tokens else None)
+                              if args.mtp_draft_tokens and not own_vllm else None)  # on vLLM, vLLM drafts
         # the latest training step's mtp/accept/k per depth, handed to the draft policy at the next rollout
         self._latest_acceptance: list[float | None] = [None] * args.mtp_num_heads
         # mtp/accept/k under the rollouts' own law (temperature, top-k, top-p), the one the drafts are verified in
@@ -149,11 +161,16 @@ class MTPGRPOTrainer(UpdateMixin, OptimizerStepMixin, ConsistentLogOnResume, MTP
         self.calibrator: LambdaCalibrator | None = None if self.term.regime is None else self._attach_heads()
         self._init_geometry()  # the instrumented optimizer step, the separate clip and moments (update_geometry)
         self._warn_about_settings()
+        if own_vllm:  # TRL's colocate generation on mtprl's engine: target and drafter synced every step
+            self.use_vllm, self._last_loaded_step = True, -1
+            self.vllm_generation = make_vllm_generation(self, args.mtp_draft_tokens,
+                                                        os.path.join(args.output_dir, "vllm-model"))
 
     def _attach_heads(self) -> LambdaCalibrator:
         """Heads on the policy (loaded or fresh), the MTP forward, the reference model's copy; the calibrator."""
         args, unwrapped = self.args, self.accelerator.unwrap_model(self.model)
-        attach_or_load_heads(unwrapped, args.mtp_num_heads, init=args.mtp_init, source=unwrapped.config._name_or_path)
+        attach_or_load_heads(unwrapped, args.mtp_num_heads, init=args.mtp_init, source=unwrapped.config._name_or_path,
+                             layout=self._head_layout())
         add_mtp_forward(unwrapped, self.temperature)
         give_reference_the_heads(unwrapped, None if self.ref_model is None
                                  else self.accelerator.unwrap_model(self.ref_model))
@@ -166,6 +183,14 @@ class MTPGRPOTrainer(UpdateMixin, OptimizerStepMixin, ConsistentLogOnResume, MTP
             last_params=last_layer_params(unwrapped, args.occ_last_layers) if needs_last else [],
             reduce=self.accelerator.reduce,  # (tensor, reduction) across data-parallel ranks
             num_processes=self.accelerator.num_processes)
+
+    def _head_layout(self) -> str | None:
+        """The native layout fresh heads are built in: `mtp_native_layout`, else MiMo's where the heads draft inside
+        vLLM (what its `mtp` drafter computes), else mtprl's own (None)."""
+        args = self.args
+        if args.mtp_native_layout:
+            return args.mtp_native_layout
+        return DRAFT_LAYOUT if args.use_vllm and args.vllm_mode == "colocate" and args.mtp_draft_tokens else None
 
     def _occ_is_blind(self) -> bool:
         """OCC under settings where every rollout feeds exactly one optimizer step: delta_RL = 0, lambda = 0."""
@@ -218,7 +243,16 @@ class MTPGRPOTrainer(UpdateMixin, OptimizerStepMixin, ConsistentLogOnResume, MTP
 
     # ------------------------------------------------------------------------------------------ rollout
     def _generate_single_turn(self, *args, **kwargs):
-        """TRL's generation, with the live heads drafting (`mtp_draft_tokens`): the heads trained a moment ago."""
+        """TRL's generation, with the live heads drafting (`mtp_draft_tokens`): the heads trained a moment ago, in
+        mtprl's sampler or inside vLLM (`use_vllm`; its acceptance counters logged as `rollout/spec_*`)."""
+        if self.use_vllm and self.args.mtp_draft_tokens and self.calibrator is not None:
+            llm = self.vllm_generation.llm
+            before, start = spec_counters(llm), time.perf_counter()
+            out = super()._generate_single_turn(*args, **kwargs)
+            metrics = spec_metrics(before, spec_counters(llm), self.args.mtp_draft_tokens)
+            metrics["rollout/tokens_per_s"] = sum(len(c) for c in out[0]) / max(time.perf_counter() - start, 1e-9)
+            self._log_metrics("train" if self.model.training else "eval", metrics)
+            return out
         if self._draft_policy is None:
             return super()._generate_single_turn(*args, **kwargs)
         self._draft_policy.observe_acceptance(self._latest_acceptance[: self.args.mtp_draft_tokens])
