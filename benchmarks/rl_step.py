@@ -62,7 +62,8 @@ class StepClock(TrainerCallback):
 
 def _smollm2(args):
     from mtprl.model.loading import load_model
-    from mtprl.data.tasks import TaskReward, load_math_splits
+    from mtprl.data.scoring import TaskReward
+    from mtprl.data.tasks import load_math_splits
 
     if not (os.path.isdir(args.smollm2_model) and os.path.isfile(args.math_file)):
         return None

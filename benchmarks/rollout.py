@@ -45,7 +45,8 @@ from common import progress, run_setups
 
 def _tiny(args):
     from mtprl.model.loading import load_model
-    from mtprl.data.tasks import load_task_splits, prompt_text
+    from mtprl.data.prompts import prompt_text
+    from mtprl.data.tasks import load_task_splits
 
     if args.tiny_model != "tiny" and not os.path.isdir(args.tiny_model):
         return None
@@ -58,7 +59,8 @@ def _tiny(args):
 
 def _smollm2(args):
     from mtprl.model.loading import load_model
-    from mtprl.data.tasks import load_math_splits, prompt_text
+    from mtprl.data.prompts import prompt_text
+    from mtprl.data.tasks import load_math_splits
 
     if not (os.path.isdir(args.smollm2_model) and os.path.isfile(args.math_file)):
         return None

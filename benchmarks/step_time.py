@@ -33,7 +33,8 @@ from transformers import PrinterCallback
 
 from mtprl.model.loading import load_model
 from mtprl.core.regimes import OCC_VARIANTS, REGIMES
-from mtprl.data.tasks import TaskReward, load_task_splits
+from mtprl.data.scoring import TaskReward
+from mtprl.data.tasks import load_task_splits
 from mtprl.training.trainer import MTPGRPOConfig, MTPGRPOTrainer
 
 # Every regime (occ = its paper variant), then occ's other variants as "occ-<variant>".

@@ -36,7 +36,8 @@ def main():
     import torch
 
     from mtprl.model.loading import load_model
-    from mtprl.data.tasks import TaskReward, load_task_splits
+    from mtprl.data.scoring import TaskReward
+    from mtprl.data.tasks import load_task_splits
     from mtprl.training.trainer import MTPGRPOConfig, MTPGRPOTrainer
 
     model, tok = load_model(args.model, num_heads=1, dtype="bfloat16")

@@ -347,9 +347,12 @@ def test_compare_arguments_are_checked():
         CompareArguments(seeds="0,x").seed_list()
     assert main(["compare", "--regimes", "detach,joint", "--report_dir", "/tmp/never"]) == 1
     assert main(["compare", "--arms", "detach,occ@occ_lambda=2", "--report_dir", "/tmp/never"]) == 1
+    from mtprl.analysis.compare import baseline_arm
+
+    arms = CompareArguments(arms="ce,detach,occ").arm_list()
+    assert baseline_arm(arms).label == "detach" and baseline_arm(arms, "occ").label == "occ"
     with pytest.raises(ValueError, match="--baseline 'ce' is not one of the arms"):
-        args = CompareArguments(arms="detach,occ")
-        CompareArguments(arms="detach,occ", baseline="ce").baseline_arm(args.arm_list())
+        baseline_arm(CompareArguments(arms="detach,occ").arm_list(), "ce")
 
 
 def test_eval_datasets_give_per_benchmark_columns_and_their_average(tmp_path):
@@ -389,7 +392,7 @@ def test_sft_answer_suffix_fraction_writes_that_share_of_completions_in_the_reje
     from datasets import Dataset
 
     from mtprl.data.sft_data import sft_completions
-    from mtprl.data.tasks import TaskReward
+    from mtprl.data.scoring import TaskReward
     from mtprl.training.config import MTPSFTConfig
 
     rows = Dataset.from_list([{"prompt": f"{i}+1=", "answer": str(i + 1), "x": 0} for i in range(400)])
@@ -411,7 +414,7 @@ def test_compare_evaluates_the_start_again_when_the_starting_model_changed(tmp_p
     """start/eval.json is step 0 of every curve and the reference of every 'avg@k - start': kept while the
     starting model is the same, evaluated again when it was rewritten (e.g. a new warm start)."""
     import mtprl
-    from mtprl.cli import _evaluate_start
+    from mtprl.analysis.compare import evaluate_start
     from mtprl.data.task_setup import TaskArguments
     from mtprl.training.runs import start_fingerprint
     from mtprl.model.loading import load_model
@@ -423,15 +426,15 @@ def test_compare_evaluates_the_start_again_when_the_starting_model_changed(tmp_p
     task_args = TaskArguments(model_name_or_path=start, eval_size=8, eval_k=1, eval_max_new_tokens=4)
     cfg = MTPGRPOConfig(output_dir=str(tmp_path / "o"), mtp_num_heads=1, use_cpu=True, report_to=[])
     path = tmp_path / "cmp" / "start" / "eval.json"
-    _evaluate_start(task_args, cfg, str(tmp_path / "cmp"))
+    evaluate_start(task_args, cfg, str(tmp_path / "cmp"))
     first = json.load(open(path))
     assert first["start_model"] == start_fingerprint(start) and "avg@1" in first
     mtime = os.path.getmtime(path)
-    _evaluate_start(task_args, cfg, str(tmp_path / "cmp"))  # same model: kept
+    evaluate_start(task_args, cfg, str(tmp_path / "cmp"))  # same model: kept
     assert os.path.getmtime(path) == mtime
     capsys.readouterr()
     mtprl.save_pretrained(load_model("tiny", seed=1)[0], start, tok)  # a new warm start in the same place
-    _evaluate_start(task_args, cfg, str(tmp_path / "cmp"))
+    evaluate_start(task_args, cfg, str(tmp_path / "cmp"))
     assert "evaluating it again" in capsys.readouterr().out
     assert json.load(open(path))["start_model"] == start_fingerprint(start) != first["start_model"]
 

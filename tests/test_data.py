@@ -8,8 +8,9 @@ import torch
 from datasets import Dataset
 
 from mtprl.model.loading import char_tokenizer, load_base_model, load_model, tiny_model
-from mtprl.data.tasks import (DEFAULT_INSTRUCTION, TaskReward, build_prompt, clean_answer, detect_math_format,
-                         load_math_splits, prompt_text, resolve_prompt_format)
+from mtprl.data.prompts import DEFAULT_INSTRUCTION, build_prompt, prompt_text, resolve_prompt_format
+from mtprl.data.scoring import TaskReward
+from mtprl.data.tasks import clean_answer, detect_math_format, load_math_splits
 
 QUESTIONS = [f"What is {a} plus {b}?" for a in range(3, 9) for b in range(2, 5)]  # 18 distinct questions
 

@@ -8,7 +8,7 @@ import warnings
 import pytest
 from conftest import COMMON, _dataset, _small_model, digit_reward
 
-from mtprl.data.tasks import safe_reward
+from mtprl.training.rewards import safe_reward
 from mtprl.training.trainer import MTPGRPOConfig, MTPGRPOTrainer
 
 

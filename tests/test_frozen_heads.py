@@ -16,7 +16,7 @@ from conftest import _mtp_trainer, _small_model
 from mtprl.training.config import MTPGRPOConfig
 from mtprl.analysis.policy_shift import completion_kl, held_out_kl, next_token_kl
 from mtprl.data.sft_data import sft_completions, working
-from mtprl.data.tasks import extract_answer
+from mtprl.data.scoring import extract_answer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

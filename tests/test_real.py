@@ -35,7 +35,8 @@ def test_gguf_file_loads_as_trainable_float_weights():
 def test_one_occ_step_on_the_real_model_with_chat_prompts(tmp_path):
     from datasets import Dataset
 
-    from mtprl.data.tasks import TaskReward, build_prompt
+    from mtprl.data.prompts import build_prompt
+    from mtprl.data.scoring import TaskReward
 
     model, tok = load_model(SMOLLM2, num_heads=1)
     questions = ["What is 3 + 4?", "What is 10 - 7?"]

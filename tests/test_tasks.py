@@ -5,7 +5,9 @@ import json
 import pytest
 
 from mtprl import load_task
-from mtprl.data.tasks import TaskReward, extract_answer, load_task_splits, safe_reward
+from mtprl.data.scoring import TaskReward, extract_answer
+from mtprl.data.tasks import load_task_splits
+from mtprl.training.rewards import safe_reward
 
 CHAIN = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2}
 
@@ -103,7 +105,7 @@ def test_safe_reward_isolates_the_failing_samples():
 
 
 def test_a_reward_function_failing_on_every_sample_stops_the_run_with_its_cause():
-    from mtprl.data.tasks import RewardFailure
+    from mtprl.data.scoring import RewardFailure
 
     def broken(prompts, completions, **kwargs):
         return [kwargs["ground_truth"] for _ in completions]  # a KeyError on every call
@@ -146,7 +148,7 @@ def test_reward_failure_raise_stops_at_the_first_failure_as_trl_does():
         raise KeyError("boom")
 
     assert safe_reward(picky, "raise") is picky
-    from mtprl.data.tasks import RewardFailure
+    from mtprl.data.scoring import RewardFailure
 
     with pytest.raises(RewardFailure, match="reward_failure=raise"):
         TaskReward(on_failure="raise")(None, ["3", "4"], ["3", "4"], task=["reasoning_gym:chain_sum"] * 2,

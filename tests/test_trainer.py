@@ -500,13 +500,13 @@ def test_occ_last_layers_split_backward_is_autograds_gradient(tmp_path, checkpoi
 
 
 def test_a_scorer_that_fails_on_every_sample_stops_training_at_the_first_step(tmp_path):
-    from mtprl.data.tasks import RewardFailure
+    from mtprl.data.scoring import RewardFailure
 
     def needs_ground_truth(prompts, completions, **kwargs):
         return [float(c == kwargs["ground_truth"]) for c in completions]
 
     trainer = _mtp_trainer(tmp_path, mtp_regime="ce", max_steps=3)
-    trainer.reward_funcs = [mtprl.data.tasks.safe_reward(needs_ground_truth)]
+    trainer.reward_funcs = [mtprl.training.rewards.safe_reward(needs_ground_truth)]
     with pytest.raises(RewardFailure, match="every one of the 8 samples"):
         trainer.train()
     assert trainer.state.global_step == 0

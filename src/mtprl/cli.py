@@ -1,19 +1,22 @@
 """The `mtprl` command line. YAML configs parsed with TRL's TrlParser; any field can be overridden on the
 command line (`mtprl train --config configs/tiny.yaml --mtp_regime ce --max_steps 10`). This module parses and
-dispatches: the commands' argument dataclasses, the parser, and each command as a short sequence of calls; the
-model and the data come from `mtprl.data.task_setup`, sft's training text from `mtprl.data.sft_data`.
+dispatches: the commands' argument dataclasses, the parser, and each command as a short sequence of calls. What a
+command runs is elsewhere: the runs in `mtprl.training.experiment`, the comparison in `mtprl.analysis.compare`, the
+model and the data from `mtprl.data.task_setup`.
 
 Commands (each a `cmd_*` function below):
   sft      `MTPSFTTrainer`: warm start, main CE + MTP CE on every head (MTP pretraining), then evaluate
-  train    `MTPGRPOTrainer` (GRPO/DAPO/GSPO via TRL) with the heads under `--mtp_regime`; `run_training`
-  eval     avg@k / pass@k with the paper's sampling (`mtprl.data.evaluation`)
+           (`experiment.run_sft`)
+  train    `MTPGRPOTrainer` (GRPO/DAPO/GSPO via TRL) with the heads under `--mtp_regime`; `experiment.run_training`,
+           resumable (`experiment.train_or_resume`)
+  eval     avg@k / pass@k with the paper's sampling (`experiment.evaluate_task`, `mtprl.data.evaluation`)
   compare  every arm (a regime plus overrides, `mtprl.analysis.arms`) x seed from one starting model, resumable
-           (`runs.prepare_run`), periodic evaluation with `eval_steps`, then the report
+           (`runs.prepare_run`), periodic evaluation with `eval_steps`, then the report (`compare.run_comparison`)
   report   the report (`mtprl.analysis.report`) from existing run directories, no training
+  export   the model and its heads in the family's own checkpoint layout (`mtprl.model.native`) or mtprl's
   probe    the per-step gain dJ(lambda) at a run's checkpoints (`mtprl.analysis.probe`)
 
-The package map, module by module, is in one place: docs/layout.md.
-"""
+The package map, module by module, is in one place: docs/layout.md."""
 
 from __future__ import annotations
 
@@ -28,17 +31,12 @@ from typing import ClassVar
 
 from trl import TrlParser
 
-from .io.callbacks import PeriodicEvalCallback, phase
-from .model.checkpoints import load_mtp_weights
-from .training.config import DraftFields, check_draft_options
-from .data.task_setup import RUN_TASK_FIELDS, TaskArguments, load_for_task, task_benchmarks, task_splits
-from .io.faults import kill_point
-from .io.jsonl import atomic_write_json
+from .io.callbacks import phase
+from .training.config import DraftFields
+from .data.task_setup import RUN_TASK_FIELDS, TaskArguments, load_for_task, task_splits
 from .model.lora import LoraArguments, peft_config_of
-from .model.mtp import get_mtp_heads
 from .analysis.probe import ProbeOptions
-from .training.runs import prepare_run, record_trained_steps, resume_point, start_fingerprint
-from .data.sft_data import self_distillation_data, sft_completions
+from .training.experiment import draft_policy, evaluate_task, run_sft, train_or_resume
 
 
 def usage() -> str:
@@ -145,180 +143,20 @@ class EvalArguments(DraftFields):
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow a model's own modelling code."})
 
 
-def draft_policy(fields: DraftFields, model=None):
-    """The rollout policy of `mtp_draft_tokens` / `mtp_draft_policy` / `mtp_draft_vocab_size` (None: plain
-    generate)."""
-    from .generation.rollout import make_draft_policy
-
-    heads = getattr(model, "mtp_heads", None)
-    drafts = fields.mtp_draft_tokens
-    check_draft_options(drafts, fields.mtp_draft_policy, heads.num_heads if heads is not None else drafts,
-                        fields.mtp_draft_vocab_size)
-    return make_draft_policy(fields.mtp_draft_policy, drafts, fields.mtp_draft_vocab_size, model) if drafts else None
-
-
-def _evaluate(model, tokenizer, eval_ds, task_args, path, label, draft=None):
-    """Held-out avg@k / pass@k, plus every `eval_datasets` benchmark and their average (Table 1's columns).
-    `draft`: the heads draft the samples (`draft_policy`)."""
-    from .data.evaluation import evaluate, write_eval
-
-    k = task_args.eval_k
-    keys = (f"avg@{k}", f"pass@{k}")
-    phase(f"evaluating {label}: {len(eval_ds)} questions x {k} samples")
-    result = evaluate(model, tokenizer, eval_ds, k=k, max_new_tokens=task_args.eval_max_new_tokens, draft=draft)
-    benchmarks = task_benchmarks(task_args, tokenizer)
-    if benchmarks:
-        result["benchmarks"] = {}
-        for name, data in benchmarks.items():
-            phase(f"evaluating {label} on {name}: {len(data)} questions x {k} samples")
-            bench = evaluate(model, tokenizer, data, k=k, max_new_tokens=task_args.eval_max_new_tokens, draft=draft)
-            result["benchmarks"][name] = {key: bench[key] for key in (*keys, "num_questions", "correct_per_question",
-                                                                       "questions_digest")}
-        result["benchmarks_average"] = {key: sum(b[key] for b in result["benchmarks"].values()) / len(benchmarks)
-                                        for key in keys}
-    kill_point("final_eval")
-    write_eval(result, path)
-    accept = " ".join(f"{key}={v:.3f}" for key, v in result.items()
-                      if key.startswith("mtp/accept") or key in ("rollout/spec_accept_length", "rollout/tokens_per_s"))
-    bench_line = "".join(f" {name}: avg@{k}={b[keys[0]]:.3f}" for name, b in result.get("benchmarks", {}).items())
-    phase(f"{label}: avg@{k}={result[keys[0]]:.3f} pass@{k}={result[keys[1]]:.3f} {accept}{bench_line} -> {path}")
-    return result
-
-
 def cmd_sft(argv) -> dict | None:
-    from .model.checkpoints import is_complete_checkpoint
     from .training.config import MTPSFTConfig
-    from .training.sft_trainer import MTPSFTTrainer
 
     task_args, cfg = Parser((TaskArguments, MTPSFTConfig), "sft").parse_args_and_config(argv)
-    if is_complete_checkpoint(cfg.output_dir) and not task_args.overwrite:
-        phase(f"sft: {cfg.output_dir} already holds a model; skipping (pass --overwrite true to train again)")
-        return None
-    if str(cfg.resume_from_checkpoint).lower() == "true":  # the latest complete checkpoint-N, or a fresh start
-        point = resume_point(cfg.output_dir, "true")
-        cfg.resume_from_checkpoint = point[0] if point else None
-        phase(f"sft: resuming from {point[0]} (step {point[1]})" if point else "sft: no checkpoint yet, fresh start")
-    model, tokenizer = load_for_task(task_args, cfg.mtp_num_heads, cfg.mtp_init, seed=cfg.seed,
-                                     trust_remote_code=cfg.trust_remote_code)
-    train_ds, eval_ds = task_splits(task_args, tokenizer)
-    before = None
-    draft = draft_policy(cfg, model)
-    if cfg.mtp_only:
-        before_path = os.path.join(cfg.output_dir, "eval_before.json")
-        if task_args.eval_after and cfg.resume_from_checkpoint and os.path.isfile(before_path):
-            with open(before_path) as f:  # a resumed warm-up: the starting model was measured already
-                before = json.load(f)
-        elif task_args.eval_after:
-            before = _evaluate(model, tokenizer, eval_ds, task_args, before_path, "model before the head warm-up",
-                               draft)
-        train_ds = self_distillation_data(model, tokenizer, train_ds, cfg, draft)
-    else:
-        train_ds = sft_completions(train_ds, cfg.answer_suffix_fraction, cfg.seed, cfg.answer_format)
-    phase(f"sft: {cfg.max_steps} steps, {cfg.mtp_num_heads} MTP head(s), "
-          f"{'heads only (main model frozen)' if cfg.mtp_only else 'main + heads'}, output {cfg.output_dir}")
-    trainer = MTPSFTTrainer(model=model, args=cfg, train_dataset=train_ds, processing_class=tokenizer)
-    trainer.train(resume_from_checkpoint=cfg.resume_from_checkpoint)
-    trainer.save_model(cfg.output_dir)
-    if not task_args.eval_after:
-        return None
-    after = _evaluate(model, tokenizer, eval_ds, task_args, os.path.join(cfg.output_dir, "eval.json"), "sft model",
-                      draft)
-    if before is not None:
-        record = {key: {"before": before.get(key), "after": after[key]} for key in after
-                  if key.startswith("mtp/accept/")}
-        atomic_write_json(os.path.join(cfg.output_dir, "acceptance.json"), record)
-        phase("sft --mtp_only: acceptance " + ", ".join(
-            f"head {key.rsplit('/', 1)[1]} {v['before']:.3f} -> {v['after']:.3f}" for key, v in record.items()))
-    return after
-
-
-def run_training(task_args: TaskArguments, cfg, label: str | None = None, peft_config=None) -> dict | None:
-    """One RL run: load the model (with heads), train under `cfg.mtp_regime` (the trunk adapted by LoRA under
-    `peft_config`, `mtprl.model.lora`), save, evaluate. With `eval_steps` the held-out set (and every `eval_datasets`
-    benchmark) is also evaluated every N steps."""
-    from .data.tasks import TaskReward
-    from .training.trainer import MTPGRPOTrainer
-
-    model, tokenizer = load_for_task(task_args, cfg.mtp_num_heads, cfg.mtp_init, seed=cfg.seed,
-                                     trust_remote_code=cfg.trust_remote_code)
-    if cfg.mtp_heads_from:  # same policy, other heads (an arm's warm-up): loaded in place, the count checked
-        load_mtp_weights(get_mtp_heads(model), cfg.mtp_heads_from)
-        phase(f"train: MTP heads from {cfg.mtp_heads_from}")
-    train_ds, eval_ds = task_splits(task_args, tokenizer)
-    draft = draft_policy(cfg, model)
-    if task_args.eval_before:
-        _evaluate(model, tokenizer, eval_ds, task_args, os.path.join(cfg.output_dir, "eval_before.json"),
-                  "starting model", draft)
-    phase(f"train: regime={cfg.mtp_regime} variant={cfg.occ_variant} loss={cfg.loss_type} "
-          f"steps={cfg.max_steps} output={cfg.output_dir}")
-    trainer = MTPGRPOTrainer(model=model, reward_funcs=[TaskReward()], args=cfg, train_dataset=train_ds,
-                             processing_class=tokenizer, peft_config=peft_config)
-    model = trainer.accelerator.unwrap_model(trainer.model)  # under LoRA the PeftModel, which carries the heads
-    every = _eval_every(cfg)
-    if every:
-        trainer.add_callback(PeriodicEvalCallback(every, lambda m: _periodic_eval(m, tokenizer, eval_ds, task_args,
-                                                                                  draft),
-                                                  cfg.output_dir))
-    os.makedirs(cfg.output_dir, exist_ok=True)
-    atomic_write_json(os.path.join(cfg.output_dir, "run_info.json"), {
-        "mtp_regime": cfg.mtp_regime, "occ_variant": cfg.occ_variant, "seed": cfg.seed,
-        "label": label or cfg.mtp_regime, "model": task_args.model_name_or_path,
-        "task": task_args.dataset_name or task_args.task, "max_steps": cfg.max_steps, "loss_type": cfg.loss_type,
-        "mtp_coef": cfg.mtp_coef, "occ_lambda_plus": cfg.occ_lambda_plus, "mtp_draft_tokens": cfg.mtp_draft_tokens,
-        "mtp_heads_from": cfg.mtp_heads_from,
-        "start_model": start_fingerprint(task_args.model_name_or_path),
-        "task_args": {name: getattr(task_args, name) for name in RUN_TASK_FIELDS}})
-    trainer.train(resume_from_checkpoint=cfg.resume_from_checkpoint)  # the trainer cuts the log back on resume
-    trainer.save_model(cfg.output_dir)
-    record_trained_steps(cfg.output_dir, trainer.state.global_step)
-    phase(f"train: done, metrics in {os.path.join(cfg.output_dir, 'metrics.jsonl')}")
-    if task_args.eval_after:
-        return _evaluate(model, tokenizer, eval_ds, task_args, os.path.join(cfg.output_dir, "eval.json"),
-                         "trained model", draft)
-    return None
-
-
-def _eval_every(cfg) -> int:
-    """`eval_steps` (TRL's field; a fraction < 1 is a share of max_steps, as in transformers) as a step count;
-    0 when unset. mtprl evaluates by sampling itself, so TRL's own `eval_strategy` stays "no"."""
-    steps = cfg.eval_steps
-    if not steps or cfg.eval_strategy != "no":
-        return 0
-    return max(1, round(steps * cfg.max_steps)) if steps < 1 else int(steps)
-
-
-def _periodic_eval(model, tokenizer, eval_ds, task_args, draft=None) -> dict:
-    """Held-out avg@k / pass@k and every benchmark's, flattened to metric keys `eval/...`."""
-    from .data.evaluation import evaluate
-
-    k = task_args.eval_k
-    row = {}
-    for name, data in [(None, eval_ds), *task_benchmarks(task_args, tokenizer).items()]:
-        result = evaluate(model, tokenizer, data, k=k, max_new_tokens=task_args.eval_max_new_tokens, draft=draft)
-        prefix = "eval/" if name is None else f"eval/{name}/"
-        row[f"{prefix}avg@{k}"], row[f"{prefix}pass@{k}"] = result[f"avg@{k}"], result[f"pass@{k}"]
-    return row
+    return run_sft(task_args, cfg)
 
 
 def cmd_train(argv) -> dict | None:
-    """`--resume_from_checkpoint true` makes the command re-runnable after a kill, anywhere: it starts fresh when
-    there is no complete checkpoint, resumes from the last complete one, evaluates a trained model whose final
-    evaluation was cut, and does nothing for a finished run (`runs.prepare_run`, the rule `compare` applies to
-    each of its runs)."""
+    """`--resume_from_checkpoint true` makes the command re-runnable after a kill (`experiment.train_or_resume`)."""
     from .training.config import MTPGRPOConfig
 
     parser = Parser((TaskArguments, MTPGRPOConfig, LoraArguments), "train")
     task_args, cfg, lora_args = parser.parse_args_and_config(argv)
-    if str(cfg.resume_from_checkpoint).lower() == "true":
-        state = prepare_run(cfg.output_dir, cfg.max_steps, "train")
-        if state.kind == "finished":
-            with open(os.path.join(cfg.output_dir, "eval.json")) as f:
-                return json.load(f)
-        if state.kind == "evaluate":
-            _finish_run(cfg.output_dir, state.checkpoint, task_args)
-            return None
-        cfg.resume_from_checkpoint = state.checkpoint  # None: fresh
-    return run_training(task_args, cfg, peft_config=peft_config_of(lora_args))
+    return train_or_resume(task_args, cfg, peft_config=peft_config_of(lora_args))
 
 
 def config_path(argv) -> str | None:
@@ -373,20 +211,8 @@ def cmd_eval(argv) -> dict:
     _run_task_settings(task_args, list(argv))
     model, tokenizer = load_for_task(task_args, trust_remote_code=eval_args.trust_remote_code)
     _, eval_ds = task_splits(task_args, tokenizer)
-    return _evaluate(model, tokenizer, eval_ds, task_args, _eval_path(task_args), task_args.model_name_or_path,
-                     draft_policy(eval_args, model))
-
-
-def _finish_run(run_dir, checkpoint, task_args):
-    from .model.checkpoints import save_pretrained
-    from .model.loading import load_model
-
-    if checkpoint:  # the last checkpoint is the final model
-        model, tokenizer = load_model(checkpoint)
-        save_pretrained(model, run_dir, tokenizer=tokenizer)
-    model, tokenizer = load_model(run_dir)
-    _, eval_ds = task_splits(task_args, tokenizer)
-    _evaluate(model, tokenizer, eval_ds, task_args, os.path.join(run_dir, "eval.json"), run_dir)
+    return evaluate_task(model, tokenizer, eval_ds, task_args, _eval_path(task_args), task_args.model_name_or_path,
+                         draft_policy(eval_args, model))
 
 
 @dataclass
@@ -413,14 +239,6 @@ class CompareArguments:
 
         return parse_arms(self.arms if self.arms else self.regime_list(), allowed_fields)
 
-    def baseline_arm(self, arms):
-        if self.baseline:
-            for arm in arms:
-                if arm.label == self.baseline:
-                    return arm
-            raise ValueError(f"--baseline {self.baseline!r} is not one of the arms ({', '.join(a.label for a in arms)})")
-        return next((a for a in arms if a.regime == "detach"), arms[0])
-
     def regime_list(self) -> list[str]:
         from .core.regimes import REGIMES
 
@@ -437,60 +255,21 @@ class CompareArguments:
             raise ValueError(f"--seeds must be comma-separated integers, got {self.seeds!r}") from e
 
 
-def _evaluate_start(task_args, cfg, report_dir) -> None:
-    """The starting model, evaluated once: every arm and seed starts from it and is evaluated on the same
-    questions with the same sampling seed, so one evaluation is step 0 of every accuracy curve. Evaluated again
-    when the starting model changed since (its fingerprint is stored beside the result)."""
-    from .data.evaluation import write_eval
-
-    path = os.path.join(report_dir, "start", "eval.json")
-    fingerprint = start_fingerprint(task_args.model_name_or_path)
-    if os.path.isfile(path):
-        with open(path) as f:
-            if json.load(f).get("start_model") == fingerprint:
-                return
-        phase(f"{path} was made from another starting model (or an older copy of it): evaluating it again")
-    model, tokenizer = load_for_task(task_args, cfg.mtp_num_heads, cfg.mtp_init, seed=0,
-                                     trust_remote_code=cfg.trust_remote_code)
-    _, eval_ds = task_splits(task_args, tokenizer)
-    result = _evaluate(model, tokenizer, eval_ds, task_args, path, "starting model",
-                       draft_policy(cfg, model))
-    write_eval({**result, "start_model": fingerprint}, path)
-
-
 def cmd_compare(argv) -> str:
+    from .analysis.compare import run_comparison
     from .training.config import MTPGRPOConfig
-    from .analysis.report import build_report
 
     parser = Parser((CompareArguments, TaskArguments, MTPGRPOConfig, LoraArguments), "compare")
-    compare_args, task_args0, cfg0, lora_args = parser.parse_args_and_config(list(argv))
+    compare_args, task_args, cfg, lora_args = parser.parse_args_and_config(list(argv))
     arms = compare_args.arm_list({f.name for f in fields(MTPGRPOConfig)})
-    baseline, seeds = compare_args.baseline_arm(arms), compare_args.seed_list()
-    for arm in arms:  # every arm's overrides parse (and validate) before anything runs
-        parser.parse_args_and_config(list(argv) + arm.cli_args())
-    _evaluate_start(task_args0, cfg0, compare_args.report_dir)
-    run_dirs = []
-    for arm in arms:
-        for seed in seeds:
-            run_dir = os.path.join(compare_args.report_dir, "runs", f"{arm.slug}-s{seed}")
-            run_dirs.append(run_dir)
-            extra = arm.cli_args() + ["--seed", str(seed), "--output_dir", run_dir, "--eval_before", "false"]
-            _, task_args, cfg, _ = parser.parse_args_and_config(list(argv) + extra)
-            state = prepare_run(run_dir, cfg.max_steps, "compare", task_args.model_name_or_path)
-            if state.kind == "finished":
-                continue
-            if state.kind == "evaluate":
-                _finish_run(run_dir, state.checkpoint, task_args)
-                continue
-            if state.kind == "resume":
-                _, task_args, cfg, _ = parser.parse_args_and_config(
-                    list(argv) + extra + ["--resume_from_checkpoint", state.checkpoint])
-            phase(f"compare: running arm {arm.label} seed {seed}")
-            run_training(task_args, cfg, label=arm.label, peft_config=peft_config_of(lora_args))
-    report = build_report(run_dirs, compare_args.report_dir, command="mtprl compare " + " ".join(argv),
-                          baseline=baseline.label, start=os.path.join(compare_args.report_dir, "start", "eval.json"))
-    phase(f"compare: report written to {report}")
-    return report
+
+    def parse(extra):  # the command line again with an arm's (and a run's) own arguments after it
+        _, run_task_args, run_cfg, _ = parser.parse_args_and_config(list(argv) + extra)
+        return run_task_args, run_cfg
+
+    return run_comparison(arms, compare_args.seed_list(), compare_args.report_dir, task_args, cfg, parse,
+                          baseline=compare_args.baseline, lora_args=lora_args,
+                          command="mtprl compare " + " ".join(argv))
 
 
 @dataclass

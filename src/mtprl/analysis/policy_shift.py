@@ -16,7 +16,7 @@ import torch
 
 from ..model.eval_mode import evaluating
 from ..data.evaluation import completion_mask
-from ..data.tasks import prompt_text
+from ..data.prompts import prompt_text
 
 
 def next_token_kl(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:

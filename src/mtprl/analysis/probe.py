@@ -48,7 +48,8 @@ from ..io.jsonl import atomic_write_json
 from ..model.logprobs import main_logprobs
 from ..core.occ import OCCStats, lambda_from_stats
 from ..core.regimes import REGIMES, TERMLESS, fixed_form_of
-from ..data.tasks import TaskReward, prompt_text
+from ..data.prompts import prompt_text
+from ..data.scoring import TaskReward
 
 # The probed term per run regime, read off the one regime table (`Regime.fixed_form`: occ -> policy).
 TERM_OF_REGIME = {name: fixed_form_of(name) for name in REGIMES if name not in TERMLESS}

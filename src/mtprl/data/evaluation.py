@@ -19,7 +19,8 @@ from ..io.jsonl import atomic_write_json
 from ..model.logprobs import forward_logprobs
 from ..generation.rollout import merged_rollout_metrics, repeat_rows, sample_with_heads
 from ..generation.speculative import logits_warpers
-from .tasks import TaskReward, prompt_text
+from .prompts import prompt_text
+from .scoring import TaskReward
 
 
 def completion_mask(sequences, prompt_mask, eos_token_id):

@@ -15,7 +15,7 @@ def self_distillation_data(model, tokenizer, train_ds, cfg, draft=None):
     """prompt + the model's own sampled completion, for `sft --mtp_only`: the heads learn what the policy
     predicts, on the policy's own text. Kept in `<output_dir>/self_distillation.jsonl`, so that a resumed warm-up
     trains on the same text without sampling it again (minutes on a real model). `draft`: the heads draft the
-    samples (`cli.draft_policy`)."""
+    samples (`experiment.draft_policy`)."""
     from datasets import Dataset
 
     from .evaluation import sample_completions

@@ -104,7 +104,8 @@ def load_for_task(task_args: TaskArguments, num_heads=None, init="copy_last_laye
 
 def task_splits(task_args: TaskArguments, tokenizer=None):
     """(train, eval) of the task or of `dataset_name`, prompts in the format the tokenizer calls for."""
-    from .tasks import load_math_splits, load_task_splits, resolve_prompt_format
+    from .prompts import resolve_prompt_format
+    from .tasks import load_math_splits, load_task_splits
 
     fmt = resolve_prompt_format(task_args.prompt_format, tokenizer)
     prompts = {"prompt_format": fmt, "system_prompt": task_args.system_prompt}
@@ -121,7 +122,8 @@ def task_splits(task_args: TaskArguments, tokenizer=None):
 
 def task_benchmarks(task_args: TaskArguments, tokenizer) -> dict:
     """name -> held-out dataset of every `eval_datasets` benchmark (its rows up to `size`, default eval_size)."""
-    from .tasks import load_dataset_split, math_rows, resolve_prompt_format, rows_to_dataset
+    from .prompts import resolve_prompt_format
+    from .tasks import load_dataset_split, math_rows, rows_to_dataset
 
     fmt = resolve_prompt_format(task_args.prompt_format, tokenizer)
     out = {}

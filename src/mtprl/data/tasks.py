@@ -1,66 +1,26 @@
-"""Verifiable tasks and their rewards.
+"""Verifiable tasks, loaded as questions and reference answers.
 
 `load_task("reasoning_gym:<name>", size, seed)` draws procedurally generated questions from reasoning-gym;
-`load_task("jsonl:<path>")` reads `{"question", "answer"}` rows. Both give a `datasets.Dataset` with `prompt`
-(the question plus an answer cue, plain text) and `answer`, plus what the scorer needs. Train and eval splits
-are carved from one deduplicated pool, so they never share a question.
-
-Rewards: reasoning-gym's own `score_answer` for its tasks, math-verify for jsonl/math. A scorer that raises
-or runs past its time limit gives 0 for that sample, is counted in `rewards/failures`, and training goes on.
+`load_task("jsonl:<path>")` reads `{"question", "answer"}` rows; `load_math_splits` reads a math dataset (DAPO-Math,
+DeepScaleR, MATH, GSM8K, AIME; any file or hub dataset `datasets` reads). Each gives a `datasets.Dataset` with
+`prompt` (the question as `mtprl.data.prompts.build_prompt` asks it) and `answer`, plus what the scorer needs
+(`task`, `metadata`; the scoring is `mtprl.data.scoring`). Train and eval splits are carved from one deduplicated
+pool, so they never share a question.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import os
-import re
-import signal
-import threading
-import traceback
 import warnings
-from contextlib import contextmanager
 
 from datasets import Dataset
 
 from ..io.jsonl import read_jsonl
+from .prompts import DEFAULT_INSTRUCTION, build_prompt
+from .scoring import last_boxed
 
-ANSWER_CUE = "\nAnswer: "
 SPLITS = ("train", "eval")
-PROMPT_FORMATS = ("auto", "chat", "plain")
-# Appended to every chat question that does not carry its own answer-format instruction (DAPO rows do).
-DEFAULT_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
-
-
-def format_prompt(question: str) -> str:
-    return question.strip() + ANSWER_CUE
-
-
-def resolve_prompt_format(prompt_format: str, tokenizer=None) -> str:
-    """auto: chat for a tokenizer with a chat template, plain otherwise (the tiny preset's char tokenizer)."""
-    if prompt_format not in PROMPT_FORMATS:
-        raise ValueError(f"prompt_format must be one of {', '.join(PROMPT_FORMATS)}, got {prompt_format!r}")
-    if prompt_format == "auto":
-        return "chat" if getattr(tokenizer, "chat_template", None) else "plain"
-    return prompt_format
-
-
-def build_prompt(question: str, prompt_format: str = "plain", system_prompt: str | None = None,
-                 instruction: str | None = DEFAULT_INSTRUCTION):
-    """plain: `question + "\nAnswer: "`; chat: TRL's conversational form `[{"role": "user", ...}]` (with an
-    optional system message), the instruction appended to the question."""
-    if prompt_format == "plain":
-        return format_prompt(question)
-    content = question.strip() + (f"\n\n{instruction}" if instruction else "")
-    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    return messages + [{"role": "user", "content": content}]
-
-
-def prompt_text(tokenizer, prompt) -> str:
-    """The text a model is given for a prompt: chat prompts through the tokenizer's chat template."""
-    if isinstance(prompt, list):
-        return tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
-    return prompt
 
 
 # ---------------------------------------------------------------------------------------------------- loading
@@ -158,7 +118,7 @@ def clean_answer(value) -> str | None:
     if value is None:
         return None
     text = str(value).strip()
-    boxed = _last_boxed(text)
+    boxed = last_boxed(text)
     if boxed is not None:
         return boxed.strip() or None
     if "####" in text:
@@ -254,237 +214,3 @@ def load_task(spec: str, size: int | None = None, seed: int = 0, *, split: str =
         eval_size = min(eval_size, size)
     train, evaluation = load_task_splits(spec, size if split == "train" else 0, eval_size, seed, **task_config)
     return train if split == "train" else evaluation
-
-
-# ---------------------------------------------------------------------------------------------------- answers
-
-def _last_boxed(text: str) -> str | None:
-    start = text.rfind("\\boxed{")
-    if start < 0:
-        return None
-    depth, i = 0, start + len("\\boxed{") - 1
-    for j in range(i, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[j], 0)
-        if depth == 0:
-            return text[i + 1:j]
-    return None
-
-
-def extract_answer(completion) -> str:
-    """The answer in a completion: the last `\\boxed{...}`, else what follows the last `Answer:`, else the
-    bare completion (its first non-empty line)."""
-    if isinstance(completion, list):  # conversational: the last message's content
-        completion = completion[-1]["content"] if completion else ""
-    text = str(completion)
-    boxed = _last_boxed(text)
-    if boxed is not None:
-        return boxed.strip()
-    match = list(re.finditer(r"answer\s*:", text, flags=re.IGNORECASE))
-    if match:
-        text = text[match[-1].end():]
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    return lines[0] if lines else ""
-
-
-# ---------------------------------------------------------------------------------------------------- rewards
-
-class RewardTimeout(Exception):
-    pass
-
-
-@contextmanager
-def _time_limit(seconds: float | None):
-    """SIGALRM-based limit; only possible on the main thread (TRL calls sync rewards there)."""
-    if not seconds or threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def _raise(signum, frame):
-        raise RewardTimeout(f"scorer ran past {seconds}s")
-
-    previous = signal.signal(signal.SIGALRM, _raise)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
-
-
-def math_verify_score(prediction: str, answer: str) -> float:
-    from math_verify import parse, verify
-
-    gold = parse(answer if "$" in answer or "\\boxed" in answer else f"${answer}$")
-    pred = parse(prediction if "$" in prediction or "\\boxed" in prediction else f"${prediction}$")
-    return float(verify(gold, pred))
-
-
-REWARD_FAILURE_MODES = ("zero", "raise")
-
-
-class RewardFailure(RuntimeError):
-    """A reward function failed on every sample of a batch: a broken scorer, not an unlucky sample."""
-
-
-class FailurePolicy:
-    """What a reward function's failures do to the run (`reward_failure`): `zero` scores a failing sample 0
-    (occasional failures: a time-out, an unparsable answer) but stops the run when *every* sample of a batch
-    (two or more) fails, since then the whole run would train at reward 0; `raise` stops at the first failure,
-    as TRL does. The first failure of any kind prints its traceback once."""
-
-    def __init__(self, name: str, mode: str = "zero"):
-        if mode not in REWARD_FAILURE_MODES:
-            raise ValueError(f"reward_failure must be one of {', '.join(REWARD_FAILURE_MODES)}; got {mode!r}")
-        self.name, self.mode, self.shown = name, mode, False
-
-    def check(self, errors: list[BaseException], total: int) -> None:
-        """The failures of one batch of `total` samples (`errors`, in sample order)."""
-        if not errors:
-            return
-        first = errors[0]
-        if self.mode == "raise":
-            raise RewardFailure(f"reward function {self.name!r} raised on a sample ({type(first).__name__}: "
-                                f"{first}); reward_failure=raise stops the run") from first
-        if len(errors) == total and total > 1:
-            raise RewardFailure(
-                f"reward function {self.name!r} failed on every one of the {total} samples of a batch (first: "
-                f"{type(first).__name__}: {first}): training on reward 0 would waste the run. Fix the scorer (the "
-                "traceback above is its first failure), or set reward_failure=raise to stop at any failure") from first
-        if not self.shown:
-            self.shown = True
-            warnings.warn(f"reward function {self.name!r} failed on {len(errors)}/{total} samples; they score 0 "
-                          "(shown once, with the traceback below; rewards/failures counts them)")
-            traceback.print_exception(first, chain=False)
-
-
-class TaskReward:
-    """TRL reward function: 1.0 for a correct answer, reasoning-gym's partial credit where it gives one.
-
-    A scorer error or time-out scores 0, is counted in `self.failures` and logged through TRL's `log_metric` as
-    `rewards/failures` (failures in that batch); a batch on which every sample fails stops the run
-    (`FailurePolicy`, `on_failure`)."""
-
-    __name__ = "accuracy"
-
-    def __init__(self, timeout_s: float = 5.0, on_failure: str = "zero"):
-        self.timeout_s = timeout_s
-        self.failures = 0
-        self._scorers = {}
-        self.policy = FailurePolicy(self.__name__, on_failure)
-
-    def _scorer(self, task: str):
-        if task not in self._scorers:
-            kind, _, name = task.partition(":")
-            if kind == "reasoning_gym":
-                import reasoning_gym
-
-                data = reasoning_gym.create_dataset(name, size=1, seed=0)
-                self._scorers[task] = lambda pred, answer, meta: float(
-                    data.score_answer(answer=pred, entry={"answer": answer, "metadata": meta}))
-            else:
-                self._scorers[task] = lambda pred, answer, meta: math_verify_score(pred, answer)
-        return self._scorers[task]
-
-    def score(self, completion, answer: str, task: str = "jsonl:", metadata: str = "{}") -> float:
-        pred = extract_answer(completion)
-        with _time_limit(self.timeout_s):
-            return self._scorer(task)(pred, answer, json.loads(metadata or "{}"))
-
-    def __call__(self, prompts, completions, answer, task=None, metadata=None, log_metric=None, **kwargs):
-        n = len(completions)
-        task = task or ["jsonl:"] * n
-        metadata = metadata or ["{}"] * n
-        rewards, errors = [], []
-        for completion, ans, t, meta in zip(completions, answer, task, metadata):
-            try:
-                rewards.append(self.score(completion, ans, t, meta))
-            except Exception as e:  # noqa: BLE001 - a scorer failure is a 0 (FailurePolicy decides the rest)
-                errors.append(e)
-                rewards.append(0.0)
-                if self.failures + len(errors) <= 5:
-                    warnings.warn(f"reward scorer failed on task {t!r} ({type(e).__name__}: {e}); scoring 0")
-        self.failures += len(errors)
-        self.policy.check(errors, n)
-        if log_metric is not None:
-            log_metric("rewards/failures", float(len(errors)))
-        return rewards
-
-
-def _one_sample_calls(kwargs):
-    """The batch call's keyword arguments split into one call per sample (per-sample lists sliced)."""
-    n = len(kwargs["completions"])
-    for i in range(n):
-        yield {k: (v[i:i + 1] if isinstance(v, list) and len(v) == n else v) for k, v in kwargs.items()}
-
-
-def _call_one(func, one):
-    """One sample's reward, or the exception its call raised."""
-    try:
-        return func(log_metric=None, **one)[0]
-    except Exception as e:  # noqa: BLE001
-        return e
-
-
-async def _call_one_async(func, one):
-    try:
-        return (await func(log_metric=None, **one))[0]
-    except Exception as e:  # noqa: BLE001
-        return e
-
-
-def _scored_alone(results, policy, batch_error, log_metric):
-    """The rewards of a batch whose call raised, each sample scored alone (`results`: reward or exception);
-    the failures score 0 and are logged, and `policy` decides whether the run goes on."""
-    errors = [r for r in results if isinstance(r, Exception)]
-    if not errors:
-        warnings.warn(f"reward function {policy.name!r} raised on the batch ({type(batch_error).__name__}: "
-                      f"{batch_error}) but scored each of the {len(results)} samples alone without failing")
-    policy.check(errors, len(results))
-    if log_metric is not None:
-        log_metric("rewards/failures", float(len(errors)))
-    return [0.0 if isinstance(r, Exception) else r for r in results]
-
-
-def _scored(rewards, log_metric):
-    if log_metric is not None:
-        log_metric("rewards/failures", 0.0)
-    return rewards
-
-
-def safe_reward(func, on_failure: str = "zero"):
-    """Wrap a TRL reward function so that an occasional exception does not stop training: if the batch call
-    raises, each sample is scored alone and the ones that still raise get 0 (`rewards/failures`), unless every
-    sample of the batch fails (`FailurePolicy`). on_failure="raise": the function as it is (TRL's behaviour).
-    An async reward function (TRL runs those concurrently on its event loop) stays async."""
-    from trl.trainer.utils import is_async_callable
-
-    if isinstance(func, TaskReward):
-        func.policy = FailurePolicy(func.__name__, on_failure)
-        return func
-    if on_failure == "raise":
-        return func
-    if getattr(func, "_mtprl_safe", False):
-        return func
-    policy = FailurePolicy(getattr(func, "__name__", repr(func)), on_failure)
-
-    if is_async_callable(func):
-        @functools.wraps(func)
-        async def wrapper(*args, log_metric=None, **kwargs):
-            try:
-                rewards = await func(*args, log_metric=log_metric, **kwargs)
-            except Exception as batch_error:  # noqa: BLE001
-                results = [await _call_one_async(func, one) for one in _one_sample_calls(kwargs)]
-                return _scored_alone(results, policy, batch_error, log_metric)
-            return _scored(rewards, log_metric)
-    else:
-        @functools.wraps(func)
-        def wrapper(*args, log_metric=None, **kwargs):
-            try:
-                rewards = func(*args, log_metric=log_metric, **kwargs)
-            except Exception as batch_error:  # noqa: BLE001
-                results = [_call_one(func, one) for one in _one_sample_calls(kwargs)]
-                return _scored_alone(results, policy, batch_error, log_metric)
-            return _scored(rewards, log_metric)
-
-    wrapper._mtprl_safe = True
-    return wrapper
