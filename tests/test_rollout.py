@@ -55,7 +55,8 @@ def test_training_with_drafting_logs_rollout_metrics(tmp_path):
     (dict(mtp_draft_tokens=3), "mtp_draft_tokens must be an integer in 0..2"),
     (dict(mtp_draft_tokens=1, mtp_draft_policy="greedy"), "mtp_draft_policy must be one of fixed, adaptive"),
     (dict(mtp_draft_tokens=1, mtp_regime="none"), "mtp_regime=none does not attach"),
-    (dict(mtp_draft_tokens=1, use_vllm=True), "use_vllm=true is not supported"),
+    (dict(mtp_draft_tokens=1, use_vllm=True, mtp_draft_policy="adaptive"), "vLLM drafts a fixed number of tokens"),
+    (dict(mtp_draft_tokens=1, use_vllm=True, vllm_mode="server"), "vllm_mode='server' with mtp_regime"),
 ])
 def test_config_refuses_bad_draft_options(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):

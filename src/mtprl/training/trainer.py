@@ -121,7 +121,7 @@ class MTPGRPOTrainer(UpdateMixin, OptimizerStepMixin, ConsistentLogOnResume, MTP
                 raise TypeError(f"args must be a GRPOConfig or MTPGRPOConfig, got {type(args).__name__}")
             args = MTPGRPOConfig.from_grpo_config(args)
         # A reward function that raises scores 0 for the samples it fails on (sync or async), unless it fails on
-        # every sample of a batch or reward_failure=raise (`tasks.FailurePolicy`). None: no reward functions
+        # every sample of a batch or reward_failure=raise (`scoring.FailurePolicy`). None: no reward functions
         # (environment-owned rewards), as TRL allows; TRL checks the source.
         if reward_funcs is not None:
             funcs = reward_funcs if isinstance(reward_funcs, list) else [reward_funcs]
