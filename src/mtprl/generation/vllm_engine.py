@@ -245,22 +245,13 @@ def make_vllm_generation(trainer, num_draft_tokens: int, export_dir: str):
             accelerator.wait_for_everyone()
 
         def sync_weights(self):
-            """After every optimizer step (TRL calls it when the step moved): target, then drafter."""
-            unwrapped = self.accelerator.unwrap_model(self.model)
-            merged = hasattr(unwrapped, "merge_adapter")
-            if merged:  # LoRA: the merged weights go to vLLM, the adapter is unmerged after
-                unwrapped.merge_adapter()
-            try:
-                names = [(self._fix_param_name_to_vllm(name.removeprefix("base_model.model.")
-                                                       .replace(".base_layer", "")), t)
-                         for name, t in trunk_tensors(unwrapped)
-                         if not (merged and getattr(unwrapped, "prefix", "lora_") in name)]
-                sync_target(self.llm, names)
-            finally:
-                if merged:
-                    unwrapped.unmerge_adapter()
+            """After every optimizer step (TRL calls it when the step moved): target, then drafter. The target's
+            tensors come from TRL's own iterator (PEFT merged, FSDP gathered, names as vLLM expects), the heads'
+            left out; consumed inside the reload, while TRL holds any merge or gather."""
+            sync_target(self.llm, ((name, tensor) for name, tensor in self._iter_named_params()
+                                   if "mtp_heads." not in name))
             if num_draft_tokens:
-                sync_drafter(self.llm, head_tensors(unwrapped))
+                sync_drafter(self.llm, head_tensors(self.accelerator.unwrap_model(self.model)))
 
     args = trainer.args
     return MTPVLLMGeneration(
